@@ -1,0 +1,264 @@
+"""The LVLM adapter: one class over the transformers vision-language families.
+
+It loads a model by hub id or path, scores answer spans teacher-forced in batches, generates,
+and names the parameter groups editors change (`llm`, `vision`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedModel
+
+from editors.families import Family, family_for
+from editors.inputs import Batch, InputBuilder, Query
+from editors.prompts import PromptFormat
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+GROUPS = ("llm", "vision")
+
+
+@dataclass
+class SpanScore:
+    """Teacher-forced scores of one answer span; T answer tokens, k top-k entries."""
+
+    target_ids: torch.Tensor  # (T,) the answer's token ids
+    argmax_ids: torch.Tensor  # (T,) the model's top-1 prediction at each answer position
+    target_logprobs: torch.Tensor  # (T,) log p(answer token | prefix)
+    topk_ids: torch.Tensor  # (T, k)
+    topk_logprobs: torch.Tensor  # (T, k)
+    gathered_logprobs: torch.Tensor | None = None  # (T, j) log-probs at caller-given ids
+    sequence_topk_ids: torch.Tensor | None = None  # (L, k') top ids at every sequence position
+
+    @property
+    def token_accuracy(self) -> float:
+        """Fraction of answer tokens the model predicts top-1."""
+        return (self.argmax_ids == self.target_ids).float().mean().item()
+
+
+@dataclass
+class SpanLogits:
+    """Differentiable answer-span logits of a batch, for editing losses."""
+
+    logits: torch.Tensor  # (B, T, V)
+    targets: torch.Tensor  # (B, T)
+    mask: torch.Tensor  # (B, T) bool
+
+
+class LVLM:
+    """A vision-language model behind one interface, whatever its family."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer,
+        image_processor,
+        chat_template: str | None = None,
+        prompt_format: PromptFormat = "auto",
+        name: str = "",
+    ) -> None:
+        self.model = model.eval()
+        self.family: Family = family_for(model.config)
+        self.inputs = InputBuilder(
+            self.family, model.config, tokenizer, image_processor, chat_template, prompt_format
+        )
+        self.name = name or model.config.name_or_path or self.family.name
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str | Path,
+        dtype: str = "float32",
+        device: str = "cpu",
+        prompt_format: PromptFormat = "auto",
+    ) -> LVLM:
+        """Load a model, its tokenizer and its (PIL) image processor from a hub id or a folder."""
+        if dtype not in DTYPES:
+            raise ValueError(f"Unknown dtype {dtype!r}. Available: {', '.join(DTYPES)}")
+        source = str(name_or_path)
+        family = family_for(AutoConfig.from_pretrained(source))
+        model = family.model_class.from_pretrained(source, dtype=DTYPES[dtype]).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        # The PIL backend needs no torchvision and gives the same pixels on every machine.
+        image_processor = AutoImageProcessor.from_pretrained(source, backend="pil")
+        chat_template = tokenizer.chat_template or _processor_chat_template(source)
+        return cls(model, tokenizer, image_processor, chat_template, prompt_format, name=source)
+
+    def save(self, path: str | Path) -> None:
+        """Write model (safetensors), tokenizer, image processor and chat template for `load(path)`."""
+        self.model.save_pretrained(path)
+        self.inputs.tokenizer.save_pretrained(path)
+        self.inputs.image_processor.save_pretrained(path)
+        if self.inputs.chat_template and not self.inputs.tokenizer.chat_template:
+            (Path(path) / "chat_template.jinja").write_text(self.inputs.chat_template)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the model's parameters."""
+        return self.model.dtype
+
+    # -- scoring ---------------------------------------------------------------------------
+
+    def span_logits(self, queries: Sequence[Query]) -> SpanLogits:
+        """Answer-span logits of queries that all have images or none (keeps the graph)."""
+        batch = self._batch(queries)
+        logits = self._forward(batch, batch.positions)
+        return SpanLogits(logits, batch.targets, batch.mask)
+
+    @torch.no_grad()
+    def score(
+        self,
+        queries: Sequence[Query],
+        top_k: int = 10,
+        gather: Sequence[torch.Tensor | None] | None = None,
+        sequence_top_k: int = 0,
+        batch_size: int = 16,
+    ) -> list[SpanScore]:
+        """Teacher-forced answer-span scores, batched; results in the order of `queries`.
+
+        `gather[i]` (T_i, j), when not None, asks for the log-probs of query i at given ids
+        (e.g. a cached pre-edit top-k); `sequence_top_k` > 0 also returns top ids at every
+        position of the sequence.
+        """
+        if gather is not None and len(gather) != len(queries):
+            raise ValueError(f"gather has {len(gather)} entries for {len(queries)} queries")
+        results: list[SpanScore | None] = [None] * len(queries)
+        for group in (
+            [i for i, q in enumerate(queries) if q.image is not None],
+            [i for i, q in enumerate(queries) if q.image is None],
+        ):
+            for start in range(0, len(group), batch_size):
+                chunk = group[start : start + batch_size]
+                gathered = None if gather is None else [gather[i] for i in chunk]
+                scores = self._score_batch([queries[i] for i in chunk], top_k, gathered, sequence_top_k)
+                for i, score in zip(chunk, scores):
+                    results[i] = score
+        return results  # type: ignore[return-value]
+
+    def _score_batch(
+        self, queries: Sequence[Query], top_k: int, gather: list[torch.Tensor | None] | None, sequence_top_k: int
+    ) -> list[SpanScore]:
+        batch = self._batch(queries)
+        if sequence_top_k:
+            full = self._forward(batch, None)  # (B, L, V)
+            span = torch.take_along_dim(full, batch.positions[..., None], dim=1)
+        else:
+            span = self._forward(batch, batch.positions)  # (B, T, V)
+        logprobs = torch.log_softmax(span.float(), dim=-1)
+        top = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+        target_lp = logprobs.gather(-1, batch.targets[..., None]).squeeze(-1)
+        argmax = logprobs.argmax(-1)
+        out = []
+        for row, t in enumerate(batch.mask.sum(1).tolist()):
+            score = SpanScore(
+                target_ids=batch.targets[row, :t].cpu(),
+                argmax_ids=argmax[row, :t].cpu(),
+                target_logprobs=target_lp[row, :t].cpu(),
+                topk_ids=top.indices[row, :t].cpu(),
+                topk_logprobs=top.values[row, :t].cpu(),
+            )
+            if gather is not None and gather[row] is not None:
+                ids = gather[row].to(logprobs.device)
+                score.gathered_logprobs = logprobs[row, : ids.shape[0]].gather(-1, ids).cpu()
+            if sequence_top_k:
+                n = batch.lengths[row]
+                score.sequence_topk_ids = full[row, :n].topk(sequence_top_k, dim=-1).indices.cpu()
+            out.append(score)
+        return out
+
+    def _batch(self, queries: Sequence[Query]) -> Batch:
+        return self.inputs.collate([self.inputs.encode(q) for q in queries], self.dtype, self.device)
+
+    def _forward(self, batch: Batch, keep: torch.Tensor | None) -> torch.Tensor:
+        """Logits at the `keep` positions (B, T, V), or at all positions when `keep` is None."""
+        module = self._text_module() if "pixel_values" not in batch.inputs else self.model
+        logits_to_keep = 0 if keep is None else keep
+        return module(**batch.inputs, logits_to_keep=logits_to_keep, use_cache=False).logits
+
+    def _text_module(self) -> nn.Module:
+        path = self.family.text_module
+        return self.model.get_submodule(path) if path else self.model
+
+    # -- generation ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, queries: Sequence[Query], max_new_tokens: int = 16) -> list[str]:
+        """Greedy answers to the prompts of `queries` (their `answer` is ignored)."""
+        answers = []
+        for query in queries:
+            encoded = self.inputs.encode(query, with_answer=False)
+            batch = self.inputs.collate([encoded], self.dtype, self.device)
+            module = self.model if encoded.pixels is not None else self._text_module()
+            tokens = module.generate(
+                **batch.inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.inputs.pad_id
+            )
+            new = tokens[0, len(encoded.input_ids) :]
+            answers.append(self.inputs.tokenizer.decode(new, skip_special_tokens=True).strip())
+        return answers
+
+    # -- parameter groups ------------------------------------------------------------------
+
+    def parameter_group(
+        self, group: str, layers: Sequence[int] = (-1,), parts: Sequence[str] | None = None
+    ) -> dict[str, nn.Parameter]:
+        """Named parameters of a group: `llm` = decoder MLP weights of `layers`; `vision` = `parts`."""
+        if group == "llm":
+            return dict(self._llm_parameters(layers))
+        if group == "vision":
+            return dict(self._vision_parameters(parts))
+        raise ValueError(f"Unknown parameter group {group!r}. Available: {', '.join(GROUPS)}")
+
+    def _llm_parameters(self, layers: Sequence[int]) -> Iterator[tuple[str, nn.Parameter]]:
+        decoder = self.family.decoder(self.model.config)
+        blocks_path = f"{self.family.decoder_path}.{decoder.layers}"
+        blocks = self.model.get_submodule(blocks_path)
+        for index in layers:
+            if not -len(blocks) <= index < len(blocks):
+                raise ValueError(f"layer {index} out of range: the decoder has {len(blocks)} layers")
+            index %= len(blocks)
+            for name in decoder.mlp:
+                yield f"{blocks_path}.{index}.{name}", blocks[index].get_parameter(name)
+
+    def _vision_parameters(self, parts: Sequence[str] | None) -> Iterator[tuple[str, nn.Parameter]]:
+        available = self.family.vision_parts
+        for part in parts or available:
+            if part not in available:
+                raise ValueError(f"Unknown vision part {part!r} for {self.family.name}. Available: {', '.join(available)}")
+            for path in available[part]:
+                target = _module_or_parameter(self.model, path)
+                if isinstance(target, nn.Parameter):
+                    yield path, target
+                else:
+                    for name, param in target.named_parameters():
+                        yield f"{path}.{name}", param
+
+
+def _module_or_parameter(model: nn.Module, path: str) -> nn.Module | nn.Parameter:
+    owner, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(owner) if owner else model
+    if leaf in parent._parameters:
+        return parent._parameters[leaf]
+    return model.get_submodule(path)
+
+
+def _processor_chat_template(source: str) -> str | None:
+    """A chat template saved beside the processor (chat_template.jinja / .json), if any."""
+    import json
+
+    from transformers.utils import cached_file
+
+    for filename in ("chat_template.jinja", "chat_template.json"):
+        path = cached_file(source, filename, _raise_exceptions_for_missing_entries=False)
+        if path:
+            text = Path(path).read_text()
+            return json.loads(text)["chat_template"] if filename.endswith(".json") else text
+    return None

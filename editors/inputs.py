@@ -1,0 +1,192 @@
+"""Model inputs for teacher-forced answer scoring: prompt formats, answer-span alignment, batches.
+
+A query is scored as `prompt + sep + answer` (DESIGN.md, Metrics): the answer span is the set
+of tokens whose characters overlap the answer, found from the tokenizer's offsets, so a space
+before the answer, multi-token answers and tokenizers that merge the space into the first
+answer token (Llama's "▁Paris") all align the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from PIL import Image
+from transformers import PreTrainedConfig
+
+from editors.families import Family
+from editors.prompts import PLAIN_TEMPLATE, PromptFormat
+
+
+class InputError(ValueError):
+    """A query that cannot be turned into model inputs; the message says why."""
+
+
+@dataclass(frozen=True)
+class Query:
+    """One question to the model: an optional image, the prompt text and the expected answer."""
+
+    prompt: str
+    answer: str = ""
+    image: Image.Image | None = None
+
+
+@dataclass
+class Encoded:
+    """Token ids of one query, with where its answer span sits and its processed image."""
+
+    input_ids: list[int]
+    answer_start: int  # index of the first answer token in input_ids
+    answer_len: int  # 0 when encoded without the answer (generation)
+    pixels: dict[str, torch.Tensor] | None
+
+
+@dataclass
+class Batch:
+    """A right-padded batch of queries that all have images, or all have none."""
+
+    inputs: dict[str, torch.Tensor]  # keyword arguments for the model's forward
+    positions: torch.Tensor  # (B, T) index of the logit that predicts each answer token
+    targets: torch.Tensor  # (B, T) answer token ids
+    mask: torch.Tensor  # (B, T) True where a row has an answer token
+    lengths: list[int]  # unpadded sequence length of each row
+
+
+class InputBuilder:
+    """Turns queries into one family's model inputs: prompt format, image tokens, padding."""
+
+    def __init__(
+        self,
+        family: Family,
+        config: PreTrainedConfig,
+        tokenizer,
+        image_processor,
+        chat_template: str | None = None,
+        prompt_format: PromptFormat = "auto",
+        plain_template: str = PLAIN_TEMPLATE,
+    ) -> None:
+        if not getattr(tokenizer, "is_fast", True):
+            raise InputError("answer-span alignment needs a fast (tokenizers-backed) tokenizer")
+        if prompt_format == "chat" and not chat_template:
+            raise InputError("prompt_format='chat' but neither the tokenizer nor the processor has a chat template")
+        self.family = family
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template
+        self.prompt_format: Literal["chat", "plain"] = (
+            ("chat" if chat_template else "plain") if prompt_format == "auto" else prompt_format
+        )
+        self.plain_template = plain_template
+        self.image_token_id = self._image_token_id()
+        self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+
+    def _image_token_id(self) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(self.family.image_token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise InputError(f"the tokenizer has no {self.family.image_token!r} token for {self.family.name} images")
+        model_id = getattr(self.config, "image_token_id", None)
+        if model_id != token_id:
+            # BLIP-2 scatters image features into positions holding config.image_token_id; with
+            # no such id (old checkpoints) or another one it silently answers without the image.
+            raise InputError(
+                f"{self.family.name}: config.image_token_id={model_id} but the tokenizer's "
+                f"{self.family.image_token!r} is {token_id}; the model would ignore the image"
+            )
+        return token_id
+
+    def prompt_text(self, query: Query) -> str:
+        """The prompt as the model sees it, before the answer, in the configured format."""
+        if self.prompt_format == "chat":
+            content = ([{"type": "image"}] if query.image is not None else []) + [{"type": "text", "text": query.prompt}]
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}],
+                chat_template=self.chat_template,
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        image = self.family.image_text if query.image is not None else ""
+        return self.plain_template.format(image=image, prompt=query.prompt)
+
+    def encode(self, query: Query, with_answer: bool = True) -> Encoded:
+        """Token ids of prompt (+ answer), image placeholders expanded to the image's slots."""
+        text = self.prompt_text(query)
+        answer_char = len(text)
+        if with_answer:
+            if not query.answer.strip():
+                raise InputError(f"empty answer for prompt {query.prompt!r}")
+            sep = "" if text[-1:].isspace() else " "
+            answer_char = len(text) + len(sep)
+            text = text + sep + query.answer
+        bos = self.tokenizer.bos_token
+        enc = self.tokenizer(
+            text,
+            add_special_tokens=not (bos and text.startswith(bos)),
+            return_offsets_mapping=with_answer,
+        )
+        ids: list[int] = list(enc["input_ids"])
+        start, length = len(ids), 0
+        if with_answer:
+            start, length = _answer_span(enc["offset_mapping"], answer_char, query)
+        pixels = None
+        slots = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if query.image is None:
+            if slots:
+                raise InputError(f"prompt {query.prompt!r} holds the image placeholder but the query has no image")
+        else:
+            pixels = dict(self.image_processor(images=[query.image.convert("RGB")], return_tensors="pt"))
+            n = self.family.image_token_count(self.config, pixels)
+            if self.family.placement == "prefix":
+                if slots:
+                    raise InputError(f"{self.family.name} puts image tokens before the prompt; remove them from it")
+                ids, at = [self.image_token_id] * n + ids, 0
+            else:
+                if len(slots) != 1:
+                    raise InputError(f"expected one image placeholder in the prompt text, found {len(slots)}: {text!r}")
+                at = slots[0]
+                ids = ids[:at] + [self.image_token_id] * n + ids[at + 1 :]
+            if at < start:
+                start += n - (0 if self.family.placement == "prefix" else 1)
+        return Encoded(ids, start, length, pixels)
+
+    def collate(self, items: Sequence[Encoded], dtype: torch.dtype, device: torch.device | str) -> Batch:
+        """Right-pad encoded queries into one batch; all must have images or none."""
+        has_image = {item.pixels is not None for item in items}
+        if len(has_image) != 1:
+            raise InputError("a batch mixes queries with and without images")
+        lengths = [len(item.input_ids) for item in items]
+        width, span = max(lengths), max(max(item.answer_len for item in items), 1)
+        input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(items), width), dtype=torch.long)
+        positions = torch.zeros((len(items), span), dtype=torch.long)
+        targets = torch.full((len(items), span), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), span), dtype=torch.bool)
+        for row, item in enumerate(items):
+            n = len(item.input_ids)
+            input_ids[row, :n] = torch.tensor(item.input_ids)
+            attention[row, :n] = 1
+            t = item.answer_len
+            # The logit at position p predicts token p + 1; unused slots repeat the last position.
+            positions[row] = item.answer_start - 1 + torch.arange(span).clamp(max=max(t - 1, 0))
+            targets[row, :t] = torch.tensor(item.input_ids[item.answer_start : item.answer_start + t])
+            mask[row, :t] = True
+        inputs = {"input_ids": input_ids, "attention_mask": attention}
+        if has_image.pop():
+            for key in items[0].pixels:
+                value = torch.cat([item.pixels[key] for item in items])
+                inputs[key] = value.to(dtype) if value.is_floating_point() else value
+            inputs.update(self.family.extra_inputs(self.config, input_ids))
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        return Batch(inputs, positions.to(device), targets.to(device), mask.to(device), lengths)
+
+
+def _answer_span(offsets: Sequence[tuple[int, int]], answer_char: int, query: Query) -> tuple[int, int]:
+    """First index and length of the tokens whose characters overlap the answer."""
+    hits = [i for i, (s, e) in enumerate(offsets) if e > answer_char and e > s]
+    if not hits:
+        raise InputError(f"answer {query.answer!r} produced no tokens after prompt {query.prompt!r}")
+    first, last = hits[0], hits[-1]
+    if last - first + 1 != len(hits):
+        raise InputError(f"answer {query.answer!r} is not one contiguous token span")
+    return first, len(hits)

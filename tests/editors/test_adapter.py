@@ -1,0 +1,251 @@
+"""The LVLM adapter on tiny random models of every family, checked against raw logits."""
+
+import pytest
+import torch
+from transformers import Blip2Processor, LlavaProcessor
+
+from editors import LVLM, InputError, Query
+from tests.tiny_models import BUILDERS, QWEN_CHAT, random_image, tiny, tiny_llava
+
+FAMILIES = list(BUILDERS)
+
+
+def reference_inputs(lvlm: LVLM, query: Query) -> dict[str, torch.Tensor]:
+    """Model inputs built the way each family's own processor builds them, not by the adapter."""
+    text = lvlm.inputs.prompt_text(query) + " " + query.answer
+    tok, ip = lvlm.inputs.tokenizer, lvlm.inputs.image_processor
+    family = lvlm.family.name
+    if query.image is None:
+        return dict(tok(text, return_tensors="pt"))
+    if family == "llava":
+        proc = LlavaProcessor(
+            image_processor=ip, tokenizer=tok, patch_size=4, num_additional_image_tokens=1,
+            vision_feature_select_strategy=lvlm.model.config.vision_feature_select_strategy,
+        )
+        return dict(proc(images=query.image, text=text, return_tensors="pt"))
+    if family == "blip2":
+        proc = Blip2Processor(image_processor=ip, tokenizer=tok, num_query_tokens=lvlm.model.config.num_query_tokens)
+        return dict(proc(images=query.image, text=text, return_tensors="pt"))
+    # Qwen2VLProcessor needs torchvision; do what it does: expand the pad token in the text.
+    pixels = ip(images=[query.image], return_tensors="pt")
+    n = int(pixels["image_grid_thw"].prod()) // 4
+    enc = tok(text.replace("<|image_pad|>", "<|image_pad|>" * n), return_tensors="pt")
+    mm = (enc["input_ids"] == lvlm.model.config.image_token_id).int()
+    return {**enc, **pixels, "mm_token_type_ids": mm}
+
+
+def raw_logprobs(lvlm: LVLM, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(L, V) log-probs of one sequence straight from the model's forward."""
+    with torch.no_grad():
+        if "pixel_values" in inputs or lvlm.family.text_module == "":
+            logits = lvlm.model(**inputs).logits
+        else:
+            logits = lvlm.model.get_submodule(lvlm.family.text_module)(**inputs).logits
+    return torch.log_softmax(logits[0].float(), -1)
+
+
+def answer_length(tokenizer, ids: list[int], answer: str) -> int:
+    """Fewest trailing tokens that decode to the answer: the span, found without offsets."""
+    for n in range(1, len(ids)):
+        if tokenizer.decode(ids[-n:]).strip() == answer:
+            return n
+    raise AssertionError(f"{answer!r} is not at the end of {tokenizer.decode(ids)!r}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "query",
+    [
+        Query("what is the capital of France?", "Paris", random_image(1)),
+        Query("which animal is shown in the picture?", "a brown dog", random_image(2, (28, 20))),
+        Query("which country?", "Parisian capital city", None),
+    ],
+    ids=["image-one-word", "image-multi-token", "text-only"],
+)
+def test_score_matches_raw_logits(family, query):
+    lvlm = tiny(family)
+    inputs = reference_inputs(lvlm, query)
+    ids = inputs["input_ids"][0].tolist()
+    assert lvlm.inputs.encode(query).input_ids == ids  # same tokens as the family's processor
+    logprobs = raw_logprobs(lvlm, inputs)
+    n = answer_length(lvlm.inputs.tokenizer, ids, query.answer)
+    positions = torch.arange(len(ids) - n - 1, len(ids) - 1)
+    targets = torch.tensor(ids[-n:])
+    expected = logprobs[positions]
+
+    score = lvlm.score([query], top_k=5)[0]
+    assert score.target_ids.tolist() == targets.tolist()
+    torch.testing.assert_close(score.target_logprobs, expected.gather(1, targets[:, None]).squeeze(1), atol=1e-5, rtol=0)
+    assert score.argmax_ids.tolist() == expected.argmax(-1).tolist()
+    torch.testing.assert_close(score.topk_logprobs, expected.topk(5).values, atol=1e-5, rtol=0)
+    assert score.topk_ids.tolist() == expected.topk(5).indices.tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_scores_equal_alone(family):
+    lvlm = tiny(family)
+    queries = [
+        Query("what is the capital of France?", "Paris", random_image(3)),
+        Query("describe the image", "a small cat sitting on a red mat", random_image(4, (32, 16))),
+        Query("the quick brown fox", "jumps over the lazy dog"),
+        Query("city?", "Paris"),
+        Query("which animal is shown in the picture?", "dog", random_image(5)),
+    ]
+    batched = lvlm.score(queries, top_k=4, sequence_top_k=3, batch_size=8)
+    for query, together in zip(queries, batched):
+        alone = lvlm.score([query], top_k=4, sequence_top_k=3)[0]
+        assert together.target_ids.tolist() == alone.target_ids.tolist()
+        assert together.argmax_ids.tolist() == alone.argmax_ids.tolist()
+        torch.testing.assert_close(together.target_logprobs, alone.target_logprobs, atol=1e-5, rtol=0)
+        torch.testing.assert_close(together.topk_logprobs, alone.topk_logprobs, atol=1e-5, rtol=0)
+        assert together.sequence_topk_ids.tolist() == alone.sequence_topk_ids.tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gathered_logprobs_are_at_the_given_ids(family):
+    lvlm = tiny(family)
+    query = Query("which animal is shown in the picture?", "a small cat", random_image(6))
+    first = lvlm.score([query], top_k=3)[0]
+    ids = first.topk_ids.flip(-1)  # ask in another order
+    again = lvlm.score([query], gather=[ids])[0]
+    torch.testing.assert_close(again.gathered_logprobs, first.topk_logprobs.flip(-1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_image_reaches_the_model(family):
+    """BLIP-2 silently drops images whose tokens are missing: different images must score differently."""
+    lvlm = tiny(family)
+    a, b = (Query("which animal is shown in the picture?", "a brown dog", random_image(s)) for s in (7, 8))
+    sa, sb = lvlm.score([a, b])
+    assert (sa.target_logprobs - sb.target_logprobs).abs().max() > 1e-4
+    image_tokens = lvlm.inputs.encode(a).input_ids.count(lvlm.inputs.image_token_id)
+    assert image_tokens == {"llava": 16, "blip2": 4, "qwen2_vl": 6}[lvlm.family.name]
+
+
+def test_answer_span_alignment_metaspace_and_bytelevel():
+    llava, blip = tiny("llava"), tiny("blip2-opt")
+    for lvlm in (llava, blip):
+        tok = lvlm.inputs.tokenizer
+        for answer in ("Paris", "a brown dog", "Parisianism"):
+            enc = lvlm.inputs.encode(Query("what?", answer))
+            span = enc.input_ids[enc.answer_start : enc.answer_start + enc.answer_len]
+            assert enc.answer_start + enc.answer_len == len(enc.input_ids)
+            assert tok.decode(span).strip() == answer
+            # The separator space is never a scored token on its own.
+            assert tok.decode(span[:1]).strip() != ""
+    assert llava.inputs.encode(Query("what?", "Parisianism")).answer_len > 1
+
+
+def test_chat_format_uses_the_template_and_separates_the_answer():
+    llava = tiny_llava()
+    llava.inputs.prompt_format = "chat"
+    query = Query("what is it?", "Paris", random_image(1))
+    assert llava.inputs.prompt_text(query) == "USER: <image>\nwhat is it? ASSISTANT:"
+    enc = llava.inputs.encode(query)
+    assert llava.inputs.tokenizer.decode(enc.input_ids[enc.answer_start:]).strip() == "Paris"
+    qwen = tiny("qwen2_vl")
+    qwen_chat = type(qwen.inputs)(qwen.family, qwen.model.config, qwen.inputs.tokenizer, qwen.inputs.image_processor,
+                                  QWEN_CHAT, "chat")
+    text = qwen_chat.prompt_text(query)
+    assert text.endswith("<|im_start|>assistant\n")
+    enc = qwen_chat.encode(query)
+    # The template ends in a newline, so no extra space goes before the answer.
+    assert qwen.inputs.tokenizer.decode(enc.input_ids[enc.answer_start:]) == "Paris"
+
+
+def test_input_errors_are_specific():
+    llava = tiny("llava")
+    with pytest.raises(InputError, match="no image"):
+        llava.inputs.encode(Query("<image> what?", "Paris"))
+    with pytest.raises(InputError, match="empty answer"):
+        llava.inputs.encode(Query("what?", "  "))
+    with pytest.raises(InputError, match="chat template"):
+        type(llava.inputs)(llava.family, llava.model.config, llava.inputs.tokenizer, llava.inputs.image_processor,
+                           None, "chat")
+
+
+def test_blip2_without_image_token_id_is_refused():
+    blip = tiny("blip2-opt")
+    config = blip.model.config.__class__.from_dict(blip.model.config.to_dict())
+    config.image_token_index = None
+    with pytest.raises(InputError, match="ignore the image"):
+        type(blip.inputs)(blip.family, config, blip.inputs.tokenizer, blip.inputs.image_processor)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parameter_groups(family):
+    lvlm = tiny(family)
+    params = dict(lvlm.model.named_parameters())
+    llm = lvlm.parameter_group("llm", layers=[0, -1])
+    expected_mlp = {
+        "llava": ["model.language_model.layers.{i}.mlp.gate_proj.weight", "model.language_model.layers.{i}.mlp.up_proj.weight",
+                  "model.language_model.layers.{i}.mlp.down_proj.weight"],
+        "blip2-opt": ["language_model.model.decoder.layers.{i}.fc1.weight", "language_model.model.decoder.layers.{i}.fc2.weight"],
+        "blip2-llama": ["language_model.model.layers.{i}.mlp.gate_proj.weight", "language_model.model.layers.{i}.mlp.up_proj.weight",
+                        "language_model.model.layers.{i}.mlp.down_proj.weight"],
+        "qwen2_vl": ["model.language_model.layers.{i}.mlp.gate_proj.weight", "model.language_model.layers.{i}.mlp.up_proj.weight",
+                     "model.language_model.layers.{i}.mlp.down_proj.weight"],
+    }[family]
+    assert list(llm) == [n.format(i=i) for i in (0, 1) for n in expected_mlp]
+    assert all(llm[name] is params[name] for name in llm)
+    vision = lvlm.parameter_group("vision")
+    assert vision and all(vision[name] is params[name] for name in vision)
+    assert not set(vision) & set(llm)
+    for part in lvlm.family.vision_parts:
+        assert set(lvlm.parameter_group("vision", parts=[part])) <= set(vision)
+    with pytest.raises(ValueError, match="out of range"):
+        lvlm.parameter_group("llm", layers=[5])
+    with pytest.raises(ValueError, match="Unknown vision part"):
+        lvlm.parameter_group("vision", parts=["retina"])
+    with pytest.raises(ValueError, match="Available: llm, vision"):
+        lvlm.parameter_group("decoder")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_span_logits_carry_gradients_to_the_llm_group(family):
+    lvlm = tiny(family)
+    queries = [Query("what is the capital?", "Paris", random_image(1)), Query("which animal?", "a brown dog", random_image(2))]
+    span = lvlm.span_logits(queries)
+    assert span.logits.shape[:2] == span.targets.shape == span.mask.shape
+    loss = torch.nn.functional.cross_entropy(span.logits[span.mask], span.targets[span.mask])
+    group = lvlm.parameter_group("llm")
+    grads = torch.autograd.grad(loss, list(group.values()))
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_starts_with_the_argmax_token(family):
+    lvlm = tiny(family)
+    for query in (Query("what is the capital?", "", random_image(1)), Query("the quick brown", "")):
+        enc = lvlm.inputs.encode(query, with_answer=False)
+        batch = lvlm.inputs.collate([enc], lvlm.dtype, lvlm.device)
+        module = lvlm.model if enc.pixels is not None else lvlm._text_module()
+        with torch.no_grad():
+            first = module(**batch.inputs).logits[0, -1].argmax().item()
+        text = lvlm.generate([query], max_new_tokens=1)[0]
+        assert text == lvlm.inputs.tokenizer.decode([first], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_and_load_round_trip(family, tmp_path):
+    lvlm = tiny(family)
+    lvlm.save(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    loaded = LVLM.load(tmp_path / "m", prompt_format="plain")
+    assert loaded.family.name == lvlm.family.name
+    queries = [Query("what is the capital?", "Paris", random_image(1)), Query("the quick", "brown fox")]
+    for a, b in zip(lvlm.score(queries), loaded.score(queries)):
+        torch.testing.assert_close(a.target_logprobs, b.target_logprobs, atol=1e-6, rtol=0)
+    if lvlm.inputs.chat_template:
+        assert loaded.inputs.chat_template == lvlm.inputs.chat_template
+
+
+def test_load_in_bfloat16_scores_in_float32(tmp_path):
+    lvlm = tiny("llava")
+    lvlm.save(tmp_path / "m")
+    half = LVLM.load(tmp_path / "m", dtype="bfloat16")
+    assert half.dtype == torch.bfloat16
+    score = half.score([Query("what is the capital?", "Paris", random_image(1))])[0]
+    assert score.target_logprobs.dtype == torch.float32
+    with pytest.raises(ValueError, match="Unknown dtype"):
+        LVLM.load(tmp_path / "m", dtype="float8")
