@@ -1,0 +1,234 @@
+"""Metric definitions — the only ones (DESIGN.md, Metrics). Exporters and dashboards read these.
+
+All edit metrics are teacher-forced over the answer span (input = prompt + " " + answer,
+answer tokens scored), after VLKEB (Huang et al., NeurIPS 2024) and MMEdit (Cheng et al., 2023):
+- reliability / t_gen / i_gen / port_khop: token accuracy of the expected answer;
+- t_loc / i_loc: top-1 agreement of the edited model with the unedited one on the answer
+  span, plus `*_kl`, the mean KL(pre || post) on that span;
+- `*_vlkeb` (with `vlkeb_compat`): VLKEB's own locality — top-k ids compared rank by rank at
+  every position of the sequence, k = 1 for text and 10 for images.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal, Protocol
+
+import torch
+from PIL import Image
+
+from editors import Editor, Query, SpanScore
+from monitor.reference import Reference, ReferenceStore
+
+LOCALITY = ("t_loc", "i_loc")
+VLKEB_TOP_K = {"t_loc": 1, "i_loc": 10}  # VLKEB: text locality top-1, image locality top-10
+HOP_RANGE = range(1, 5)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric: its key everywhere (JSON, MLflow, Prometheus), meaning and direction."""
+
+    key: str
+    description: str
+    higher_is_better: bool = True
+    aggregation: Literal["mean"] = "mean"
+
+
+_DEFINED = [
+    Metric("reliability", "token accuracy of `alt` given `image` + `src`"),
+    Metric("t_gen", "token accuracy of `alt` given `image` + `rephrase`"),
+    Metric("i_gen", "token accuracy of `alt` given `image_rephrase` + `src`"),
+    Metric("t_loc", "top-1 agreement with the unedited model on the `loc_ans` span of `loc` (no image)"),
+    Metric("i_loc", "top-1 agreement with the unedited model on the `m_loc_a` span of `m_loc` + `m_loc_q`"),
+    Metric("t_loc_kl", "mean KL(pre || post) over the `loc_ans` span, nats", higher_is_better=False),
+    Metric("i_loc_kl", "mean KL(pre || post) over the `m_loc_a` span, nats", higher_is_better=False),
+    Metric("t_loc_vlkeb", "VLKEB's text locality: top-1 agreement at every sequence position"),
+    Metric("i_loc_vlkeb", "VLKEB's image locality: top-10 ids agreeing rank by rank at every position"),
+    *[Metric(f"port_{k}hop", f"token accuracy of the {k}-hop answer given `image` + the hop question") for k in HOP_RANGE],
+    Metric("retention", "reliability of earlier edits re-measured later in the stream"),
+    Metric("ref_ppl_ratio", "perplexity of the fixed reference set, edited / unedited", higher_is_better=False),
+    Metric("retrieval_recall_at_1", "fraction of in-scope queries whose top memory hit is their own edit"),
+    Metric("retrieval_false_hit_rate", "fraction of out-of-scope queries that hit any memory", higher_is_better=False),
+]
+METRICS: dict[str, Metric] = {m.key: m for m in _DEFINED}
+
+
+def get_metric(key: str) -> Metric:
+    """The metric `key`, or an error naming the closest keys and all available ones."""
+    if key not in METRICS:
+        close = difflib.get_close_matches(key, METRICS, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise KeyError(f"Unknown metric {key!r}.{hint} Available: {', '.join(METRICS)}")
+    return METRICS[key]
+
+
+class HopFacts(Protocol):
+    """A portability question and answer."""
+
+    question: str
+    answer: str
+
+
+class EditFacts(Protocol):
+    """The fields of an edit record that the metrics read (the schema itself is simulator's)."""
+
+    src: str
+    alt: str
+    pred: str | None
+    rephrase: str
+    image: str
+    image_rephrase: str
+    loc: str
+    loc_ans: str
+    m_loc: str
+    m_loc_q: str
+    m_loc_a: str
+
+    def hop(self, hops: int) -> HopFacts | None: ...
+
+
+ImageOpener = Callable[[str], Image.Image]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One query feeding one metric; `key` identifies its content for caching references."""
+
+    metric: str
+    query: Query
+    key: str
+
+
+def _probe(metric: str, prompt: str, answer: str, image: str | None, open_image: ImageOpener) -> Probe:
+    key = hashlib.sha1("\x1f".join([image or "", prompt, answer]).encode()).hexdigest()
+    return Probe(metric, Query(prompt, answer, open_image(image) if image else None), key)
+
+
+def edit_probes(edit: EditFacts, open_image: ImageOpener) -> list[Probe]:
+    """The queries of every post-edit metric of one edit."""
+    probes = [
+        _probe("reliability", edit.src, edit.alt, edit.image, open_image),
+        _probe("t_gen", edit.rephrase, edit.alt, edit.image, open_image),
+        _probe("i_gen", edit.src, edit.alt, edit.image_rephrase, open_image),
+        _probe("t_loc", edit.loc, edit.loc_ans, None, open_image),
+        _probe("i_loc", edit.m_loc_q, edit.m_loc_a, edit.m_loc, open_image),
+    ]
+    for k in HOP_RANGE:
+        if (qa := edit.hop(k)) is not None:
+            probes.append(_probe(f"port_{k}hop", qa.question, qa.answer, edit.image, open_image))
+    return probes
+
+
+def base_probes(edit: EditFacts, open_image: ImageOpener) -> list[Probe]:
+    """What the unedited model knows: `pred` on src / rephrase / image_rephrase, loc, m_loc, hops."""
+    probes = []
+    if edit.pred:
+        probes += [
+            _probe("pred_src", edit.src, edit.pred, edit.image, open_image),
+            _probe("pred_rephrase", edit.rephrase, edit.pred, edit.image, open_image),
+            _probe("pred_image_rephrase", edit.src, edit.pred, edit.image_rephrase, open_image),
+        ]
+    probes += [
+        _probe("loc", edit.loc, edit.loc_ans, None, open_image),
+        _probe("m_loc", edit.m_loc_q, edit.m_loc_a, edit.m_loc, open_image),
+    ]
+    for k in HOP_RANGE:
+        if (qa := edit.hop(k)) is not None:
+            probes.append(_probe(f"port_{k}hop", qa.question, qa.answer, edit.image, open_image))
+    return probes
+
+
+def token_accuracy(score: SpanScore) -> float:
+    """Fraction of answer tokens predicted top-1 (reliability, generality, portability)."""
+    return score.token_accuracy
+
+
+def topk_kl(pre_logprobs: torch.Tensor, post_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(pre || post) per position from the pre-edit top-k and the post log-probs at those ids.
+
+    The vocabulary is coarsened to the k ids plus one bucket for the rest, so this is exact
+    when k covers the vocabulary and a lower bound otherwise (coarsening never raises KL).
+    Shapes: (T, k) -> (T,).
+    """
+    p = pre_logprobs.exp()
+    q = post_logprobs.exp()
+    p_rest = (1 - p.sum(-1)).clamp(min=0)
+    q_rest = (1 - q.sum(-1)).clamp(min=1e-12)
+    head = (p * (pre_logprobs - post_logprobs)).sum(-1)
+    tail = torch.where(p_rest > 0, p_rest * (p_rest.clamp(min=1e-12).log() - q_rest.log()), torch.zeros_like(p_rest))
+    return (head + tail).clamp(min=0)
+
+
+def locality(post: SpanScore, reference: Reference) -> tuple[float, float]:
+    """Top-1 agreement with the unedited model, and mean KL(pre || post), over the answer span."""
+    if post.gathered_logprobs is None:
+        raise ValueError("locality needs the post-edit log-probs at the reference's top-k ids (score with gather=)")
+    agreement = (post.argmax_ids == reference.topk_ids[:, 0].long()).float().mean().item()
+    kl = topk_kl(reference.topk_logprobs, post.gathered_logprobs).mean().item()
+    return agreement, kl
+
+
+def vlkeb_locality(post: SpanScore, reference: Reference, k: int) -> float:
+    """VLKEB's locality: top-k ids agreeing rank by rank at every position of the sequence.
+
+    When a method changes the sequence length (an in-context prefix), the sequences are
+    compared on their common tail, which ends at the answer in both.
+    """
+    if post.sequence_topk_ids is None or reference.sequence_topk_ids is None:
+        raise ValueError("VLKEB-compatible locality needs sequence top-k ids before and after the edit")
+    n = min(len(post.sequence_topk_ids), len(reference.sequence_topk_ids))
+    after = post.sequence_topk_ids[-n:, :k].long()
+    before = reference.sequence_topk_ids[-n:, :k].long()
+    return (after == before).float().mean().item()
+
+
+def fill_references(
+    editor: Editor, probes: Iterable[Probe], store: ReferenceStore, vlkeb_compat: bool = False, top_k: int = 10
+) -> None:
+    """Score the locality probes not yet in `store` with `editor` (meant unedited) and cache them."""
+    todo = {p.key: p for p in probes if p.metric in LOCALITY and p.key not in store}
+    if not todo:
+        return
+    sequence_k = max(VLKEB_TOP_K.values()) if vlkeb_compat else 0
+    scores = editor.score([p.query for p in todo.values()], top_k=top_k, sequence_top_k=sequence_k)
+    for key, score in zip(todo, scores):
+        store[key] = Reference.from_score(score)
+
+
+def measure(
+    editor: Editor, probes: list[Probe], references: ReferenceStore, vlkeb_compat: bool = False
+) -> dict[str, float]:
+    """Every metric of one edit's probes on the edited model, keyed as in METRICS."""
+    gather = [references[p.key].topk_ids.long() if p.metric in LOCALITY else None for p in probes]
+    sequence_k = max(VLKEB_TOP_K.values()) if vlkeb_compat else 0
+    scores = editor.score([p.query for p in probes], gather=gather, sequence_top_k=sequence_k)
+    values: dict[str, float] = {}
+    for probe, score in zip(probes, scores):
+        if probe.metric in LOCALITY:
+            reference = references[probe.key]
+            values[probe.metric], values[f"{probe.metric}_kl"] = locality(score, reference)
+            if vlkeb_compat:
+                values[f"{probe.metric}_vlkeb"] = vlkeb_locality(score, reference, VLKEB_TOP_K[probe.metric])
+        else:
+            values[probe.metric] = token_accuracy(score)
+    return values
+
+
+def measure_base(editor: Editor, probes: list[Probe]) -> dict[str, float]:
+    """Token accuracy of the (unedited) model on the original answers, keyed by probe metric."""
+    scores = editor.score([p.query for p in probes])
+    return {p.metric: token_accuracy(s) for p, s in zip(probes, scores)}
+
+
+def aggregate(rows: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Mean of each key over the rows that have it (rows may lack e.g. 4-hop portability)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for row in rows:
+        for key, value in row.items():
+            sums[key] = sums.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + 1
+    return {key: sums[key] / counts[key] for key in sums}

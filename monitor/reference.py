@@ -1,0 +1,87 @@
+"""Pre-edit references: what the unedited model predicted on locality answer spans, stored compactly.
+
+A full-logit cache would cost T x V floats per query (~1.3 MB for 10 tokens of a 32k
+vocabulary); a reference keeps the top-k ids and log-probs of the answer span only, plus, for
+VLKEB-compatible locality, the top ids at every position of the sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from editors import SpanScore
+from editors.state import write_atomically
+
+
+@dataclass
+class Reference:
+    """The unedited model on one locality query's answer span (T tokens, top-k)."""
+
+    topk_ids: torch.Tensor  # (T, k) int32
+    topk_logprobs: torch.Tensor  # (T, k) float32
+    sequence_topk_ids: torch.Tensor | None = None  # (L, k') int32, VLKEB-compatible locality only
+
+    @classmethod
+    def from_score(cls, score: SpanScore) -> Reference:
+        """Keep the compact part of an unedited model's span score."""
+        sequence = score.sequence_topk_ids
+        return cls(
+            topk_ids=score.topk_ids.to(torch.int32),
+            topk_logprobs=score.topk_logprobs.float(),
+            sequence_topk_ids=None if sequence is None else sequence.to(torch.int32),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the tensors."""
+        tensors = [self.topk_ids, self.topk_logprobs, self.sequence_topk_ids]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class ReferenceStore:
+    """References by probe key (content hash), saved as one safetensors file."""
+
+    def __init__(self) -> None:
+        self._refs: dict[str, Reference] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._refs
+
+    def __getitem__(self, key: str) -> Reference:
+        return self._refs[key]
+
+    def __setitem__(self, key: str, reference: Reference) -> None:
+        self._refs[key] = reference
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all references' tensors."""
+        return sum(ref.nbytes for ref in self._refs.values())
+
+    def save(self, path: str | Path) -> None:
+        """Write as safetensors, atomically."""
+        tensors = {}
+        for key, ref in self._refs.items():
+            tensors[f"{key}.ids"] = ref.topk_ids.contiguous()
+            tensors[f"{key}.logprobs"] = ref.topk_logprobs.contiguous()
+            if ref.sequence_topk_ids is not None:
+                tensors[f"{key}.sequence"] = ref.sequence_topk_ids.contiguous()
+        write_atomically(path, lambda tmp: save_file(tensors, tmp))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ReferenceStore:
+        """Read a store written by `save`."""
+        tensors = load_file(str(path))
+        store = cls()
+        for name in tensors:
+            key, _, kind = name.rpartition(".")
+            if kind == "ids":
+                store[key] = Reference(tensors[name], tensors[f"{key}.logprobs"], tensors.get(f"{key}.sequence"))
+        return store
