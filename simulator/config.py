@@ -1,0 +1,66 @@
+"""Run settings: one pydantic model, loadable from a YAML/JSON scenario file; CLI flags override it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+from editors.prompts import PromptFormat
+from simulator.records import RecordFormat
+
+
+class RunConfig(BaseModel):
+    """Settings of one `simulate` run (DESIGN.md, Command line)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stream: str = Field(description="JSONL edit stream; '-' reads standard input")
+    model: str = Field("default", description="'default' (embedded model), a hub id or a local folder")
+    method: str = Field("none", description="editing method (see `simulate --help`)")
+    method_config: dict[str, Any] = Field(default_factory=dict, description="the method's hyperparameters")
+    mode: Literal["single", "sequential"] = Field("sequential", description="single: apply, measure, reset")
+    gap: list[PositiveInt] = Field(default_factory=lambda: [10], description="sequential gaps, all in one pass")
+    images: Path | None = Field(None, description="root folder of the records' image paths")
+    out: Path | None = Field(None, description="output folder (summary.json, rounds.jsonl, quarantine.jsonl)")
+    seed: int = Field(0, description="seed of every random choice")
+    limit: PositiveInt | None = Field(None, description="stop after this many edits")
+    resume: bool = Field(False, description="continue from the last checkpoint in --out")
+    follow: bool = Field(False, description="keep reading a growing stream file until interrupted")
+    record_format: RecordFormat = Field("vlkeb", description="record format of the stream")
+    prompt_format: PromptFormat = Field("auto", description="chat template when the model has one, else plain")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="model weights dtype")
+    device: str = Field("cpu", description="torch device, e.g. cpu or cuda:0")
+    probe_every: PositiveInt | None = Field(None, description="edits between probe rounds (default: the smallest gap)")
+    vlkeb_compat: bool = Field(False, description="also report VLKEB's own locality (*_vlkeb keys)")
+    one_hop_edit: bool = Field(False, description="VLKEB Table 3: also edit the one-hop fact, then test portability")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: MLflow's local default)")
+    prometheus_port: int | None = Field(None, ge=1, le=65535, description="serve live metrics on 127.0.0.1:PORT")
+    pushgateway: str | None = Field(None, description="Pushgateway URL for batch metrics")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        problems = []
+        if self.resume and self.out is None:
+            problems.append("--resume needs --out (the folder holding the checkpoint)")
+        if self.follow and self.stream == "-":
+            problems.append("--follow needs a stream file, not standard input")
+        if self.one_hop_edit and self.record_format != "vlkeb":
+            problems.append("--one-hop-edit needs VLKEB records (edit_onehop fields)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def load_run_config(path: str | Path | None, overrides: dict[str, Any]) -> RunConfig:
+    """Settings from a YAML/JSON scenario file (optional), with `overrides` taking precedence."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(loaded, dict):
+            raise ValueError(f"scenario file {path} must hold a mapping of settings, got {type(loaded).__name__}")
+        values.update(loaded)
+    values.update(overrides)
+    return RunConfig.model_validate(values)
