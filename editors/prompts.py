@@ -6,3 +6,14 @@ PromptFormat = Literal["auto", "chat", "plain"]
 
 # VLKEB's prompt for every model ("Question: {} Short answer:"), with the family's image marker.
 PLAIN_TEMPLATE = "{image}Question: {prompt} Short answer:"
+
+# Memory-based editors (IKE, SERAC) state edits in the prompt; the embedded model is trained
+# on exactly this wording, so it lives here, once.
+IN_CONTEXT_FACT = "New fact: {prompt} {answer}."
+IN_CONTEXT_PROMPT = "Prompt: {prompt}"
+
+
+def in_context_prompt(facts: list[tuple[str, str]], prompt: str) -> str:
+    """A prompt carrying edits as "New fact: Q A." statements before the question."""
+    stated = [IN_CONTEXT_FACT.format(prompt=q, answer=a) for q, a in facts]
+    return " ".join([*stated, IN_CONTEXT_PROMPT.format(prompt=prompt)])

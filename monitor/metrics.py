@@ -89,6 +89,8 @@ class EditFacts(Protocol):
 
     def hop(self, hops: int) -> HopFacts | None: ...
 
+    def base_hop(self, hops: int) -> HopFacts | None: ...
+
 
 ImageOpener = Callable[[str], Image.Image]
 
@@ -123,7 +125,8 @@ def edit_probes(edit: EditFacts, open_image: ImageOpener) -> list[Probe]:
 
 
 def base_probes(edit: EditFacts, open_image: ImageOpener) -> list[Probe]:
-    """What the unedited model knows: `pred` on src / rephrase / image_rephrase, loc, m_loc, hops."""
+    """What the unedited model knows: `pred` on src / rephrase / image_rephrase, loc, m_loc, and
+    the hop questions answered with the original facts (`base_hop`)."""
     probes = []
     if edit.pred:
         probes += [
@@ -136,7 +139,7 @@ def base_probes(edit: EditFacts, open_image: ImageOpener) -> list[Probe]:
         _probe("m_loc", edit.m_loc_q, edit.m_loc_a, edit.m_loc, open_image),
     ]
     for k in HOP_RANGE:
-        if (qa := edit.hop(k)) is not None:
+        if (qa := edit.base_hop(k)) is not None:
             probes.append(_probe(f"port_{k}hop", qa.question, qa.answer, edit.image, open_image))
     return probes
 

@@ -80,10 +80,15 @@ def _not_yet(name: str, issue: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _subcommands() -> dict[str, tuple[argparse.ArgumentParser, Callable[[argparse.Namespace], int]]]:
-    world = argparse.ArgumentParser(prog="simulate world", description="Write the synthetic multimodal world.")
-    world.add_argument("--out", required=True, help="output folder (train.jsonl, eval.jsonl, images/)")
-    world.add_argument("--entities", type=int, help="number of entities (default: the embedded model's world)")
-    world.add_argument("--seed", type=int, help="generator seed (default: the embedded model's world)")
+    world = argparse.ArgumentParser(
+        prog="simulate world",
+        description="Write the synthetic multimodal world (train.jsonl, eval.jsonl, images/, world.json); "
+        "`simulate world train` trains its model instead.",
+    )
+    world.add_argument("action", nargs="?", choices=["train"], help="train the world's model into --out")
+    world.add_argument("--out", required=True, help="output folder")
+    world.add_argument("--entities", type=int, default=400, help="number of creatures (default: 400, the embedded model's)")
+    world.add_argument("--seed", type=int, default=0, help="generator seed (default: 0, the embedded model's)")
 
     train = argparse.ArgumentParser(prog="simulate train-editor", description="Train a hypernetwork / scope editor.")
     train.add_argument("--method", required=True, help="mend, ke or serac")
@@ -98,11 +103,35 @@ def _subcommands() -> dict[str, tuple[argparse.ArgumentParser, Callable[[argpars
     compare.add_argument("--experiment", help="MLflow experiment name")
     compare.add_argument("--runs", nargs="+", help="run ids")
     return {
-        "world": (world, _not_yet("world", "the embedded-default issue (#3)")),
+        "world": (world, world_main),
         "train-editor": (train, _not_yet("train-editor", "the parameter-update editors issue (#5)")),
         "probe": (probe, _not_yet("probe", "the monitoring issue (#7)")),
         "compare": (compare, _not_yet("compare", "the monitoring issue (#7)")),
     }
+
+
+def world_main(args: argparse.Namespace) -> int:
+    """`simulate world`: write a world's data, or train its model."""
+    from simulator.world.graph import WorldConfig
+
+    try:
+        config = WorldConfig(entities=args.entities, seed=args.seed)
+    except ValidationError as error:
+        raise CommandError(f"invalid world: {error.errors()[0]['loc'][0]}: {error.errors()[0]['msg']}") from None
+    if args.action == "train":
+        from simulator.world.default import train_world_model
+
+        result = train_world_model(config, args.out)
+        if not result.met:
+            raise CommandError(f"training stopped after {result.steps} steps below the bars: {result.metrics}")
+        log.info("model of world %s written to %s (%d steps, %.0f s)", config.digest(), args.out, result.steps,
+                 result.seconds)
+        return 0
+    from simulator.world.export import write_world
+
+    write_world(config, args.out)
+    log.info("world %s written to %s", config.digest(), args.out)
+    return 0
 
 
 def run_main(args: argparse.Namespace) -> int:

@@ -78,6 +78,10 @@ class EditRecord(BaseModel):
         """The portability test with `hops` hops; MMEdit records have none."""
         return None
 
+    def base_hop(self, hops: int) -> HopQA | None:
+        """The hop question answered with the original facts, for the unedited model's portability."""
+        return None
+
 
 class EVQARecord(EditRecord):
     """MMEdit editing-VQA record."""
@@ -91,6 +95,10 @@ class VLKEBRecord(EditRecord):
     """VLKEB eval record: multi-hop portability, or the `edit_onehop` variant (Table 3)."""
 
     port_new: list[Portability] = Field(default_factory=list, description="1- to 4-hop portability tests")
+    port_base: list[Portability] = Field(
+        default_factory=list,
+        description="editwatch extension: the port_new questions answered with the original facts",
+    )
     port_q: Text | None = Field(None, description="edit_onehop: portability question after both edits")
     port_a: Text | None = Field(None, description="edit_onehop: its answer")
     port_edit_q: Text | None = Field(None, description="edit_onehop: the one-hop fact edited second")
@@ -108,6 +116,12 @@ class VLKEBRecord(EditRecord):
     def hop(self, hops: int) -> HopQA | None:
         """The first portability test with `hops` hops, if the record has one."""
         return next((p.qa for p in self.port_new if p.hops == hops), None)
+
+    def base_hop(self, hops: int) -> HopQA | None:
+        """`port_base`'s hop when the record has one; else VLKEB's base test, the `port_new` hop."""
+        if self.port_base:
+            return next((p.qa for p in self.port_base if p.hops == hops), None)
+        return self.hop(hops)
 
 
 RECORD_FORMATS: dict[str, type[EditRecord]] = {"vlkeb": VLKEBRecord, "evqa": EVQARecord, "eic": EICRecord}

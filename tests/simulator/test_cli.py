@@ -47,5 +47,5 @@ def test_scenario_file_with_flag_overrides(tmp_path):
 
 
 def test_unfinished_subcommands_say_so(capsys):
-    assert main(["world", "--out", "w"]) == 2
+    assert main(["probe", "--state", "s"]) == 2
     assert "lands with" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""The synthetic multimodal world and the embedded default model trained on it."""
