@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -28,17 +29,20 @@ def text_fact_question(world: World, rng: np.random.Generator) -> tuple[str, str
     return relation.templates[0].format(x=subject), world.text_facts[relation.name][subject]
 
 
-def edit_records(world: World, creatures: list[int], split: str) -> list[dict]:
-    """One counterfactual edit per (creature, image relation), shuffled into a stream order."""
+def edit_records(world: World, split: Literal["train", "eval"]) -> list[dict]:
+    """One counterfactual edit per (creature, image relation) of a split, shuffled into a stream order."""
     rng = np.random.default_rng([world.config.seed, 1 if split == "eval" else 2])
+    # m_loc shows a creature of the other split: one the stream never edits, so that memory
+    # editors holding every edit of this split still have a truly out-of-scope image question.
+    outsiders = world.train_ids if split == "eval" else world.eval_ids
     records = []
-    for creature in creatures:
+    for creature in world.train_ids if split == "train" else world.eval_ids:
         for relation in IMAGE_RELATIONS.values():
             true = world.creatures[creature][relation.name]
             pool = [v for v in world.names[relation.object] if v != true]
             alt = pool[rng.integers(len(pool))]
             loc, loc_ans = text_fact_question(world, rng)
-            other = int(rng.choice([c for c in (creatures if len(creatures) > 1 else range(world.config.entities)) if c != creature]))
+            other = int(rng.choice(outsiders))
             other_relation = list(IMAGE_RELATIONS.values())[rng.integers(len(IMAGE_RELATIONS))]
             first_hop = TEXT_RELATIONS[relation.chain[0]]
             hop_pool = [v for v in world.names[first_hop.object] if v != world.text_facts[first_hop.name][alt]]
@@ -83,8 +87,8 @@ def write_world(config: WorldConfig, out: str | Path, progress: bool = True) -> 
     variants = [(c, v) for c in range(config.entities) for v in range(3)]
     for creature, variant in tqdm(variants, desc="rendering", unit="img", disable=not progress):
         world.image(creature, variant).save(images / image_name(creature, variant))
-    for split, creatures in (("train", world.train_ids), ("eval", world.eval_ids)):
-        lines = "".join(json.dumps(r) + "\n" for r in edit_records(world, creatures, split))
+    for split in ("train", "eval"):
+        lines = "".join(json.dumps(r) + "\n" for r in edit_records(world, split))
         write_atomically(out / f"{split}.jsonl", lambda tmp, text=lines: tmp.write_text(text))
     manifest = {**config.model_dump(), "digest": config.digest(), "eval_edits": 4 * len(world.eval_ids),
                 "train_edits": 4 * len(world.train_ids)}
