@@ -13,9 +13,11 @@ _EXPORTS = {
     "LVLM": "editors.adapter",
     "SpanLogits": "editors.adapter",
     "SpanScore": "editors.adapter",
+    "EditExample": "editors.editor",
     "EditOutcome": "editors.editor",
     "EditRequest": "editors.editor",
     "Editor": "editors.editor",
+    "Retrieval": "editors.editor",
     "tensor_norms": "editors.editor",
     "FAMILIES": "editors.families",
     "Family": "editors.families",
@@ -34,7 +36,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from editors.adapter import LVLM, SpanLogits, SpanScore
-    from editors.editor import EditOutcome, Editor, EditRequest, tensor_norms
+    from editors.editor import EditExample, EditOutcome, Editor, EditRequest, Retrieval, tensor_norms
     from editors.families import FAMILIES, Family, UnsupportedModelError, family_for
     from editors.inputs import InputError, Query
     from editors.prompts import PromptFormat

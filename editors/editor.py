@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -31,6 +32,25 @@ class EditRequest:
         return Query(self.prompt, self.target, self.image)
 
 
+@dataclass(frozen=True)
+class EditExample:
+    """A training example for methods that learn (MEND, KE, SERAC scope): an edit, queries it
+    must change (its generality set, answered with the new target) and queries it must not
+    (its locality set, answered as before)."""
+
+    edit: EditRequest
+    generality: tuple[Query, ...] = ()
+    locality: tuple[Query, ...] = ()
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """Where a memory-based editor routed one query: the key of an edit, or None (out of scope)."""
+
+    key: str | None
+    score: float  # similarity of the best memory entry (higher is closer)
+
+
 @dataclass
 class EditOutcome:
     """What one `apply` did: whether it took, which parameters moved and by how much."""
@@ -50,6 +70,7 @@ class Editor(ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
+    trainable: ClassVar[bool] = False  # True: `train` must run on a train split before editing
 
     def __init__(self, lvlm: LVLM, config: BaseModel | dict[str, Any] | None = None) -> None:
         self.lvlm = lvlm
@@ -62,6 +83,40 @@ class Editor(ABC):
     def score(self, queries: Sequence[Query], **kwargs: Any) -> list[SpanScore]:
         """Teacher-forced answer-span scores of the edited model (see `LVLM.score`)."""
         return self.lvlm.score(queries, **kwargs)
+
+    def train(self, examples: Sequence[EditExample], progress: bool = True) -> dict[str, float]:
+        """Fit what the method learns (hypernetwork, scope threshold) on a train split; returns a report.
+
+        The trained parts belong to `state()`, and `reset()` keeps them.
+        """
+        return {}
+
+    @contextmanager
+    def unedited(self) -> Iterator[None]:
+        """Inside the block the model answers as before any edit; the edits are back afterwards.
+
+        Pre-edit references (locality, base accuracy) of records met mid-stream need the
+        unedited model without a second copy of it. This default goes through `state()`;
+        methods override it with something cheaper (swap the touched tensors, bypass memory).
+        """
+        saved = self.state()
+        self.reset()
+        try:
+            yield
+        finally:
+            self.load_state(saved)
+
+    def weight_change(self) -> float:
+        """Frobenius norm of the accumulated change to the model's weights (0 for methods that change none)."""
+        return 0.0
+
+    def retrieve(self, queries: Sequence[Query]) -> list[Retrieval] | None:
+        """Where a memory-based method routes each query; None for methods without a memory."""
+        return None
+
+    def memory_size(self) -> int | None:
+        """Number of edits held in the method's memory; None for methods without a memory."""
+        return None
 
     @abstractmethod
     def state(self) -> EditorState:

@@ -33,8 +33,8 @@ class Metric:
 
     key: str
     description: str
-    higher_is_better: bool = True
-    aggregation: Literal["mean"] = "mean"
+    higher_is_better: bool | None = True  # None: neither (a size, an entropy)
+    aggregation: Literal["mean", "last"] = "mean"  # over edits / rounds: mean, or the latest value
 
 
 _DEFINED = [
@@ -48,10 +48,26 @@ _DEFINED = [
     Metric("t_loc_vlkeb", "VLKEB's text locality: top-1 agreement at every sequence position"),
     Metric("i_loc_vlkeb", "VLKEB's image locality: top-10 ids agreeing rank by rank at every position"),
     *[Metric(f"port_{k}hop", f"token accuracy of the {k}-hop answer given `image` + the hop question") for k in HOP_RANGE],
-    Metric("retention", "reliability of earlier edits re-measured later in the stream"),
+    Metric("port_onehop", "token accuracy of `port_a` given `image` + `port_q` after also editing the one-hop fact"),
+    # Probe rounds (monitor/probes.py): health of the long-lived model.
+    Metric("retention", "reliability of earlier edits re-measured later in the stream (random sample)"),
+    Metric("retention_ci_low", "lower end of the 95% confidence interval of `retention`"),
+    Metric("retention_ci_high", "upper end of the 95% confidence interval of `retention`"),
+    Metric("retention_sample", "number of earlier edits re-measured for `retention`", aggregation="last"),
+    Metric("forgetting", "reliability right after each sampled edit minus its reliability now", higher_is_better=False),
     Metric("ref_ppl_ratio", "perplexity of the fixed reference set, edited / unedited", higher_is_better=False),
+    Metric("ref_agreement", "top-1 agreement with the unedited model on the fixed reference set's answer spans"),
+    Metric("ref_kl", "mean KL(pre || post) on the fixed reference set's answer spans, nats", higher_is_better=False),
+    Metric("ref_accuracy", "token accuracy of the reference set's original answers"),
+    Metric("generation_entropy", "mean entropy of the next-token distribution on the reference set, nats",
+           higher_is_better=None),
+    Metric("weight_change_norm", "Frobenius norm of the accumulated weight change", higher_is_better=False,
+           aggregation="last"),
+    Metric("collapse_alarm", "1 when a collapse threshold is crossed in the round, else 0", higher_is_better=False),
     Metric("retrieval_recall_at_1", "fraction of in-scope queries whose top memory hit is their own edit"),
     Metric("retrieval_false_hit_rate", "fraction of out-of-scope queries that hit any memory", higher_is_better=False),
+    Metric("retrieval_latency_seconds", "mean memory lookup time per query, seconds", higher_is_better=False),
+    Metric("memory_size", "edits held in the editor's memory", higher_is_better=None, aggregation="last"),
 ]
 METRICS: dict[str, Metric] = {m.key: m for m in _DEFINED}
 
@@ -89,6 +105,8 @@ class EditFacts(Protocol):
 
     def hop(self, hops: int) -> HopFacts | None: ...
 
+    def one_hop(self) -> HopFacts | None: ...
+
     def base_hop(self, hops: int) -> HopFacts | None: ...
 
 
@@ -109,8 +127,8 @@ def _probe(metric: str, prompt: str, answer: str, image: str | None, open_image:
     return Probe(metric, Query(prompt, answer, open_image(image) if image else None), key)
 
 
-def edit_probes(edit: EditFacts, open_image: ImageOpener) -> list[Probe]:
-    """The queries of every post-edit metric of one edit."""
+def edit_probes(edit: EditFacts, open_image: ImageOpener, one_hop: bool = False) -> list[Probe]:
+    """The queries of every post-edit metric of one edit; `one_hop` adds VLKEB Table 3's `port_onehop`."""
     probes = [
         _probe("reliability", edit.src, edit.alt, edit.image, open_image),
         _probe("t_gen", edit.rephrase, edit.alt, edit.image, open_image),
@@ -121,6 +139,8 @@ def edit_probes(edit: EditFacts, open_image: ImageOpener) -> list[Probe]:
     for k in HOP_RANGE:
         if (qa := edit.hop(k)) is not None:
             probes.append(_probe(f"port_{k}hop", qa.question, qa.answer, edit.image, open_image))
+    if one_hop and (qa := edit.one_hop()) is not None:
+        probes.append(_probe("port_onehop", qa.question, qa.answer, edit.image, open_image))
     return probes
 
 

@@ -65,23 +65,35 @@ class ReferenceStore:
         """Bytes held by all references' tensors."""
         return sum(ref.nbytes for ref in self._refs.values())
 
-    def save(self, path: str | Path) -> None:
-        """Write as safetensors, atomically."""
+    def to_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Flat named tensors (`{prefix}{key}.ids` ...), for safetensors files that hold several stores."""
         tensors = {}
         for key, ref in self._refs.items():
-            tensors[f"{key}.ids"] = ref.topk_ids.contiguous()
-            tensors[f"{key}.logprobs"] = ref.topk_logprobs.contiguous()
+            tensors[f"{prefix}{key}.ids"] = ref.topk_ids.contiguous()
+            tensors[f"{prefix}{key}.logprobs"] = ref.topk_logprobs.contiguous()
             if ref.sequence_topk_ids is not None:
-                tensors[f"{key}.sequence"] = ref.sequence_topk_ids.contiguous()
+                tensors[f"{prefix}{key}.sequence"] = ref.sequence_topk_ids.contiguous()
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str = "") -> ReferenceStore:
+        """The store whose tensors `to_tensors(prefix)` wrote (other names are ignored)."""
+        store = cls()
+        for name in tensors:
+            if not name.startswith(prefix):
+                continue
+            key, _, kind = name[len(prefix) :].rpartition(".")
+            if kind == "ids":
+                base = f"{prefix}{key}"
+                store[key] = Reference(tensors[name], tensors[f"{base}.logprobs"], tensors.get(f"{base}.sequence"))
+        return store
+
+    def save(self, path: str | Path) -> None:
+        """Write as safetensors, atomically."""
+        tensors = self.to_tensors()
         write_atomically(path, lambda tmp: save_file(tensors, tmp))
 
     @classmethod
     def load(cls, path: str | Path) -> ReferenceStore:
         """Read a store written by `save`."""
-        tensors = load_file(str(path))
-        store = cls()
-        for name in tensors:
-            key, _, kind = name.rpartition(".")
-            if kind == "ids":
-                store[key] = Reference(tensors[name], tensors[f"{key}.logprobs"], tensors.get(f"{key}.sequence"))
-        return store
+        return cls.from_tensors(load_file(str(path)))

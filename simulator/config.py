@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from editors.prompts import PromptFormat
+from monitor.alarms import CollapseThresholds
 from simulator.records import RecordFormat
 
 
@@ -34,6 +35,18 @@ class RunConfig(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="model weights dtype")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda:0")
     probe_every: PositiveInt | None = Field(None, description="edits between probe rounds (default: the smallest gap)")
+    retention_sample: PositiveInt = Field(100, description="earlier edits re-measured per probe round (random sample)")
+    reference_size: PositiveInt = Field(
+        32, description="records whose locality questions form the fixed reference set (the stream's first ones)"
+    )
+    checkpoint_every: PositiveInt = Field(100, description="edits between checkpoints in --out")
+    collapse: CollapseThresholds = Field(default_factory=CollapseThresholds, description="collapse alarm thresholds")
+    stop_on_collapse: bool = Field(False, description="stop the run at the first collapse alarm")
+    train: Path | None = Field(
+        None, description="train split for methods that learn (default: train.jsonl beside the stream)"
+    )
+    editor_state: Path | None = Field(None, description="start from a saved editor state (e.g. from train-editor)")
+    run_name: str | None = Field(None, description="name of the run in outputs and exporters (default: from --out)")
     vlkeb_compat: bool = Field(False, description="also report VLKEB's own locality (*_vlkeb keys)")
     one_hop_edit: bool = Field(False, description="VLKEB Table 3: also edit the one-hop fact, then test portability")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: MLflow's local default)")
@@ -49,6 +62,8 @@ class RunConfig(BaseModel):
             problems.append("--follow needs a stream file, not standard input")
         if self.one_hop_edit and self.record_format != "vlkeb":
             problems.append("--one-hop-edit needs VLKEB records (edit_onehop fields)")
+        if self.one_hop_edit and self.mode != "sequential":
+            problems.append("--one-hop-edit applies two edits in a row: use --mode sequential")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -62,5 +77,9 @@ def load_run_config(path: str | Path | None, overrides: dict[str, Any]) -> RunCo
         if not isinstance(loaded, dict):
             raise ValueError(f"scenario file {path} must hold a mapping of settings, got {type(loaded).__name__}")
         values.update(loaded)
-    values.update(overrides)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict) and key != "method_config":
+            values[key] = {**values[key], **value}  # a nested settings group: flags override field by field
+        else:
+            values[key] = value
     return RunConfig.model_validate(values)

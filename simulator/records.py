@@ -82,6 +82,10 @@ class EditRecord(BaseModel):
         """The hop question answered with the original facts, for the unedited model's portability."""
         return None
 
+    def one_hop(self) -> HopQA | None:
+        """VLKEB Table 3's portability test after also editing the one-hop fact; MMEdit records have none."""
+        return None
+
 
 class EVQARecord(EditRecord):
     """MMEdit editing-VQA record."""
@@ -116,6 +120,12 @@ class VLKEBRecord(EditRecord):
     def hop(self, hops: int) -> HopQA | None:
         """The first portability test with `hops` hops, if the record has one."""
         return next((p.qa for p in self.port_new if p.hops == hops), None)
+
+    def one_hop(self) -> HopQA | None:
+        """`port_q` / `port_a` of an edit_onehop record."""
+        if self.port_q is None or self.port_a is None:
+            return None
+        return HopQA(Question=self.port_q, Answer=self.port_a)
 
     def base_hop(self, hops: int) -> HopQA | None:
         """`port_base`'s hop when the record has one; else VLKEB's base test, the `port_new` hop."""

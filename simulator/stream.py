@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -124,7 +125,8 @@ class StreamReader:
     """Iterates the records of a JSONL stream; bad lines go to a quarantine file when one is given.
 
     Without a quarantine file the first bad line raises RecordsError. `read`, `quarantined`
-    and `line` count what has been consumed, so a run can report and resume.
+    and `line` count what has been consumed, so a run can report and resume: `start_line`
+    skips lines a previous run consumed, `follow` waits for a growing file like `tail -f`.
     """
 
     def __init__(
@@ -133,11 +135,17 @@ class StreamReader:
         record_format: RecordFormat = "vlkeb",
         images: ImageRoot | None = None,
         quarantine: str | Path | None = None,
+        start_line: int = 0,
+        follow: bool = False,
+        poll_seconds: float = 0.5,
     ) -> None:
         self.source = source
         self.record_format: RecordFormat = record_format
         self.images = images
         self.quarantine = Path(quarantine) if quarantine is not None else None
+        self.follow = follow
+        self.poll_seconds = poll_seconds
+        self.start_line = start_line
         self.read = 0
         self.quarantined = 0
         self.line = 0
@@ -146,9 +154,9 @@ class StreamReader:
     def __iter__(self) -> Iterator[EditRecord]:
         stream, close = self._open()
         try:
-            for raw in stream:
+            for raw in self._lines(stream):
                 self.line += 1
-                if not raw.strip():
+                if self.line <= self.start_line or not raw.strip():
                     continue
                 try:
                     value = json.loads(raw)
@@ -166,6 +174,22 @@ class StreamReader:
         finally:
             if close:
                 stream.close()
+
+    def _lines(self, stream: IO[str]) -> Iterator[str]:
+        """Complete lines; when following, wait at the end for more (a partial last line waits too)."""
+        if not self.follow:
+            yield from stream
+            return
+        partial = ""
+        while True:
+            chunk = stream.readline()
+            if not chunk:
+                time.sleep(self.poll_seconds)
+                continue
+            partial += chunk
+            if partial.endswith("\n"):
+                yield partial
+                partial = ""
 
     def _open(self) -> tuple[IO[str], bool]:
         if not isinstance(self.source, (str, Path)):

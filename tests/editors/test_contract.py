@@ -4,7 +4,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from editors import METHODS, EditorState, EditRequest, Query, UnknownMethodError, create_editor, editor_class
+from editors import METHODS, EditExample, EditorState, EditRequest, Query, UnknownMethodError, create_editor, editor_class
 from tests.tiny_models import random_image, tiny_llava
 
 EDITS = [
@@ -14,13 +14,21 @@ EDITS = [
 PROBES = [Query("which animal is shown in the picture?", "a brown dog", random_image(11)), Query("the quick brown", "fox")]
 
 
+def editor_for(method):
+    """A method's editor on a fresh tiny model, trained on the contract edits if it learns."""
+    editor = create_editor(method, tiny_llava(seed=1))
+    if editor.trainable:
+        editor.train([EditExample(edit, locality=(PROBES[1],)) for edit in EDITS], progress=False)
+    return editor
+
+
 def scores(editor):
     return [s.target_logprobs for s in editor.score(PROBES)]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_reset_returns_to_the_unedited_model(method):
-    editor = create_editor(method, tiny_llava(seed=1))
+    editor = editor_for(method)
     before = scores(editor)
     outcomes = [editor.apply(edit) for edit in EDITS]
     assert all(o.applied for o in outcomes)
@@ -32,7 +40,7 @@ def test_reset_returns_to_the_unedited_model(method):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_state_round_trip_onto_a_fresh_model(method, tmp_path):
-    editor = create_editor(method, tiny_llava(seed=1))
+    editor = editor_for(method)
     for edit in EDITS:
         editor.apply(edit)
     editor.state().save(tmp_path / "state")
@@ -44,6 +52,20 @@ def test_state_round_trip_onto_a_fresh_model(method, tmp_path):
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
+def test_unedited_answers_as_before_and_restores_the_edits(method):
+    editor = editor_for(method)
+    before = scores(editor)
+    for edit in EDITS:
+        editor.apply(edit)
+    edited = scores(editor)
+    with editor.unedited():
+        for a, b in zip(before, scores(editor)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    for a, b in zip(edited, scores(editor)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_config_rejects_unknown_settings(method):
     with pytest.raises(ValidationError):
         create_editor(method, tiny_llava(), {"no_such_setting": 1})
@@ -51,7 +73,7 @@ def test_config_rejects_unknown_settings(method):
 
 def test_registry_names_and_errors():
     assert "none" in METHODS and editor_class("none").name == "none"
-    with pytest.raises(UnknownMethodError, match="Did you mean 'none'.*Available: none"):
+    with pytest.raises(UnknownMethodError, match="Did you mean 'none'.*Available: .*none"):
         editor_class("nnoe")
 
 

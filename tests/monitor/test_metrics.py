@@ -35,6 +35,7 @@ def span(argmax, target=None, topk=None, gathered=None, sequence=None):
         target_logprobs=torch.zeros(len(argmax)),
         topk_ids=torch.tensor(topk) if topk is not None else argmax[:, None],
         topk_logprobs=torch.zeros(len(argmax), 1),
+        entropy=torch.zeros(len(argmax)),
         gathered_logprobs=gathered,
         sequence_topk_ids=sequence,
     )

@@ -3,6 +3,8 @@
 import io
 import json
 import os
+import threading
+import time
 
 import pytest
 
@@ -162,3 +164,40 @@ def test_stream_reads_standard_input(monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(vlkeb(id="x")) + "\n"))
     assert [r.id for r in StreamReader("-")] == ["x"]
     assert [r.id for r in StreamReader(io.StringIO(json.dumps(vlkeb()) + "\n"))] == ["1"]
+
+
+def test_follow_waits_for_lines_appended_later_and_whole_lines_only(tmp_path):
+    path = write_lines(tmp_path / "edits.jsonl", [json.dumps(vlkeb(id="a"))])
+    got: list[str] = []
+    reader = StreamReader(path, follow=True, poll_seconds=0.01)
+
+    def consume():
+        for record in reader:
+            got.append(record.id)
+            if len(got) == 3:
+                return
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    wait_for(lambda: got == ["a"])
+    with path.open("a") as out:
+        out.write(json.dumps(vlkeb(id="b"))[:20])  # a writer mid-line: nothing may be parsed yet
+        out.flush()
+        time.sleep(0.1)
+        assert got == ["a"]
+        out.write(json.dumps(vlkeb(id="b"))[20:] + "\n" + json.dumps(vlkeb(id="c")) + "\n")
+    thread.join(timeout=5)
+    assert got == ["a", "b", "c"] and reader.line == 3
+
+
+def test_start_line_skips_what_a_previous_run_consumed(tmp_path):
+    path = write_lines(tmp_path / "edits.jsonl", [json.dumps(vlkeb(id=str(i))) for i in range(5)])
+    reader = StreamReader(path, start_line=3)
+    assert [r.id for r in reader] == ["3", "4"] and reader.line == 5
+
+
+def wait_for(condition, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

@@ -1,0 +1,159 @@
+"""Probe rounds on a long-lived edited model (DESIGN.md, Timeline and probes).
+
+Each probe has bounded cost: retention re-scores a fixed-size random sample of earlier edits,
+the reference set is fixed, retrieval health looks at a bounded set of queries. So a round
+costs the same at edit 100 and at edit 100,000, and the total probe cost grows linearly with
+the stream.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from editors import Editor, Query
+from monitor.metrics import LOCALITY, Probe, fill_references, locality, token_accuracy
+from monitor.reference import ReferenceStore
+
+Z_95 = 1.959964  # two-sided 95% normal quantile
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean over a random sample of a finite population, with a 95% confidence interval."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    population: int
+
+
+def estimate_mean(values: Sequence[float], population: int) -> Estimate:
+    """Sample mean with a normal 95% interval and the finite-population correction.
+
+    Sampling without replacement from `population` items: the standard error shrinks by
+    sqrt((N - n) / (N - 1)) and is 0 when every item is measured. Values are fractions in
+    [0, 1], so the interval is clipped to [0, 1].
+    """
+    n = len(values)
+    if n == 0:
+        raise ValueError("cannot estimate a mean from an empty sample")
+    if population < n:
+        raise ValueError(f"sample of {n} is larger than its population of {population}")
+    mean = sum(values) / n
+    if n == 1 or population == n:
+        half = 0.0 if population == n else 1.0  # one draw from many: no information on spread
+    else:
+        variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+        fpc = (population - n) / (population - 1)
+        half = Z_95 * math.sqrt(variance / n * fpc)
+    return Estimate(mean, max(0.0, mean - half), min(1.0, mean + half), n, population)
+
+
+@dataclass(frozen=True)
+class RetainedEdit:
+    """An edit applied earlier: its reliability query and its reliability right after it was applied."""
+
+    key: str
+    query: Query
+    at_edit: float
+
+
+def retention(editor: Editor, sample: Sequence[RetainedEdit], population: int) -> dict[str, float]:
+    """Reliability of earlier edits now (`retention`, with its 95% CI) and how much it fell (`forgetting`)."""
+    if not sample:
+        return {}
+    scores = editor.score([r.query for r in sample], top_k=1)
+    now = [token_accuracy(s) for s in scores]
+    estimate = estimate_mean(now, population)
+    drop = [r.at_edit - value for r, value in zip(sample, now)]
+    return {
+        "retention": estimate.mean,
+        "retention_ci_low": estimate.low,
+        "retention_ci_high": estimate.high,
+        "retention_sample": float(estimate.n),
+        "forgetting": sum(drop) / len(drop),
+    }
+
+
+@dataclass
+class ReferenceSet:
+    """A fixed set of locality queries with the unedited model's answers and perplexity on them."""
+
+    probes: list[Probe]
+    references: ReferenceStore
+    base_nll: float  # mean negative log-likelihood (nats / token) of the reference answers, unedited
+
+    @classmethod
+    def build(cls, editor: Editor, probes: Sequence[Probe]) -> ReferenceSet:
+        """Score `probes` (locality queries) with `editor`, which must be unedited, and keep the references."""
+        probes = [p for p in probes if p.metric in LOCALITY]
+        if not probes:
+            raise ValueError("a reference set needs locality probes (t_loc / i_loc)")
+        references = ReferenceStore()
+        fill_references(editor, probes, references)
+        scores = editor.score([p.query for p in probes], top_k=1)
+        return cls(probes, references, _mean_nll(scores))
+
+
+def _mean_nll(scores) -> float:
+    """Mean negative log-likelihood per answer token over all scores."""
+    total = sum(float(-s.target_logprobs.sum()) for s in scores)
+    return total / sum(len(s.target_ids) for s in scores)
+
+
+def reference_health(editor: Editor, refset: ReferenceSet) -> dict[str, float]:
+    """Unedited knowledge on the fixed reference set: agreement, KL, accuracy, perplexity ratio, entropy."""
+    gather = [refset.references[p.key].topk_ids.long() for p in refset.probes]
+    scores = editor.score([p.query for p in refset.probes], gather=gather)
+    agreement, kl = zip(*(locality(s, refset.references[p.key]) for p, s in zip(refset.probes, scores)))
+    entropy = torch.cat([s.entropy for s in scores])
+    return {
+        "ref_agreement": sum(agreement) / len(agreement),
+        "ref_kl": sum(kl) / len(kl),
+        "ref_accuracy": sum(token_accuracy(s) for s in scores) / len(scores),
+        # exp(nll_post) / exp(nll_pre): the perplexity ratio, computed in log space
+        "ref_ppl_ratio": math.exp(min(_mean_nll(scores) - refset.base_nll, 700.0)),
+        "generation_entropy": float(entropy.mean()),
+    }
+
+
+def nonfinite_parameters(model: torch.nn.Module, limit: int = 5) -> list[str]:
+    """Names of (up to `limit`) parameters holding NaN or Inf."""
+    bad = []
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            bad.append(name)
+            if len(bad) == limit:
+                break
+    return bad
+
+
+def retrieval_health(
+    editor: Editor, in_scope: Sequence[tuple[Query, str]], out_of_scope: Sequence[Query]
+) -> dict[str, float]:
+    """Recall@1 of the right memory on in-scope queries, false-hit rate out of scope, and latency.
+
+    Empty for editors without a memory (`retrieve` returns None).
+    """
+    queries = [q for q, _ in in_scope] + list(out_of_scope)
+    if not queries:
+        return {}
+    start = time.perf_counter()
+    routes = editor.retrieve(queries)
+    seconds = time.perf_counter() - start
+    if routes is None:
+        return {}
+    values = {"retrieval_latency_seconds": seconds / len(queries)}
+    if in_scope:
+        hits = [route.key == key for route, (_, key) in zip(routes, in_scope)]
+        values["retrieval_recall_at_1"] = sum(hits) / len(hits)
+    if out_of_scope:
+        false = [route.key is not None for route in routes[len(in_scope) :]]
+        values["retrieval_false_hit_rate"] = sum(false) / len(false)
+    return values

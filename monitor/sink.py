@@ -1,0 +1,31 @@
+"""What a run reports as it goes: the events exporters (MLflow, Prometheus, Pushgateway) receive."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class Sink:
+    """Receives a run's events; every method is a no-op here, exporters override what they need.
+
+    `step` is always the number of edits applied so far (DESIGN.md, Monitoring).
+    """
+
+    def on_start(self, run: str, params: dict[str, Any]) -> None:
+        """The run begins (or resumes): its name and parameters."""
+
+    def on_edit(self, applied: bool, seconds: float, step: int) -> None:
+        """One edit was applied (or failed and was rolled back) in `seconds`."""
+
+    def on_quarantine(self, total: int) -> None:
+        """The count of quarantined stream lines is now `total`."""
+
+    def on_round(self, step: int, values: dict[str, float], seconds: float) -> None:
+        """A probe round measured `values` (metric key -> value) in `seconds`."""
+
+    def on_finish(self, summary: dict[str, Any], folder: Path) -> None:
+        """The run ended; `folder` holds summary.json, rounds.jsonl and the rest."""
+
+    def close(self) -> None:
+        """Release resources (servers, connections)."""

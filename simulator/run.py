@@ -1,0 +1,205 @@
+"""One `simulate` run: model, editor, stream, timeline, outputs, checkpoints and exporters put together."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from tqdm import tqdm
+
+from editors import LVLM, Editor, EditorState, create_editor, editor_class
+from monitor.sink import Sink
+from simulator.checkpoint import FOLDER, Checkpoint, truncate
+from simulator.config import RunConfig
+from simulator.outputs import QUARANTINE, RunFiles
+from simulator.records import EditRecord
+from simulator.requests import edit_example
+from simulator.settings import cache_root
+from simulator.stream import ImageRoot, StreamReader, load_records
+from simulator.timeline import Timeline
+from simulator.world.default import load_world_model
+from simulator.world.export import read_manifest
+from simulator.world.graph import WorldConfig
+
+log = logging.getLogger(__name__)
+CONFIG = "config.json"
+
+
+class RunError(RuntimeError):
+    """A run that cannot start as configured; the message says what to change."""
+
+
+def image_root(config: RunConfig) -> ImageRoot:
+    """`--images`, else `images/` beside the stream file (the layout `simulate world` writes)."""
+    if config.images is not None:
+        return ImageRoot(config.images)
+    beside = Path(config.stream).parent / "images" if config.stream != "-" else None
+    if beside is None or not beside.is_dir():
+        raise RunError("no --images given and no images/ folder beside the stream: pass --images DIR")
+    log.info("images from %s", beside)
+    return ImageRoot(beside)
+
+
+def load_model(config: RunConfig) -> LVLM:
+    """`default`: the model of the stream's synthetic world (the embedded one unless the world says
+    otherwise); anything else loads as a hub id or folder through the adapter."""
+    if config.model != "default":
+        return LVLM.load(config.model, config.dtype, config.device, config.prompt_format)
+    world = read_manifest(Path(config.stream).parent) if config.stream != "-" else None
+    return load_world_model(world or WorldConfig())
+
+
+def train_split(config: RunConfig) -> Path:
+    """The train split for methods that learn: `--train`, else train.jsonl beside the stream."""
+    if config.train is not None:
+        return config.train
+    beside = Path(config.stream).parent / "train.jsonl" if config.stream != "-" else None
+    if beside is None or not beside.is_file():
+        raise RunError(
+            f"method {config.method!r} learns from a train split: pass --train FILE, or --editor-state DIR "
+            "from `simulate train-editor`"
+        )
+    return beside
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (first 16 hex digits)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def prepare_editor(config: RunConfig, lvlm: LVLM, images: ImageRoot) -> tuple[Editor, dict[str, float]]:
+    """The configured editor: from `--editor-state`, else trained on the train split (cached), else fresh."""
+    editor = create_editor(config.method, lvlm, config.method_config)
+    if config.editor_state is not None:
+        editor.load_state(EditorState.load(config.editor_state))
+        return editor, {}
+    if not editor.trainable:
+        return editor, {}
+    split = train_split(config)
+    key = hashlib.sha256(json.dumps(
+        [config.method, editor.config.model_dump(mode="json"), lvlm.name, file_digest(split)], sort_keys=True
+    ).encode()).hexdigest()[:20]
+    cached = cache_root() / "editors" / key
+    if (cached / "report.json").is_file():
+        log.info("trained %s editor from the cache: %s", config.method, cached)
+        editor.load_state(EditorState.load(cached / "state"))
+        return editor, json.loads((cached / "report.json").read_text())
+    log.info("training the %s editor on %s (once; cached in %s)", config.method, split, cached)
+    examples = [edit_example(record, images) for record in load_records(split, config.record_format, images)]
+    report = editor.train(examples)
+    editor.state().save(cached / "state")
+    (cached / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return editor, report
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends the run like Ctrl-C: checkpoint and summary are written first."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_name(config: RunConfig) -> str:
+    """`--run-name`, else the output folder's name."""
+    return config.run_name or (config.out.name if config.out else f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the configured simulation to its end; returns the summary written to `out/summary.json`."""
+    sinks = sinks or []
+    name = run_name(config)
+    out = config.out or Path("runs") / name
+    files = RunFiles(out)
+    if (out / FOLDER).exists() and not config.resume:
+        raise RunError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    # Settings errors first: loading (or training) a model takes a while.
+    editor_class(config.method).Config.model_validate(config.method_config)
+    images = image_root(config)
+    lvlm = load_model(config)
+    editor, report = prepare_editor(config, lvlm, images)
+    timeline = Timeline(editor, config, images, files, sinks)
+    start_line, quarantined = 0, 0
+    if config.resume:
+        checkpoint = Checkpoint.load(out)
+        for file_name, size in checkpoint.progress["files"].items():
+            truncate(files.path(file_name), size)
+        timeline.restore(checkpoint)
+        start_line, quarantined = checkpoint.progress["line"], checkpoint.progress["quarantined"]
+        log.info("resuming %s after line %d (%d edits applied)", name, start_line, timeline.applied)
+    else:
+        for file_name in files.sizes():
+            files.path(file_name).unlink(missing_ok=True)
+    (out / CONFIG).write_text(config.model_dump_json(indent=2) + "\n")
+    reader = StreamReader(config.stream, config.record_format, images, files.path(QUARANTINE), start_line,
+                          config.follow)
+    reader.quarantined = quarantined
+    stream_file = Path(config.stream) if config.stream != "-" else None
+    params = {"method": config.method, "model": lvlm.name, "mode": config.mode, "gaps": timeline.gaps,
+              "seed": config.seed, "stream": config.stream,
+              "data_hash": file_digest(stream_file) if stream_file and not config.follow else None}
+    for sink in sinks:
+        sink.on_start(name, params)
+
+    def summary() -> dict[str, Any]:
+        return {"run": name, **params, "train_report": report, **timeline.summary(reader.quarantined)}
+
+    total = config.limit
+    if total is None and stream_file is not None and not config.follow:
+        with stream_file.open("rb") as handle:
+            total = sum(1 for line in handle if line.strip())
+    bar = tqdm(total=total, initial=timeline.edits_read, unit="edit", desc=name, disable=not progress)
+    try:
+        with _terminate_as_interrupt():
+            timeline.run(_tracked(reader, bar, timeline, sinks), lambda: {"quarantined": reader.quarantined})
+    except KeyboardInterrupt:
+        timeline.stopped = "interrupted"
+        log.warning("interrupted after %d edits: checkpoint and summary written; --resume continues", timeline.applied)
+    finally:
+        bar.close()
+    timeline.checkpoint({"quarantined": reader.quarantined})
+    result = summary()
+    files.write_summary(result)
+    for sink in sinks:
+        sink.on_finish(result, out)
+    log.info("%s: %d edits applied, %d failed, %d quarantined; outputs in %s", name, timeline.applied,
+             timeline.failed, reader.quarantined, out)
+    return result
+
+
+def _tracked(reader: StreamReader, bar: tqdm, timeline: Timeline, sinks: list[Sink]) -> Iterator[tuple[int, EditRecord]]:
+    """(line, record) pairs from the reader, updating the progress bar and quarantine count on the way."""
+    seen_quarantined = reader.quarantined
+    for record in reader:
+        if reader.quarantined != seen_quarantined:
+            seen_quarantined = reader.quarantined
+            for sink in sinks:
+                sink.on_quarantine(seen_quarantined)
+        yield reader.line, record
+        bar.update()
+        bar.set_postfix(_postfix(timeline), refresh=False)
+
+
+def _postfix(timeline: Timeline) -> dict[str, str]:
+    """The latest numbers for the progress bar."""
+    first = next(iter(timeline.results.values())).means()
+    shown = {k: f"{first[k]:.2f}" for k in ("reliability", "t_loc", "i_loc") if k in first}
+    if "retention" in timeline.last_round:
+        shown["retention"] = f"{timeline.last_round['retention']:.2f}"
+    return shown

@@ -1,0 +1,58 @@
+"""Checkpoints: a run killed with SIGKILL and resumed ends exactly where an uninterrupted run does."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SIMULATE = str(Path(sys.executable).parent / "simulate")
+TIMING = ("probe_seconds", "edits_per_second")
+
+
+def run_args(world, model, out):
+    return [SIMULATE, "--stream", str(world / "eval.jsonl"), "--model", str(model), "--method", "ft-llm",
+            "--gap", "1", "3", "--probe-every", "4", "--checkpoint-every", "3", "--retention-sample", "5",
+            "--reference-size", "4", "--seed", "7", "--run-name", "resume-test", "--out", str(out)]
+
+
+def rows(path):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_the_same_outputs_as_an_uninterrupted_run(small_world, small_model, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(run_args(small_world, small_model, whole), check=True, env=env, capture_output=True, timeout=300)
+
+    process = subprocess.Popen(run_args(small_world, small_model, killed), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pool = killed / "pool.jsonl"
+    deadline = time.monotonic() + 240
+    while not (pool.exists() and len(pool.read_text().splitlines()) >= 14):  # past a checkpoint (12), not on one
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.kill()
+    assert process.wait() == -9
+    assert not (killed / "summary.json").exists()
+
+    resumed = subprocess.run(run_args(small_world, small_model, killed) + ["--resume"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming resume-test after line 12" in resumed.stderr
+    expected = json.loads((whole / "summary.json").read_text())
+    assert json.loads((killed / "summary.json").read_text()) == expected
+    assert expected["edits_applied"] == 40 and expected["last_round"]["weight_change_norm"] > 0
+    assert rows(killed / "rounds.jsonl") == rows(whole / "rounds.jsonl")
+    assert rows(killed / "pool.jsonl") == rows(whole / "pool.jsonl")
+
+
+def test_resume_without_a_checkpoint_says_so(small_world, small_model, tmp_path):
+    result = subprocess.run(run_args(small_world, small_model, tmp_path / "none") + ["--resume"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no checkpoint" in result.stderr

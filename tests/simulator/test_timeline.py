@@ -1,0 +1,157 @@
+"""The timeline: single mode, VLKEB gaps in one pass, probe rounds, alarms, quarantine, outputs."""
+
+import json
+
+import pytest
+import torch
+from editors.none import NoneConfig
+
+from editors import LVLM, EditOutcome, Editor, EditorState, create_editor
+from simulator import ImageRoot, load_records
+from simulator.config import RunConfig
+from simulator.outputs import RunFiles
+from simulator.run import simulate
+from simulator.timeline import Timeline
+
+
+class Recording(Editor):
+    """Applies nothing, but logs how many edits were applied whenever a query is scored."""
+
+    name = "recording"
+    Config = NoneConfig
+
+    def __init__(self, lvlm, config=None):
+        super().__init__(lvlm, config)
+        self.count = 0
+        self.log = []
+
+    def apply(self, edit):
+        self.count += 1
+        return EditOutcome(applied=True)
+
+    def score(self, queries, **kwargs):
+        self.log += [(self.count, q.prompt, q.answer, id(q.image)) for q in queries]
+        return super().score(queries, **kwargs)
+
+    def state(self):
+        return EditorState(self.name, {"count": self.count})
+
+    def load_state(self, state):
+        self.count = state.meta["count"]
+
+    def reset(self):
+        self.count = 0
+
+
+class Noisy(Recording):
+    """Adds large noise to the last decoder MLP at every edit: a real, damaging weight change."""
+
+    name = "noisy"
+
+    def apply(self, edit):
+        with torch.no_grad():
+            for param in self.lvlm.parameter_group("llm").values():
+                param.add_(torch.randn_like(param) * 0.5)
+        return super().apply(edit)
+
+
+@pytest.fixture
+def setup(small_world, small_model, tmp_path):
+    images = ImageRoot(small_world / "images")
+    records = load_records(small_world / "eval.jsonl", images=images)
+    lvlm = LVLM.load(small_model)
+    return lvlm, images, records, tmp_path
+
+
+def config(world, **overrides):
+    return RunConfig(**{"stream": str(world / "eval.jsonl"), **overrides})
+
+
+def test_single_mode_measures_each_edit_on_the_unedited_model(setup, small_world):
+    lvlm, images, records, out = setup
+    editor = create_editor("none", lvlm)
+    timeline = Timeline(editor, config(small_world, mode="single"), images, RunFiles(out))
+    timeline.run((i + 1, r) for i, r in enumerate(records))
+    summary = timeline.summary(0)
+    from editors import Query
+
+    by_hand = [s.token_accuracy for s in lvlm.score([Query(r.src, r.alt, images.open(r.image)) for r in records])]
+    pred = [s.token_accuracy for s in lvlm.score([Query(r.src, r.pred, images.open(r.image)) for r in records])]
+    single = summary["results"]["single"]
+    assert single["edits_measured"] == len(records) == summary["edits_applied"]
+    assert single["reliability"] == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-9)
+    assert summary["base"]["pred_src"] == pytest.approx(sum(pred) / len(pred), abs=1e-9)
+    assert single["t_loc"] == 1.0 and single["i_loc"] == 1.0 and summary["rounds"] == 0
+
+
+def test_each_gap_is_measured_after_exactly_gap_further_edits(setup, small_world):
+    lvlm, images, records, out = setup
+    records = records[:12]
+    editor = Recording(lvlm)
+    timeline = Timeline(editor, config(small_world, gap=[1, 3, 5], probe_every=100), images, RunFiles(out))
+    timeline.run((i + 1, r) for i, r in enumerate(records))
+    summary = timeline.summary(0)
+    for gap in (1, 3, 5):
+        assert summary["results"][f"gap_{gap}"]["edits_measured"] == len(records) - gap
+    # Edit i's i_gen query (src + alt on image_rephrase) is asked exactly when i + gap + 1 edits are in.
+    for i, record in enumerate(records):
+        key = (record.src, record.alt, id(images.open(record.image_rephrase)))
+        asked_at = sorted(count for count, *query in editor.log if tuple(query) == key)
+        assert asked_at == [i + gap + 1 for gap in (1, 3, 5) if i + gap + 1 <= len(records)]
+    assert len(timeline.pending) <= 5
+
+
+def test_probe_rounds_sample_a_bounded_number_of_earlier_edits(setup, small_world):
+    lvlm, images, records, out = setup
+    files = RunFiles(out)
+    timeline = Timeline(Recording(lvlm), config(small_world, gap=[2], probe_every=5, retention_sample=3),
+                        images, files)
+    timeline.run((i + 1, r) for i, r in enumerate(records[:20]))
+    rounds = list(files.rows("rounds.jsonl"))
+    assert [r["edits_applied"] for r in rounds] == [5, 10, 15, 20]
+    for row in rounds:
+        assert row["retention_sample"] == 3
+        assert row["retention_ci_low"] <= row["retention"] <= row["retention_ci_high"]
+        assert row["ref_agreement"] == 1.0 and row["ref_ppl_ratio"] == pytest.approx(1.0, abs=1e-5)
+        assert row["collapse_alarm"] == 0 and row["alarms"] == []
+    assert len(list(files.rows("pool.jsonl"))) == 20
+
+
+def test_damaging_edits_raise_the_collapse_alarm_and_can_stop_the_run(setup, small_world):
+    lvlm, images, records, out = setup
+    torch.manual_seed(0)
+    cfg = config(small_world, gap=[1], probe_every=4, stop_on_collapse=True, collapse={"ppl_ratio": 1.5})
+    timeline = Timeline(Noisy(lvlm), cfg, images, RunFiles(out))
+    timeline.run((i + 1, r) for i, r in enumerate(records))
+    summary = timeline.summary(0)
+    assert summary["alarms"]["collapse"]["raised"] and summary["stopped"] == "collapse"
+    assert summary["alarms"]["collapse"]["first_at"] == summary["edits_applied"] < len(records)
+    assert any("perplexity" in reason or "agreement" in reason for reason in summary["alarms"]["collapse"]["reasons"])
+    assert summary["last_round"]["ref_agreement"] < 1.0
+
+
+def test_nan_weights_are_reported_as_collapse(setup, small_world):
+    lvlm, images, records, out = setup
+    timeline = Timeline(Recording(lvlm), config(small_world, gap=[1], probe_every=2), images, RunFiles(out))
+    timeline.run((i + 1, r) for i, r in enumerate(records[:2]))
+    with torch.no_grad():
+        next(iter(lvlm.parameter_group("llm").values()))[0, 0] = float("nan")
+    row = timeline.probe_round()
+    assert row["collapse_alarm"] == 1 and any("NaN/Inf" in reason for reason in row["alarms"])
+
+
+def test_a_run_writes_summary_rounds_and_quarantine(small_world, small_model, tmp_path):
+    stream = tmp_path / "stream.jsonl"
+    lines = (small_world / "eval.jsonl").read_text().splitlines()[:9]
+    lines[3] = "{not json"
+    lines[5] = lines[5].replace('"image": "c', '"image": "../../etc/passwd').replace('.png"', '"', 1)
+    stream.write_text("\n".join(lines) + "\n")
+    summary = simulate(config(small_world, stream=str(stream), model=str(small_model), images=small_world / "images",
+                              gap=[2], probe_every=3, out=tmp_path / "out"), progress=False)
+    assert summary["edits_read"] == summary["edits_applied"] == 7 and summary["quarantined"] == 2
+    quarantine = [json.loads(line) for line in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
+    assert {(q["line"], q["field"]) for q in quarantine} == {(4, None), (6, "image")}
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
+    assert summary["results"]["gap_2"]["edits_measured"] == 5 and summary["rounds"] == 2
+    with pytest.raises(Exception, match="already holds a run"):
+        simulate(config(small_world, stream=str(stream), model=str(small_model), out=tmp_path / "out"), progress=False)
