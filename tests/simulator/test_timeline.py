@@ -155,3 +155,15 @@ def test_a_run_writes_summary_rounds_and_quarantine(small_world, small_model, tm
     assert summary["results"]["gap_2"]["edits_measured"] == 5 and summary["rounds"] == 2
     with pytest.raises(Exception, match="already holds a run"):
         simulate(config(small_world, stream=str(stream), model=str(small_model), out=tmp_path / "out"), progress=False)
+
+
+def test_one_hop_edit_applies_the_one_hop_fact_too_and_tests_its_portability(setup, small_world):
+    lvlm, images, records, out = setup
+    editor = Recording(lvlm)
+    timeline = Timeline(editor, config(small_world, gap=[1], one_hop_edit=True), images, RunFiles(out))
+    timeline.run((i + 1, r) for i, r in enumerate(records[:4]))
+    assert editor.count == 8  # the visual edit and its one-hop text edit, per record
+    summary = timeline.summary(0)
+    assert summary["edits_applied"] == 4 and "port_onehop" in summary["results"]["gap_1"]
+    asked = {(prompt, answer) for _, prompt, answer, _ in editor.log}
+    assert all((r.port_q, r.port_a) in asked for r in records[:3])
