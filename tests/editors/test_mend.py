@@ -1,0 +1,75 @@
+"""MEND: the gradient's token factors, the identity-initialised network, training and its guard rails."""
+
+import pytest
+import torch
+
+from editors import EditExample, EditRequest, Query, create_editor
+from editors.hypernet import NotTrainedError, token_factors
+from editors.losses import answer_nll
+from editors.mend import GradientTransform
+from tests.tiny_models import random_image, tiny, tiny_llava
+
+EDITS = [
+    EditRequest("which animal is shown in the picture?", "a brown dog", random_image(31), "a cat", key="a"),
+    EditRequest("describe the image", "a small cat", random_image(32), None, key="b"),
+    EditRequest("what is the capital of France?", "Paris", random_image(33), "Lyon", key="c"),
+]
+EXAMPLES = [
+    EditExample(e, generality=(Query(e.prompt, e.target, random_image(40 + i)),),
+                locality=(Query("the quick brown", "fox"), Query("what is the colour", "red", random_image(50 + i))))
+    for i, e in enumerate(EDITS)
+]
+
+
+@pytest.mark.parametrize(("family", "layers"), [("llava", (-1,)), ("llava", (0, 1)), ("blip2-opt", (-1,))])
+def test_token_factors_rebuild_the_true_gradient(family, layers):
+    lvlm = tiny(family)
+    params = lvlm.parameter_group("llm", layers=layers)
+    factors = token_factors(lvlm, params, EDITS[0].query)
+    loss = answer_nll(lvlm, [EDITS[0].query])
+    grads = torch.autograd.grad(loss, list(params.values()))
+    for (name, (u, delta)), grad in zip(factors.items(), grads):
+        assert u.shape[1] == params[name].shape[1] and delta.shape[1] == params[name].shape[0]
+        torch.testing.assert_close(delta.T @ u, grad, atol=1e-6, rtol=1e-4)  # MEND eq. 1
+    # Only the answer's positions reach the loss through the last layer; earlier layers see more tokens.
+    answer_tokens = lvlm.score([EDITS[0].query])[0].target_ids.numel()
+    assert factors[list(params)[-1]][0].shape[0] == answer_tokens
+    assert all(p.grad is None for p in lvlm.model.parameters())
+
+
+def test_the_untrained_network_is_a_plain_gradient_step():
+    g = GradientTransform(d_in=8, d_out=5, rank=4, edit_lr=1e-3)
+    u, delta = torch.randn(3, 8), torch.randn(3, 5)
+    torch.testing.assert_close(g(u, delta), -1e-3 * delta.T @ u)
+    g.mean.fill_(1.0)  # standardisation is applied before the network
+    g.std.fill_(2.0)
+    torch.testing.assert_close(g(u, delta), -1e-3 * ((delta - 1) / 2).T @ ((u - 1) / 2))
+
+
+def test_untrained_mend_refuses_to_edit():
+    editor = create_editor("mend", tiny_llava(seed=2))
+    with pytest.raises(NotTrainedError, match="simulate train-editor --method mend"):
+        editor.apply(EDITS[0])
+    with pytest.raises(ValueError, match="no training examples"):
+        editor.train([])
+
+
+def test_training_is_seeded_learns_and_survives_a_reset():
+    config = {"epochs": 12, "batch_size": 1, "rank": 16, "lr": 1e-2}
+    first = create_editor("mend", tiny_llava(seed=2), config)
+    report = first.train(EXAMPLES, progress=False)
+    again = create_editor("mend", tiny_llava(seed=2), config)
+    assert {k: v for k, v in again.train(EXAMPLES, progress=False).items() if k != "seconds"} == {
+        k: v for k, v in report.items() if k != "seconds"
+    }
+    for (name, a), b in zip(first.net.state_dict().items(), again.net.state_dict().values()):
+        assert torch.equal(a, b), name
+    # Random tiny models cannot generalise to other images, so the edit itself shows the learning.
+    assert report["loss"] < report["loss_first_epoch"] - 0.3
+    assert report["train_edit_success"] >= 0.9
+    # The learned step sizes moved away from their initial value.
+    assert all(abs(g.log_lr.item() - torch.log(torch.tensor(1e-3)).item()) > 0.01 for g in first.net)
+    first.apply(EDITS[0])
+    first.reset()
+    assert first.report == report and first.weight_change() == 0.0
+    assert first.apply(EDITS[0]).applied
