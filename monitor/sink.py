@@ -12,8 +12,8 @@ class Sink:
     `step` is always the number of edits applied so far (DESIGN.md, Monitoring).
     """
 
-    def on_start(self, run: str, params: dict[str, Any]) -> None:
-        """The run begins (or resumes): its name and parameters."""
+    def on_start(self, run: str, params: dict[str, Any], folder: Path, step: int) -> None:
+        """The run begins (`step` 0) or resumes (`step` > 0) writing into `folder`: its name and parameters."""
 
     def on_edit(self, applied: bool, seconds: float, step: int) -> None:
         """One edit was applied (or failed and was rolled back) in `seconds`."""
@@ -21,8 +21,13 @@ class Sink:
     def on_quarantine(self, total: int) -> None:
         """The count of quarantined stream lines is now `total`."""
 
-    def on_round(self, step: int, values: dict[str, float], seconds: float) -> None:
-        """A probe round measured `values` (metric key -> value) in `seconds`."""
+    def on_round(
+        self, step: int, values: dict[str, float], seconds: float, results: dict[str, dict[str, float]]
+    ) -> None:
+        """A probe round measured `values` (metric key -> value) in `seconds`.
+
+        `results` holds the running means of the per-edit metrics by setting (`gap_10`, ..., or `single`).
+        """
 
     def on_finish(self, summary: dict[str, Any], folder: Path) -> None:
         """The run ended; `folder` holds summary.json, rounds.jsonl and the rest."""

@@ -7,12 +7,15 @@ import json
 import logging
 import sys
 import types
-from typing import Any, Callable, Literal, Sequence, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, Union, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from editors.registry import METHODS
 from simulator.config import RunConfig, load_run_config
+
+if TYPE_CHECKING:
+    from monitor.sink import Sink
 
 log = logging.getLogger("simulate")
 
@@ -30,13 +33,23 @@ def _unwrap_optional(annotation: Any) -> Any:
     return annotation
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per RunConfig field, so a scenario file and the command line share names."""
-    for name, field in RunConfig.model_fields.items():
+def _add_run_options(parser: argparse.ArgumentParser, model: type[BaseModel] = RunConfig, prefix: str = "") -> None:
+    """One flag per RunConfig field, so a scenario file and the command line share names.
+
+    A nested settings model (e.g. `collapse`) becomes flags `--collapse-<field>` whose dest
+    is the dotted path; `run_main` folds them back into a nested mapping.
+    """
+    for name, field in model.model_fields.items():
         annotation = _unwrap_optional(field.annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            _add_run_options(parser, annotation, f"{prefix}{name}.")
+            continue
         default = None if field.is_required() else field.get_default(call_default_factory=True)
         shown = f" (default: {default})" if default not in (None, False, {}) else ""
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": f"{field.description}{shown}"}
+        off = "; 'off' disables it" if prefix and field.default is not None and annotation is not bool else ""
+        kwargs: dict[str, Any] = {
+            "dest": prefix + name, "default": argparse.SUPPRESS, "help": f"{field.description}{shown}{off}"
+        }
         if annotation is bool:
             kwargs["action"] = "store_true"
         elif get_origin(annotation) is list:
@@ -45,10 +58,24 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
             kwargs["choices"] = get_args(annotation)
         elif get_origin(annotation) is dict:
             kwargs.update(type=json.loads, metavar="JSON")
-        flags = ["--" + name.replace("_", "-")]
+        elif prefix:
+            kwargs["type"] = lambda value: None if value.lower() in ("off", "none") else value
+        flags = ["--" + (prefix + name).replace("_", "-").replace(".", "-")]
         if name == "record_format":
             flags.append("--format")
         parser.add_argument(*flags, **kwargs)
+
+
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"collapse.ppl_ratio": 3} -> {"collapse": {"ppl_ratio": 3}}."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            out.setdefault(head, {})[rest] = value
+        else:
+            out[key] = value
+    return out
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -72,13 +99,6 @@ def run_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _not_yet(name: str, issue: str) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        raise CommandError(f"`simulate {name}` is not available in this version yet: it lands with {issue}.")
-
-    return handler
-
-
 def _subcommands() -> dict[str, tuple[argparse.ArgumentParser, Callable[[argparse.Namespace], int]]]:
     world = argparse.ArgumentParser(
         prog="simulate world",
@@ -90,23 +110,14 @@ def _subcommands() -> dict[str, tuple[argparse.ArgumentParser, Callable[[argpars
     world.add_argument("--entities", type=int, default=400, help="number of creatures (default: 400, the embedded model's)")
     world.add_argument("--seed", type=int, default=0, help="generator seed (default: 0, the embedded model's)")
 
-    train = argparse.ArgumentParser(prog="simulate train-editor", description="Train a hypernetwork / scope editor.")
-    train.add_argument("--method", required=True, help="mend, ke or serac")
-    train.add_argument("--train", help="train split (JSONL); default: the embedded world's")
-    train.add_argument("--out", help="checkpoint folder")
+    # imported here: they import this module's CommandError
+    from simulator import compare, probe_job, train_editor
 
-    probe = argparse.ArgumentParser(prog="simulate probe", description="Run regression probes on a schedule.")
-    probe.add_argument("--state", required=True, help="saved editor state folder")
-    probe.add_argument("--every", default="10m", help="interval, e.g. 30s, 10m, 1h")
-
-    compare = argparse.ArgumentParser(prog="simulate compare", description="Compare MLflow runs.")
-    compare.add_argument("--experiment", help="MLflow experiment name")
-    compare.add_argument("--runs", nargs="+", help="run ids")
     return {
         "world": (world, world_main),
-        "train-editor": (train, _not_yet("train-editor", "the parameter-update editors issue (#5)")),
-        "probe": (probe, _not_yet("probe", "the monitoring issue (#7)")),
-        "compare": (compare, _not_yet("compare", "the monitoring issue (#7)")),
+        "train-editor": (train_editor.parser(), train_editor.main),
+        "probe": (probe_job.parser(), probe_job.main),
+        "compare": (compare.parser(), compare.main),
     }
 
 
@@ -136,12 +147,39 @@ def world_main(args: argparse.Namespace) -> int:
 
 def run_main(args: argparse.Namespace) -> int:
     """The main job."""
-    overrides = {k: v for k, v in vars(args).items() if k in RunConfig.model_fields}
+    overrides = _nested({k: v for k, v in vars(args).items() if k not in ("config", "verbose")})
     config = _validated(lambda: load_run_config(args.config, overrides))
     log.debug("run config: %s", config.model_dump_json())
-    raise CommandError(
-        f"the streaming timeline (`simulate --stream {config.stream}`) lands with the simulator issue (#6)."
-    )
+    from editors import UnknownMethodError
+    from simulator.checkpoint import CheckpointError
+    from simulator.run import RunError, simulate
+    from simulator.stream import RecordsError
+
+    sinks = exporters(config)
+    try:
+        summary = simulate(config, sinks=sinks)
+    except (RunError, CheckpointError, RecordsError, UnknownMethodError, FileNotFoundError) as error:
+        raise CommandError(str(error)) from None
+    except ValidationError as error:  # the method's own settings (--method-config)
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise CommandError(f"invalid --method-config for {config.method}: {problems}") from None
+    finally:
+        for sink in sinks:
+            sink.close()
+    print(json.dumps({"results": summary["results"], "alarms": summary["alarms"]}, indent=2))
+    return 0
+
+
+def exporters(config: RunConfig, kind: str = "simulate") -> list[Sink]:
+    """The run's exporters (MLflow, Prometheus, Pushgateway); a busy metrics port is a CommandError."""
+    from monitor.exporters import build_sinks
+
+    try:
+        return build_sinks(config, kind)
+    except OSError as error:
+        raise CommandError(
+            f"cannot serve Prometheus metrics on {config.prometheus_host}:{config.prometheus_port}: {error}"
+        ) from None
 
 
 def _validated(build: Callable[[], RunConfig]) -> RunConfig:

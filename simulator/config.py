@@ -50,7 +50,14 @@ class RunConfig(BaseModel):
     vlkeb_compat: bool = Field(False, description="also report VLKEB's own locality (*_vlkeb keys)")
     one_hop_edit: bool = Field(False, description="VLKEB Table 3: also edit the one-hop fact, then test portability")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: MLflow's local default)")
-    prometheus_port: int | None = Field(None, ge=1, le=65535, description="serve live metrics on 127.0.0.1:PORT")
+    mlflow_experiment: str = Field("editwatch", description="MLflow experiment the run is logged to")
+    mlflow_flush_seconds: float = Field(
+        30.0, ge=0, description="at the end, how long to wait for an unreachable MLflow server; what is still "
+        "unsent stays in OUT/mlflow for `simulate compare --sync OUT`"
+    )
+    no_mlflow: bool = Field(False, description="do not log the run to MLflow")
+    prometheus_port: int | None = Field(None, ge=1, le=65535, description="serve live Prometheus metrics on this port")
+    prometheus_host: str = Field("127.0.0.1", description="address the metrics are served on (0.0.0.0 in a container)")
     pushgateway: str | None = Field(None, description="Pushgateway URL for batch metrics")
 
     @model_validator(mode="after")

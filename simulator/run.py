@@ -155,7 +155,7 @@ def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool 
               "seed": config.seed, "stream": config.stream,
               "data_hash": file_digest(stream_file) if stream_file and not config.follow else None}
     for sink in sinks:
-        sink.on_start(name, params)
+        sink.on_start(name, params, out, timeline.applied)
 
     def summary() -> dict[str, Any]:
         return {"run": name, **params, "train_report": report, **timeline.summary(reader.quarantined)}

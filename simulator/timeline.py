@@ -269,7 +269,7 @@ class Timeline:
         self.files.append(ROUNDS, row)
         self.last_round = {k: v for k, v in row.items() if k not in ("probe_seconds", "edits_per_second")}
         for sink in self.sinks:
-            sink.on_round(self.applied, {k: v for k, v in values.items() if k in METRICS}, seconds)
+            sink.on_round(self.applied, {k: v for k, v in values.items() if k in METRICS}, seconds, row["results"])
         return row
 
     @staticmethod

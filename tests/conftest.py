@@ -10,6 +10,8 @@ def _private_cache(tmp_path_factory):
     """Every test session gets its own EDITWATCH_CACHE: nothing leaks in from (or out to) the user's."""
     patch = pytest.MonkeyPatch()
     patch.setenv("EDITWATCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+    # `simulate` logs to MLflow by default: to the session's own store, never ./mlflow.db.
+    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
     yield
     patch.undo()
 

@@ -1,11 +1,13 @@
 """The `simulate` command line: help, settings validation, scenario files."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from editors import METHODS
 from simulator.cli import main
 from simulator.config import RunConfig, load_run_config
 
@@ -19,8 +21,9 @@ def test_help_lists_the_design_options_and_subcommands():
     assert result.returncode == 0
     for flag in DESIGN_FLAGS:
         assert flag in result.stdout
-    for sub in ("simulate world", "simulate probe", "simulate compare", "methods: none"):
+    for sub in ("simulate world", "simulate probe", "simulate compare"):
         assert sub in result.stdout
+    assert f"methods: {', '.join(sorted(METHODS))}" in result.stdout
 
 
 def test_all_invalid_settings_are_reported_at_once(capsys):
@@ -46,6 +49,33 @@ def test_scenario_file_with_flag_overrides(tmp_path):
         load_run_config(scenario, {})
 
 
-def test_unfinished_subcommands_say_so(capsys):
+def test_probe_without_a_run_says_so(capsys):
     assert main(["probe", "--state", "s"]) == 2
-    assert "lands with" in capsys.readouterr().err
+    assert "holds no run" in capsys.readouterr().err
+
+
+def test_the_main_job_reads_standard_input_and_prints_the_results(small_world, small_model, tmp_path):
+    simulate = Path(sys.executable).parent / "simulate"
+    result = subprocess.run(
+        [str(simulate), "--stream", "-", "--model", str(small_model), "--images", str(small_world / "images"),
+         "--method", "none", "--mode", "single", "--limit", "3", "--out", str(tmp_path / "out")],
+        input=(small_world / "eval.jsonl").read_text(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert printed["results"] == summary["results"] and summary["edits_applied"] == 3
+    assert summary["stopped"] == "limit" and summary["results"]["single"]["t_loc"] == 1.0
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_run_errors_are_one_line_without_a_traceback(small_world, tmp_path, capsys):
+    assert main(["--stream", str(small_world / "eval.jsonl"), "--method", "nnoe", "--images",
+                 str(small_world / "images"), "--out", str(tmp_path / "o")]) == 2
+    assert "Unknown method 'nnoe'" in capsys.readouterr().err
+
+
+def test_bad_method_settings_are_named(small_world, tmp_path, capsys):
+    assert main(["--stream", str(small_world / "eval.jsonl"), "--method", "none", "--method-config", '{"x": 1}',
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "invalid --method-config for none: x: Extra inputs are not permitted" in capsys.readouterr().err

@@ -1,0 +1,314 @@
+"""MLflow exporter: one MLflow run per `simulate` run (DESIGN.md, Monitoring), never blocking the run.
+
+Every operation (create the run, params, metrics of each probe round at `step` = edits
+applied, tags, artifacts, end) is first written to a journal in the run folder
+(`<out>/mlflow/`), then sent by a background thread. While the tracking server is
+unreachable the thread warns once, retries with backoff and the simulation goes on; when the
+server is back, the buffered operations go out in order. At the end the run waits up to
+`flush_seconds` for the server; whatever is still unsent stays in the journal and is sent on
+`--resume` or by `simulate compare --sync DIR` (`sync` here).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from monitor.exporters.journal import Journal
+from monitor.exporters.plots import round_plots
+from monitor.sink import Sink
+
+log = logging.getLogger(__name__)
+
+FOLDER = "mlflow"  # inside the run folder: journal, state and artifact snapshots
+ARTIFACTS = "artifacts"
+RUN_FILES = ("config.json", "summary.json", "rounds.jsonl")
+# MLflow's own HTTP retries (7 with exponential backoff: minutes per call) would stall the
+# sender through a whole outage; the journal retries instead. Explicit user settings win.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+RETRY_SECONDS = (1.0, 30.0)  # backoff from, up to, while the server is unreachable
+CLOSING_RETRY_SECONDS = 2.0  # backoff cap while the run waits to flush at its end
+BATCH = 1000  # MLflow's log_batch limit on metrics per call
+TOO_MANY_REQUESTS = 429
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server (or local store) cannot be reached now; the operation stays journaled."""
+
+
+def package_version() -> str:
+    """The installed editwatch version (an MLflow param of every run)."""
+    return importlib.metadata.version("editwatch")
+
+
+def now_ms() -> int:
+    """Wall-clock time in milliseconds (MLflow's timestamps)."""
+    return int(time.time() * 1000)
+
+
+class MlflowSink(Sink):
+    """Journals a run's parameters, probe-round metrics, summary and artifacts; a thread sends them."""
+
+    def __init__(
+        self, uri: str | None = None, experiment: str = "editwatch", kind: str = "simulate", flush_seconds: float = 30.0
+    ) -> None:
+        self.uri = uri  # None: MLflow's own default (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)
+        self.experiment = experiment
+        self.kind = kind
+        self.flush_seconds = flush_seconds
+        self.journal: Journal | None = None
+        self._sender: _Sender | None = None
+
+    def on_start(self, run: str, params: dict[str, Any], folder: Path, step: int) -> None:
+        """Create the MLflow run, or continue the folder's own when the run resumes (`step` > 0)."""
+        self.journal = Journal(folder / FOLDER)
+        state = self.journal.state()
+        if step and self.journal.exists():
+            if self.uri is not None and state.get("uri") not in (None, self.uri):
+                log.warning("resuming: the MLflow run continues at %s, where it started", state["uri"])
+            self.journal.append({"op": "resume"})
+        else:
+            if self.journal.exists():
+                log.info("a new run in %s: the previous MLflow journal moved to %s", folder, self.journal.archive())
+            self.journal.save_state({"offset": 0, "uri": self.uri})
+            tags = {"editwatch.kind": self.kind, "editwatch.folder": str(folder.resolve())}
+            self.journal.append({"op": "create", "experiment": self.experiment, "run": run, "time": now_ms(),
+                                 "tags": tags})
+            values = {**params, "editwatch_version": package_version()}
+            self.journal.append({"op": "params", "params": {k: _param(v) for k, v in values.items() if v is not None}})
+        self._sender = _Sender(self.journal)
+        self._sender.start()
+        self._wake()
+
+    def on_round(
+        self, step: int, values: dict[str, float], seconds: float, results: dict[str, dict[str, float]]
+    ) -> None:
+        """Log the round's metrics and the per-setting running means (`gap_10/reliability`) at `step`."""
+        metrics = {**values, "probe_seconds": seconds}
+        for setting, row in results.items():
+            metrics.update({f"{setting}/{key}": value for key, value in row.items()})
+        self._log_metrics(metrics, step)
+
+    def on_finish(self, summary: dict[str, Any], folder: Path) -> None:
+        """Log the final numbers, tags, the run's files and plots as artifacts, and end the MLflow run."""
+        if self.journal is None:
+            return
+        metrics = {f"{setting}/{key}": value for setting, row in summary.get("results", {}).items()
+                   for key, value in row.items()}
+        metrics.update({f"base/{key}": value for key, value in summary.get("base", {}).items()})
+        metrics.update({key: summary[key] for key in ("edits_read", "edits_applied", "failed", "quarantined",
+                                                      "rounds") if isinstance(summary.get(key), (int, float))})
+        self._log_metrics(metrics, summary.get("edits_applied", 0))
+        alarms = summary.get("alarms", {})
+        tags = {"editwatch.stopped": summary.get("stopped"),
+                "editwatch.collapse": alarms.get("collapse", {}).get("raised"),
+                "editwatch.forgetting": alarms.get("forgetting", {}).get("detected")}
+        self.journal.append({"op": "tags", "tags": {k: str(v) for k, v in tags.items() if v is not None}})
+        _snapshot(folder, self.journal.folder / ARTIFACTS)
+        self.journal.append({"op": "artifacts", "dir": ARTIFACTS})
+        status = "KILLED" if summary.get("stopped") == "interrupted" else "FINISHED"
+        self.journal.append({"op": "end", "status": status, "time": now_ms()})
+        self._wake()
+
+    def close(self) -> None:
+        """Wait up to `flush_seconds` for everything to be sent; say where the rest is kept."""
+        if self._sender is None or self.journal is None:
+            return
+        if not self._sender.finish(self.flush_seconds) or self.journal.unsent():
+            log.warning(
+                "%d MLflow operations could not be sent to %s within %.0f s; they are kept in %s and sent by "
+                "`simulate compare --sync %s` (or when the run is resumed)", self.journal.unsent(),
+                self.journal.state().get("uri") or "the default tracking URI", self.flush_seconds, self.journal.folder,
+                self.journal.folder.parent,
+            )
+        self._sender = None
+
+    def _log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        if self.journal is None:
+            return
+        stamp = now_ms()
+        rows = [[key, float(value), stamp, step] for key, value in metrics.items() if value is not None]
+        self.journal.append({"op": "metrics", "metrics": rows})
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._sender is not None:
+            self._sender.wake()
+
+
+def _snapshot(folder: Path, target: Path) -> None:
+    """Copy the run's files and draw its plots into `target`, as they are now."""
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for name in RUN_FILES:
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, target / name)
+    rounds = folder / "rounds.jsonl"
+    if rounds.is_file():
+        rows = [json.loads(line) for line in rounds.read_text(encoding="utf-8").splitlines() if line]
+        round_plots(rows, target / "plots")
+
+
+def _param(value: Any) -> str:
+    """An MLflow param value: strings as they are, anything else as JSON (lists of gaps, seeds)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class _Sender(threading.Thread):
+    """Sends the journal whenever woken; backs off while the tracking server is unreachable."""
+
+    def __init__(self, journal: Journal) -> None:
+        super().__init__(name="mlflow-sender", daemon=True)
+        self.journal = journal
+        self._woken = threading.Event()
+        self._closing = False
+        self._outage = False
+
+    def wake(self) -> None:
+        """Send what is new."""
+        self._woken.set()
+
+    def finish(self, timeout: float) -> bool:
+        """Send everything left, waiting up to `timeout` seconds; False when some is still unsent."""
+        self._closing = True
+        self.wake()
+        self.join(timeout)
+        return not self.is_alive()
+
+    def run(self) -> None:
+        delay: float | None = None
+        while True:
+            self._woken.wait(delay)
+            self._woken.clear()
+            try:
+                sent = send(self.journal)
+            except TrackingUnavailable as error:
+                if not self._outage:
+                    log.warning("MLflow tracking unreachable (%s): buffering in %s and retrying; the run goes on",
+                                error, self.journal.folder)
+                    self._outage = True
+                cap = CLOSING_RETRY_SECONDS if self._closing else RETRY_SECONDS[1]
+                delay = min(2 * delay if delay else RETRY_SECONDS[0], cap)
+                continue
+            if self._outage:
+                log.warning("MLflow tracking reachable again: %d buffered operations sent", sent)
+                self._outage = False
+            delay = None
+            if self._closing:
+                return
+
+
+def sync(folder: Path, uri: str | None = None) -> int:
+    """Send the operations a run left unsent in `folder/mlflow` (to `uri`, else where it started); how many."""
+    journal = Journal(Path(folder) / FOLDER)
+    if not journal.exists():
+        raise FileNotFoundError(f"no MLflow journal in {folder} (expected {journal.path})")
+    if uri is not None and uri != journal.state().get("uri"):
+        journal.save_state({"offset": 0, "uri": uri})  # another tracking server: the whole run, anew
+    return send(journal)
+
+
+def send(journal: Journal) -> int:
+    """Send every unsent operation in order and record progress; TrackingUnavailable when unreachable."""
+    for name, value in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import OperationalError
+
+    state = journal.state()
+    if state.get("uri") is None:
+        state["uri"] = _absolute(mlflow.get_tracking_uri())
+        journal.save_state(state)
+    sent = 0
+    for end, op in journal.pending(state["offset"]):
+        try:
+            _send_one(_client(state["uri"]), op, state, journal.folder)
+        except MlflowException as error:
+            status = error.get_http_status_code()
+            if not 400 <= status < 500 or status == TOO_MANY_REQUESTS:
+                raise TrackingUnavailable(f"{state['uri']}: {error.message[:300]}") from error
+            log.error("MLflow rejected the %r operation (skipped): %s", op["op"], error.message[:500])
+        except (OSError, OperationalError) as error:  # requests' errors are OSErrors; sqlite: database locked
+            raise TrackingUnavailable(f"{state['uri']}: {error}") from error
+        state["offset"] = end
+        journal.save_state(state)
+        sent += 1
+    return sent
+
+
+@functools.lru_cache(maxsize=4)
+def _client(uri: str) -> Any:
+    """One MlflowClient per tracking URI for the process (a sqlite store checks its schema when opened)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _send_one(client: Any, op: dict[str, Any], state: dict[str, Any], folder: Path) -> None:
+    """One journaled operation against MLflow; `state` learns the run id when the run is created."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    kind = op["op"]
+    if kind == "create":
+        experiment = _experiment_id(client, op["experiment"], state["uri"])
+        run = client.create_run(experiment, start_time=op["time"], tags=op["tags"], run_name=op["run"])
+        state.update(run_id=run.info.run_id, experiment_id=experiment)
+        return
+    run_id = state.get("run_id")
+    if run_id is None:
+        raise ValueError(f"journal {folder} has a {kind!r} operation before its run was created")
+    if kind == "params":
+        client.log_batch(run_id, params=[Param(k, v) for k, v in op["params"].items()])
+    elif kind == "metrics":
+        metrics = [Metric(key, value, stamp, step) for key, value, stamp, step in op["metrics"]]
+        for start in range(0, len(metrics), BATCH):
+            client.log_batch(run_id, metrics=metrics[start : start + BATCH])
+    elif kind == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()])
+    elif kind == "artifacts":
+        client.log_artifacts(run_id, str(folder / op["dir"]))
+    elif kind == "resume":
+        client.update_run(run_id, status="RUNNING")
+    elif kind == "end":
+        client.set_terminated(run_id, status=op["status"], end_time=op["time"])
+    else:
+        raise ValueError(f"unknown operation {kind!r} in the MLflow journal {folder}")
+
+
+def _experiment_id(client: Any, name: str, uri: str) -> str:
+    """The experiment `name`, created when missing (artifacts beside a local sqlite database)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        # MLflow would put artifacts under ./mlruns of whatever the working directory is;
+        # beside the database keeps a run's files with its records wherever it is run from.
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns" / slug).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created meanwhile by a parallel run
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def _absolute(uri: str) -> str:
+    """A local sqlite URI with an absolute path, so a later `sync` from elsewhere finds the same database."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri

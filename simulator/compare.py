@@ -1,0 +1,180 @@
+"""`simulate compare`: runs side by side, from MLflow.
+
+A table like VLKEB's Table 2 (Huang et al., NeurIPS 2024): one row per model, setting (`single`
+or `gap_N`) and method, one column per metric — the mean over the runs in the group (seeds),
+from each run's final numbers — printed as Markdown and saved as CSV and Markdown; and one PNG
+per metric against edits applied, one line per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Collection, Sequence
+
+from simulator.cli import CommandError
+
+if TYPE_CHECKING:
+    from monitor.exporters.plots import Points
+
+log = logging.getLogger(__name__)
+
+KEY_COLUMNS = ("model", "setting", "method", "runs", "edits")
+_SETTING = re.compile(r"single|gap_(\d+)")
+
+
+def parser() -> argparse.ArgumentParser:
+    """Options of `simulate compare`."""
+    compare = argparse.ArgumentParser(
+        prog="simulate compare",
+        description="Compare MLflow runs of `simulate`: a table of methods x metrics per model and setting "
+        "(CSV and Markdown) and plots of each metric against edits applied, one line per run.",
+    )
+    compare.add_argument("--experiment", default="editwatch", help="MLflow experiment (default: editwatch)")
+    compare.add_argument("--runs", nargs="+", metavar="ID", help="only these MLflow run ids")
+    compare.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLflow's local default)")
+    compare.add_argument("--out", default="compare",
+                         help="folder for table.csv, table.md and plots/ (default: compare)")
+    compare.add_argument("--sync", nargs="+", metavar="DIR", default=[],
+                         help="first send what these run folders left unsent to MLflow (their mlflow/ journals)")
+    compare.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return compare
+
+
+@dataclass
+class RunView:
+    """What the comparison reads of one MLflow run."""
+
+    run_id: str
+    name: str
+    method: str
+    model: str
+    metrics: dict[str, float]  # latest value of every metric key
+
+    @property
+    def label(self) -> str:
+        """How the run is named in plots."""
+        return f"{self.name} ({self.method})"
+
+
+def split_key(key: str, metrics: Collection[str]) -> tuple[str, str] | None:
+    """`gap_10/reliability` -> ("gap_10", "reliability"); None for keys that are not per-setting metrics."""
+    setting, _, metric = key.partition("/")
+    if _SETTING.fullmatch(setting) and (metric in metrics or metric == "edits_measured"):
+        return setting, metric
+    return None
+
+
+def find_runs(client: Any, experiment: str, run_ids: list[str] | None) -> list[RunView]:
+    """The given runs, else every `simulate` run of the experiment."""
+    if run_ids:
+        runs = [client.get_run(run_id) for run_id in run_ids]
+    else:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise CommandError(f"no MLflow experiment {experiment!r} (give --experiment or --mlflow-uri)")
+        runs = client.search_runs([found.experiment_id], "tags.`editwatch.kind` = 'simulate'", max_results=10_000)
+    return [RunView(run.info.run_id, run.info.run_name or run.info.run_id, run.data.params.get("method", "?"),
+                    run.data.params.get("model", "?"), dict(run.data.metrics)) for run in runs]
+
+
+def _setting_order(setting: str) -> tuple[int, int]:
+    match = _SETTING.fullmatch(setting)
+    return (0, 0) if match is None or match.group(1) is None else (1, int(match.group(1)))
+
+
+def table(runs: list[RunView], metrics: Sequence[str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Columns and rows: per (model, setting, method), the mean of each metric over the group's runs.
+
+    `metrics` are the metric keys in column order (monitor.metrics.METRICS); absent ones are left out.
+    """
+    groups: dict[tuple[str, str, str], list[dict[str, float]]] = {}
+    for run in runs:
+        by_setting: dict[str, dict[str, float]] = {}
+        for key, value in run.metrics.items():
+            if (parts := split_key(key, metrics)) is not None:
+                by_setting.setdefault(parts[0], {})[parts[1]] = value
+        for setting, values in by_setting.items():
+            groups.setdefault((run.model, setting, run.method), []).append(values)
+    present = {key for group in groups.values() for values in group for key in values}
+    columns = [key for key in metrics if key in present]
+    rows = []
+    for (model, setting, method), group in sorted(groups.items(), key=lambda g: (g[0][0], _setting_order(g[0][1]),
+                                                                                   g[0][2])):
+        row: dict[str, Any] = {"model": model, "setting": setting, "method": method, "runs": len(group)}
+        for key in ("edits_measured", *columns):
+            values = [v[key] for v in group if key in v]
+            row["edits" if key == "edits_measured" else key] = sum(values) / len(values) if values else None
+        rows.append(row)
+    return [*KEY_COLUMNS, *columns], rows
+
+
+def write_table(columns: list[str], rows: list[dict[str, Any]], out: Path) -> tuple[Path, Path, str]:
+    """table.csv and table.md in `out`; returns their paths and the Markdown text."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "table.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def cell(key: str, value: Any) -> str:
+        if value is None:
+            return "–"
+        if key in ("runs", "edits"):
+            return f"{value:g}"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(key, row.get(key)) for key in columns) + " |" for row in rows]
+    markdown = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(markdown, encoding="utf-8")
+    return out / "table.csv", out / "table.md", markdown
+
+
+def histories(client: Any, runs: list[RunView], metrics: Collection[str]) -> dict[str, dict[str, Points]]:
+    """Metric key -> run label -> (edits applied, value), for probe-round metrics and per-setting means.
+
+    A resumed run logs the rounds after its checkpoint again (same steps, same values): the
+    last value per step is kept.
+    """
+    out: dict[str, dict[str, Points]] = {}
+    for run in runs:
+        for key in run.metrics:
+            if key not in metrics and (split_key(key, metrics) is None or key.endswith("/edits_measured")):
+                continue
+            by_step = {m.step: m.value for m in sorted(client.get_metric_history(run.run_id, key),
+                                                       key=lambda m: m.timestamp)}
+            out.setdefault(key, {})[run.label] = sorted(by_step.items())
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    """`simulate compare`."""
+    # imported here: MLflow and torch (under the metric definitions) take seconds, not needed for --help
+    from mlflow import MlflowClient
+
+    from monitor.exporters.plots import line_plot
+    from monitor.exporters.tracking import TrackingUnavailable, sync
+    from monitor.metrics import METRICS
+
+    for folder in args.sync:
+        try:
+            log.info("%s: %d MLflow operations sent", folder, sync(Path(folder), args.mlflow_uri))
+        except (FileNotFoundError, TrackingUnavailable) as error:
+            raise CommandError(f"cannot sync {folder}: {error}") from None
+    client = MlflowClient(tracking_uri=args.mlflow_uri)
+    runs = find_runs(client, args.experiment, args.runs)
+    if not runs:
+        raise CommandError(f"no simulate runs in MLflow experiment {args.experiment!r}")
+    out = Path(args.out)
+    columns, rows = table(runs, list(METRICS))
+    csv_path, _, markdown = write_table(columns, rows, out)
+    print(markdown)
+    plots = [line_plot(key, lines, out / "plots" / f"{key}.png")
+             for key, lines in histories(client, runs, METRICS).items()]
+    log.info("%d runs compared: table in %s (and .md), %d plots in %s", len(runs), csv_path, len(plots), out / "plots")
+    return 0

@@ -1,0 +1,114 @@
+"""MLflow exporter: one run per simulation, journaled so an unreachable server loses nothing.
+
+These tests use a local sqlite store; tests/simulator/test_compare.py runs against a real
+`mlflow server` that is killed and restarted mid-run.
+"""
+
+import json
+import logging
+
+import pytest
+
+from monitor.exporters import MlflowSink, sync
+from monitor.exporters.journal import Journal
+from tests.services import free_port
+
+PARAMS = {"method": "ft-llm", "model": "tiny", "mode": "sequential", "gaps": [1, 3], "seed": 7,
+          "data_hash": "abc", "stream": "edits.jsonl"}
+ROUNDS = [  # (step, round values, per-setting running means)
+    (4, {"retention": 1.0, "ref_ppl_ratio": 1.25}, {"gap_1": {"reliability": 0.5}}),
+    (8, {"retention": 0.75, "ref_ppl_ratio": 1.5}, {"gap_1": {"reliability": 0.25}, "gap_3": {"reliability": 0.5}}),
+    (12, {"retention": 0.5, "ref_ppl_ratio": 2.5}, {"gap_1": {"reliability": 0.125}, "gap_3": {"reliability": 0.25}}),
+]
+SUMMARY = {"edits_read": 13, "edits_applied": 12, "failed": 1, "quarantined": 0, "stopped": "end of stream",
+           "results": {"gap_1": {"reliability": 0.125, "edits_measured": 11}},
+           "base": {"loc": 0.875}, "alarms": {"collapse": {"raised": True}, "forgetting": {"detected": False}}}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A local MLflow tracking store (sqlite) and a client on it."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    return uri, MlflowClient(uri)
+
+
+def run_folder(tmp_path, rounds=ROUNDS):
+    """A run folder as `simulate` leaves it: config, summary and rounds files."""
+    (tmp_path / "config.json").write_text(json.dumps({"method": "ft-llm"}))
+    (tmp_path / "summary.json").write_text(json.dumps(SUMMARY))
+    with (tmp_path / "rounds.jsonl").open("w") as out:
+        for step, values, results in rounds:
+            out.write(json.dumps({"edits_applied": step, **values, "results": results}) + "\n")
+    return tmp_path
+
+
+def play(sink, folder, start=0, rounds=ROUNDS, finish=True):
+    """Feed the sink a run's events, as the timeline does."""
+    sink.on_start("run-a", PARAMS, folder, start)
+    for step, values, results in rounds:
+        sink.on_round(step, values, 0.01, results)
+    if finish:
+        sink.on_finish(SUMMARY, folder)
+    sink.close()
+
+
+def only_run(client, experiment):
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def history(client, run, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+
+
+def test_a_run_with_params_metrics_per_step_tags_and_artifacts(store, tmp_path):
+    uri, client = store
+    play(MlflowSink(uri, "exp-local"), run_folder(tmp_path))
+    run = only_run(client, "exp-local")
+    assert run.info.run_name == "run-a" and run.info.status == "FINISHED"
+    assert run.data.params["gaps"] == "[1, 3]" and run.data.params["data_hash"] == "abc"
+    assert run.data.params["editwatch_version"] == "0.1.0"
+    assert run.data.tags["editwatch.kind"] == "simulate" and run.data.tags["editwatch.collapse"] == "True"
+    assert history(client, run, "retention") == [(4, 1.0), (8, 0.75), (12, 0.5)]
+    assert history(client, run, "gap_3/reliability") == [(8, 0.5), (12, 0.25)]
+    assert run.data.metrics["gap_1/edits_measured"] == 11 and run.data.metrics["failed"] == 1
+    assert run.data.metrics["base/loc"] == 0.875
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert artifacts == {"config.json", "summary.json", "rounds.jsonl", "plots"}
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/retention.png", "plots/ref_ppl_ratio.png", "plots/reliability.png"}
+    assert Journal(tmp_path / "mlflow").unsent() == 0
+
+
+def test_an_unreachable_server_keeps_everything_for_sync(store, tmp_path, caplog):
+    uri, client = store
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with caplog.at_level(logging.WARNING, logger="monitor.exporters.tracking"):
+        play(MlflowSink(down, "exp-synced", flush_seconds=1), run_folder(tmp_path))
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "MLflow tracking unreachable" in messages and "simulate compare --sync" in messages
+    journal = Journal(tmp_path / "mlflow")
+    assert journal.unsent() == 9  # create, params, 3 rounds, final metrics, tags, artifacts, end
+    assert sync(tmp_path, uri) == 9 and journal.unsent() == 0
+    run = only_run(client, "exp-synced")
+    assert history(client, run, "retention") == [(4, 1.0), (8, 0.75), (12, 0.5)]
+    assert run.info.status == "FINISHED" and "plots" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert sync(tmp_path) == 0  # nothing left to send
+
+
+def test_a_resumed_run_continues_its_mlflow_run_and_a_new_one_starts_afresh(store, tmp_path):
+    uri, client = store
+    folder = run_folder(tmp_path)
+    play(MlflowSink(uri, "exp-resumed"), folder, rounds=ROUNDS[:1], finish=False)  # killed after one round
+    play(MlflowSink(uri, "exp-resumed"), folder, start=4, rounds=ROUNDS[1:])  # --resume after 4 edits
+    run = only_run(client, "exp-resumed")
+    assert history(client, run, "retention") == [(4, 1.0), (8, 0.75), (12, 0.5)]
+    assert run.info.status == "FINISHED"
+    play(MlflowSink(uri, "exp-resumed"), folder)  # a fresh run in the same folder
+    experiment = client.get_experiment_by_name("exp-resumed").experiment_id
+    assert len(client.search_runs([experiment])) == 2
+    assert len(list(tmp_path.glob("mlflow-*"))) == 1  # the first journal, moved aside

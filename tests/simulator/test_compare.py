@@ -1,0 +1,105 @@
+"""`simulate compare` over runs logged to a real `mlflow server`, one of them through a server outage."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+from simulator.compare import RunView, table
+from tests.services import SIMULATE, mlflow_service, url_of, wait_until
+
+METRICS = ["reliability", "t_gen", "t_loc", "retention"]
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_the_table_averages_seeds_per_model_setting_and_method():
+    runs = [
+        RunView("1", "a", "ft-llm", "tiny", {"gap_10/reliability": 0.5, "gap_10/edits_measured": 30, "gap_1/t_loc": 1.0,
+                                             "retention": 0.25}),
+        RunView("2", "b", "ft-llm", "tiny", {"gap_10/reliability": 0.75, "gap_10/edits_measured": 30}),
+        RunView("3", "c", "ike", "tiny", {"gap_10/reliability": 1.0, "gap_10/t_gen": 0.5}),
+        RunView("4", "d", "none", "big", {"single/reliability": 0.125, "single/t_loc": 1.0}),
+    ]
+    columns, table_rows = table(runs, METRICS)
+    assert columns == ["model", "setting", "method", "runs", "edits", "reliability", "t_gen", "t_loc"]
+    assert [(r["model"], r["setting"], r["method"], r["runs"]) for r in table_rows] == [
+        ("big", "single", "none", 1), ("tiny", "gap_1", "ft-llm", 1), ("tiny", "gap_10", "ft-llm", 2),
+        ("tiny", "gap_10", "ike", 1)]
+    ft = table_rows[2]
+    assert ft["reliability"] == 0.625 and ft["edits"] == 30 and ft["t_gen"] is None
+
+
+@pytest.mark.slow
+def test_two_methods_compared_and_a_server_outage_mid_run_loses_nothing(small_world, small_model, tmp_path):
+    server = mlflow_service(tmp_path / "mlflow")
+    uri = url_of(server)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    lines = (small_world / "eval.jsonl").read_text().splitlines(keepends=True)[:20]
+    stream = tmp_path / "stream.jsonl"
+    stream.write_text("".join(lines[:8]))
+
+    def args(method, out, *extra):
+        return [SIMULATE, "--stream", str(stream), "--images", str(small_world / "images"), "--model",
+                str(small_model), "--method", method, "--gap", "1", "--probe-every", "4", "--retention-sample", "4",
+                "--reference-size", "4", "--mlflow-uri", uri, "--mlflow-experiment", "cmp", "--out", str(out), *extra]
+
+    try:
+        server.start()
+        subprocess.run(args("none", tmp_path / "none"), env=env, check=True, capture_output=True, timeout=300)
+        # ft-llm follows the stream while the server is killed, the stream grows, the run ends,
+        # and only then the server comes back: the run waits for it at its end and sends everything.
+        ft = tmp_path / "ft"
+        process = subprocess.Popen(args("ft-llm", ft, "--follow", "--mlflow-flush-seconds", "300"), env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: len(rows(ft / "rounds.jsonl")) == 2, 300, "two rounds of ft-llm", process)
+        server.kill()
+        with stream.open("a") as more:
+            more.writelines(lines[8:])
+        wait_until(lambda: len(rows(ft / "rounds.jsonl")) == 5, 300, "ft-llm to go on without MLflow", process)
+        process.send_signal(signal.SIGTERM)
+        wait_until(lambda: (ft / "summary.json").exists(), 120, "ft-llm's summary", process)
+        server.start()
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+        assert "MLflow tracking unreachable" in stderr and "reachable again" in stderr
+
+        out = tmp_path / "cmp"
+        result = subprocess.run([SIMULATE, "compare", "--experiment", "cmp", "--mlflow-uri", uri, "--out", str(out)],
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        runs = {r.data.params["method"]: r for r in client.search_runs(
+            [client.get_experiment_by_name("cmp").experiment_id])}
+        run_id = runs["ft-llm"].info.run_id
+        history = client.get_metric_history(run_id, "retention")
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+    finally:
+        server.stop()
+
+    with (out / "table.csv").open() as handle:
+        table_rows = {row["method"]: row for row in csv.DictReader(handle)}
+    assert set(table_rows) == {"none", "ft-llm"}
+    for method, folder in (("none", tmp_path / "none"), ("ft-llm", ft)):
+        summary = json.loads((folder / "summary.json").read_text())
+        row = table_rows[method]
+        assert row["setting"] == "gap_1" and float(row["edits"]) == summary["results"]["gap_1"]["edits_measured"]
+        for key in ("reliability", "t_gen", "i_gen", "t_loc", "i_loc"):
+            assert float(row[key]) == pytest.approx(summary["results"]["gap_1"][key]), (method, key)
+    assert "| model | setting | method | runs | edits | reliability |" in result.stdout
+    assert (out / "table.md").read_text() in result.stdout
+    for plot in ("retention.png", "ref_ppl_ratio.png", "gap_1/reliability.png", "gap_1/t_loc.png"):
+        assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
+
+    # Nothing lost: every round of the outage run is in MLflow at its step, and so are its files.
+    ft_rounds = rows(ft / "rounds.jsonl")
+    assert sorted((m.step, m.value) for m in history) == [(r["edits_applied"], r["retention"]) for r in ft_rounds]
+    assert runs["ft-llm"].info.status == "KILLED"  # stopped by SIGTERM: a --follow run's normal end
+    assert artifacts >= {"summary.json", "rounds.jsonl", "plots"}

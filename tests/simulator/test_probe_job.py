@@ -1,0 +1,89 @@
+"""`simulate probe`: the run's own probe rounds on a 2-second schedule, into Pushgateway and MLflow."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from simulator.cli import main
+from simulator.config import RunConfig
+from simulator.run import simulate
+from tests.services import SIMULATE, get, pushgateway, wait_until  # noqa: F401  (fixture)
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def run_state(small_world, small_model, tmp_path_factory):
+    """A finished sequential ft-llm run of 12 edits (its folder: config.json, checkpoint/, pool.jsonl)."""
+    out = tmp_path_factory.mktemp("probed") / "run"
+    simulate(RunConfig(stream=str(small_world / "eval.jsonl"), model=str(small_model), method="ft-llm", gap=[1],
+                       probe_every=4, limit=12, retention_sample=4, reference_size=4, seed=3, out=out), progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_two_scheduled_rounds_reach_both_exporters_and_sigterm_stops_cleanly(run_state, pushgateway,  # noqa: F811
+                                                                              tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "probes"
+    run_rounds = rows(run_state / "rounds.jsonl")
+    process = subprocess.Popen(
+        [SIMULATE, "probe", "--state", str(run_state), "--every", "2s", "--out", str(out),
+         "--pushgateway", pushgateway, "--mlflow-uri", uri, "--mlflow-experiment", "probes"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: len(rows(out / "rounds.jsonl")) >= 2, 180, "two probe rounds", process)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+
+    probe_rounds = rows(out / "rounds.jsonl")
+    assert len(probe_rounds) in (2, 3)  # SIGTERM may land while a third round runs: it finishes first
+    first, second = probe_rounds[:2]
+    # The run's own state, restored: the same weights as at its end, the same fixed sample each round.
+    assert first["edits_applied"] == 12 and first["weight_change_norm"] == pytest.approx(
+        run_rounds[-1]["weight_change_norm"]) and first["weight_change_norm"] > 0
+    for key in ("retention", "retention_sample", "ref_ppl_ratio", "forgetting"):
+        assert first[key] == second[key], key
+    assert rows(run_state / "rounds.jsonl") == run_rounds  # the run's own rounds are left alone
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == len(probe_rounds) and summary["stopped"] == "stopped"
+    with sqlite3.connect(out / "jobs.sqlite") as db:
+        assert db.execute("select id from apscheduler_jobs").fetchall() == [("probe",)]
+
+    labels = {"job": "editwatch-probe", "instance": "", "run": "run-probe", "method": "ft-llm",
+              "model": json.loads((run_state / "config.json").read_text())["model"]}
+    pushed = {(s.name, s.labels.get("metric")): s for f in text_string_to_metric_families(
+        get(f"{pushgateway}/metrics").decode()) for s in f.samples if s.labels.get("job") == "editwatch-probe"}
+    rounds_total = pushed["editwatch_probe_rounds_total", None]
+    assert rounds_total.value == len(probe_rounds) and rounds_total.labels == labels
+    assert pushed["editwatch_probe_metric", "weight_change_norm"].value == pytest.approx(first["weight_change_norm"])
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("probes").experiment_id])
+    assert run.data.tags["editwatch.kind"] == "probe" and run.data.params["every"] == "2s"
+    history = sorted(client.get_metric_history(run.info.run_id, "retention"), key=lambda m: m.timestamp)
+    assert [m.value for m in history] == [r["retention"] for r in probe_rounds]
+    assert [m.step for m in history] == [12] * len(probe_rounds)
+    assert history[1].timestamp - history[0].timestamp >= 1500  # two seconds apart, on schedule
+
+
+def test_a_folder_without_a_run_is_named(tmp_path, capsys):
+    assert main(["probe", "--state", str(tmp_path), "--every", "2s"]) == 2
+    assert "holds no run" in capsys.readouterr().err
+
+
+def test_a_bad_interval_is_named(run_state, capsys):
+    assert main(["probe", "--state", str(run_state), "--every", "2 minutes"]) == 2
+    assert "invalid interval '2 minutes'" in capsys.readouterr().err
