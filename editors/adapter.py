@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
+from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedModel
 
@@ -31,6 +32,7 @@ class SpanScore:
     target_logprobs: torch.Tensor  # (T,) log p(answer token | prefix)
     topk_ids: torch.Tensor  # (T, k)
     topk_logprobs: torch.Tensor  # (T, k)
+    entropy: torch.Tensor  # (T,) entropy of the predictive distribution, nats
     gathered_logprobs: torch.Tensor | None = None  # (T, j) log-probs at caller-given ids
     sequence_topk_ids: torch.Tensor | None = None  # (L, k') top ids at every sequence position
 
@@ -157,6 +159,7 @@ class LVLM:
         top = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
         target_lp = logprobs.gather(-1, batch.targets[..., None]).squeeze(-1)
         argmax = logprobs.argmax(-1)
+        entropy = -(logprobs.exp() * logprobs).sum(-1)  # (B, T)
         out = []
         for row, t in enumerate(batch.mask.sum(1).tolist()):
             score = SpanScore(
@@ -165,6 +168,7 @@ class LVLM:
                 target_logprobs=target_lp[row, :t].cpu(),
                 topk_ids=top.indices[row, :t].cpu(),
                 topk_logprobs=top.values[row, :t].cpu(),
+                entropy=entropy[row, :t].cpu(),
             )
             if gather is not None and gather[row] is not None:
                 ids = gather[row].to(logprobs.device)
@@ -204,6 +208,26 @@ class LVLM:
             new = tokens[0, len(encoded.input_ids) :]
             answers.append(self.inputs.tokenizer.decode(new, skip_special_tokens=True).strip())
         return answers
+
+    # -- image features --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def embed_images(
+        self, images: Sequence[Image.Image], pooling: Literal["mean", "flat"] = "mean", batch_size: int = 64
+    ) -> torch.Tensor:
+        """Pooled image features (B, D) from the family's vision path: mean over tokens, or all tokens flattened."""
+        if pooling not in ("mean", "flat"):
+            raise ValueError(f"Unknown pooling {pooling!r}. Available: mean, flat")
+        if not images:
+            raise ValueError("embed_images needs at least one image")
+        parts = []
+        for start in range(0, len(images), batch_size):
+            chunk = [image.convert("RGB") for image in images[start : start + batch_size]]
+            pixels = dict(self.inputs.image_processor(images=chunk, return_tensors="pt"))
+            pixels = {k: (v.to(self.dtype) if v.is_floating_point() else v).to(self.device) for k, v in pixels.items()}
+            features = self.family.image_features(self.model, pixels).float()  # (B, N, D)
+            parts.append(features.mean(1) if pooling == "mean" else features.flatten(1))
+        return torch.cat(parts).cpu()
 
     # -- parameter groups ------------------------------------------------------------------
 

@@ -66,6 +66,10 @@ class Family:
         """Family-specific model inputs derived from the token ids of an image batch."""
         return {}
 
+    def image_features(self, model: PreTrainedModel, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-token image features (B, N, D) as the decoder receives them, before any pooling."""
+        raise NotImplementedError
+
     def decoder(self, config: PreTrainedConfig) -> Decoder:
         """The decoder layout of this model's text config."""
         text_config = config.get_text_config()
@@ -95,6 +99,15 @@ class Llava(Family):
         side = vision.image_size // vision.patch_size
         return side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
 
+    def image_features(self, model: PreTrainedModel, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The projector output over the selected tower layer (`get_image_features`), (B, patches, D)."""
+        config = model.config
+        out = model.get_image_features(
+            pixel_values=pixels["pixel_values"], vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        )
+        return torch.stack(list(out.pooler_output))
+
 
 class Blip2(Family):
     """BLIP-2: ViT + Q-Former + projection into an OPT or Llama decoder."""
@@ -116,6 +129,10 @@ class Blip2(Family):
         """One slot per Q-Former query token."""
         return config.num_query_tokens
 
+    def image_features(self, model: PreTrainedModel, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The Q-Former output (B, query tokens, D_qformer), before the language projection."""
+        return model.get_image_features(pixel_values=pixels["pixel_values"]).qformer_outputs.last_hidden_state
+
 
 class Qwen2VL(Family):
     """Qwen2-VL: dynamic-resolution ViT with a patch merger, M-RoPE text decoder."""
@@ -135,6 +152,14 @@ class Qwen2VL(Family):
         """Patches of the (t, h, w) grid after the spatial merger."""
         merge = config.vision_config.spatial_merge_size
         return int(pixels["image_grid_thw"].prod()) // (merge * merge)
+
+    def image_features(self, model: PreTrainedModel, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The patch merger's output (B, merged patches, D); images of one batch must share a grid."""
+        out = model.get_image_features(pixels["pixel_values"], pixels["image_grid_thw"])
+        sizes = {part.shape[0] for part in out.pooler_output}
+        if len(sizes) != 1:
+            raise ValueError(f"images of one batch have different token counts {sorted(sizes)}; embed them apart")
+        return torch.stack(list(out.pooler_output))
 
     def extra_inputs(self, config: PreTrainedConfig, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """M-RoPE needs to know which positions hold image tokens (1) and which text (0)."""

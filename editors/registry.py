@@ -18,6 +18,12 @@ if TYPE_CHECKING:
 
 METHODS: dict[str, str] = {
     "none": "editors.none:NoEdit",
+    "ike": "editors.ike:Ike",
+    "serac": "editors.serac:Serac",
+    "ft-llm": "editors.ft:FTLLM",
+    "ft-vis": "editors.ft:FTVis",
+    "mend": "editors.mend:MEND",
+    "ke": "editors.ke:KnowledgeEditor",
 }
 
 

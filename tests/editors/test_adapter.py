@@ -79,6 +79,7 @@ def test_score_matches_raw_logits(family, query):
     assert score.argmax_ids.tolist() == expected.argmax(-1).tolist()
     torch.testing.assert_close(score.topk_logprobs, expected.topk(5).values, atol=1e-5, rtol=0)
     assert score.topk_ids.tolist() == expected.topk(5).indices.tolist()
+    torch.testing.assert_close(score.entropy, -(expected.exp() * expected).sum(-1), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -249,3 +250,45 @@ def test_load_in_bfloat16_scores_in_float32(tmp_path):
     assert score.target_logprobs.dtype == torch.float32
     with pytest.raises(ValueError, match="Unknown dtype"):
         LVLM.load(tmp_path / "m", dtype="float8")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_features_are_what_the_decoder_receives(family):
+    lvlm = tiny(family)
+    query = Query("which animal is shown in the picture?", "a brown dog", random_image(5))
+    batch = lvlm._batch([query])
+    seen = {}
+    # The module the image tokens are handed to as embeddings (BLIP-2: its whole causal LM).
+    decoder = lvlm.model.get_submodule(lvlm.family.text_module or lvlm.family.decoder_path)
+    handle = decoder.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            lvlm.model(**batch.inputs)
+    finally:
+        handle.remove()
+    slots = batch.inputs["input_ids"][0] == lvlm.inputs.image_token_id
+    received = seen["inputs_embeds"][0, slots]  # (N, D_decoder)
+    pixels = {k: v for k, v in batch.inputs.items() if k in ("pixel_values", "image_grid_thw")}
+    with torch.no_grad():
+        tokens = lvlm.family.image_features(lvlm.model, pixels)[0]
+        if lvlm.family.name == "blip2":  # the Q-Former output goes through the language projection
+            tokens = lvlm.model.language_projection(tokens)
+    torch.testing.assert_close(tokens, received, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_embed_images_pools_tokens_and_batches_exactly(family):
+    lvlm = tiny(family)
+    images = [random_image(5), random_image(6), random_image(5)]
+    pixels = dict(lvlm.inputs.image_processor(images=[images[1]], return_tensors="pt"))
+    with torch.no_grad():
+        tokens = lvlm.family.image_features(lvlm.model, pixels)[0]
+    mean = lvlm.embed_images(images, batch_size=2)
+    flat = lvlm.embed_images(images[1:2], pooling="flat")
+    assert mean.shape == (3, tokens.shape[-1]) and flat.shape == (1, tokens.numel())
+    torch.testing.assert_close(mean[1], tokens.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flat[0], tokens.flatten(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean[0], mean[2], atol=1e-6, rtol=0)  # same image, other batch
+    assert not torch.allclose(mean[0], mean[1])
+    with pytest.raises(ValueError, match="Unknown pooling"):
+        lvlm.embed_images(images, pooling="max")

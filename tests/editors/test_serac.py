@@ -1,0 +1,122 @@
+"""SERAC: multimodal scope decision, calibration, routing to the counterfactual prompt, state."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from editors import EditExample, EditorState, EditRequest, Query, create_editor
+from editors.prompts import in_context_prompt
+from editors.serac import _calibrate
+from tests.tiny_models import random_image, tiny_llava
+
+DOG = EditRequest("which animal is shown in the picture?", "a brown dog", random_image(11), key="dog")
+PARIS = EditRequest("what is the capital of France?", "Paris", random_image(12), key="paris")
+
+
+def logprobs(scores):
+    return [s.target_logprobs for s in scores]
+
+
+def test_calibration_picks_the_middle_of_the_widest_best_gap():
+    assert _calibrate(np.array([0.9, 0.95, 1.0]), np.array([0.2, 0.5, 0.7])) == pytest.approx(0.8)
+    # Overlap: cutting at 0.45 (one false hit) or at 0.775 (one miss) balance equally; the wider gap wins.
+    threshold = _calibrate(np.array([0.6, 0.9, 0.95, 1.0]), np.array([0.1, 0.2, 0.3, 0.65]))
+    assert threshold == pytest.approx(0.45)
+    with pytest.raises(ValueError, match="cannot separate"):
+        _calibrate(np.array([]), np.array([0.1]))
+
+
+def test_key_similarity_mixes_text_and_image_and_text_only_queries_stay_out():
+    editor = create_editor("serac", tiny_llava(seed=1), {"image_weight": 0.3})
+    keys = editor.edits.keys
+    a, b = keys.embed([DOG.prompt, PARIS.prompt], [DOG.image, PARIS.image])
+    t = keys.text.embed([DOG.prompt, PARIS.prompt])
+    i = keys.image.embed([DOG.image, PARIS.image])
+    assert float(a @ b) == pytest.approx(0.7 * float(t[0] @ t[1]) + 0.3 * float(i[0] @ i[1]), abs=1e-5)
+    text_only = keys.embed([DOG.prompt], [None])[0]
+    assert float(text_only @ a) == pytest.approx(np.sqrt(0.7), abs=1e-5)
+
+
+def test_in_scope_queries_get_the_edit_and_others_the_untouched_model():
+    lvlm = tiny_llava(seed=1)
+    editor = create_editor("serac", lvlm, {"threshold": 0.99})
+    editor.apply(DOG)
+    editor.apply(PARIS)
+    same = Query(DOG.prompt, "a brown dog", DOG.image)
+    other_image = Query(DOG.prompt, "a brown dog", random_image(30))  # same question, another picture
+    text_only = Query("the quick brown", "fox")
+    routes = editor.retrieve([same, other_image, text_only])
+    assert [r.key for r in routes] == ["dog", None, None]
+    assert routes[0].score == pytest.approx(1.0, abs=1e-5) and routes[1].score < 0.99
+    expected = [Query(in_context_prompt([(DOG.prompt, DOG.target)], same.prompt), same.answer, same.image),
+                other_image, text_only]
+    for got, want in zip(logprobs(editor.score([same, other_image, text_only])), logprobs(lvlm.score(expected))):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    snapshot = editor.edits.memory.snapshot()
+    assert (snapshot.hits, snapshot.misses) == (2, 4)  # retrieve and score each routed three queries
+
+
+def test_train_calibrates_and_the_state_keeps_it(tmp_path):
+    examples = [
+        EditExample(DOG, generality=(Query("which animal is in the picture?", "a brown dog", DOG.image),),
+                    locality=(Query("the quick brown", "fox"), Query(DOG.prompt, "a cat", random_image(31)))),
+        EditExample(PARIS, generality=(Query("which city is the capital of France?", "Paris", PARIS.image),),
+                    locality=(Query("what colour is the mat?", "red"), Query(PARIS.prompt, "Lyon", random_image(32)))),
+    ]
+    editor = create_editor("serac", tiny_llava(seed=1), {"image_components": 3, "image_weight": 0.4})
+    report = editor.train(examples, progress=False)
+    assert report["threshold"] == editor.threshold and editor.threshold != editor.config.threshold
+    assert report["in_scope_queries"] == 4 and report["out_of_scope_queries"] == 4
+    assert 0.0 <= report["train_false_hit_rate"] <= 1.0 and report["train_recall_at_1"] > 0
+    vision = editor.edits.vision
+    assert vision.projection.shape == (vision.token_dim, 3) and editor.edits.memory.dim == 384 + vision.tokens * 3
+    assert editor.train(examples, progress=False) == report  # deterministic
+    editor.apply(DOG)
+    with pytest.raises(RuntimeError, match="train SERAC before applying edits"):
+        editor.train(examples, progress=False)
+    editor.state().save(tmp_path / "s")
+    fresh = create_editor("serac", tiny_llava(seed=1))
+    fresh.load_state(EditorState.load(tmp_path / "s"))
+    assert fresh.threshold == editor.threshold and fresh.config == editor.config
+    np.testing.assert_array_equal(fresh.edits.vision.projection, editor.edits.vision.projection)
+    queries = [Query(DOG.prompt, "a brown dog", DOG.image), Query(PARIS.prompt, "Paris", PARIS.image)]
+    assert fresh.retrieve(queries) == editor.retrieve(queries)
+    assert json.loads((tmp_path / "s" / "state.json").read_text())["meta"]["threshold"] == editor.threshold
+    editor.reset()
+    assert editor.memory_size() == 0 and editor.threshold == report["threshold"]
+    assert editor.edits.vision.projection is not None  # trained parts survive reset
+
+
+@pytest.mark.slow
+def test_default_model_scope_is_decided_by_image_and_question(default_world):
+    from monitor.metrics import aggregate, edit_probes, fill_references, measure
+    from monitor.reference import ReferenceStore
+    from simulator.requests import edit_example, edit_request
+
+    lvlm, root, train, evals = default_world
+    editor = create_editor("serac", lvlm)
+    report = editor.train([edit_example(r, root) for r in train[:200]], progress=False)
+    # Train-split separation is wide on the default world (in scope >= 0.89, out of scope <= 0.77).
+    assert report["train_recall_at_1"] == 1.0 and report["train_false_hit_rate"] == 0.0
+    assert 0.75 < report["threshold"] < 0.9
+    records = evals[:120]  # 30 creatures x 4 relations: same images, same question templates
+    store = ReferenceStore()
+    probes = [edit_probes(r, root.open) for r in records]
+    for p in probes:
+        fill_references(editor, p, store)
+    for r in records:
+        editor.apply(edit_request(r, root))
+    ids = [str(r.id) for r in records]
+    rephrase = [Query(r.rephrase, r.alt, root.open(r.image)) for r in records]
+    image_rephrase = [Query(r.src, r.alt, root.open(r.image_rephrase)) for r in records]
+    # m_loc asks an edited question's exact template about a creature never edited: only the image says no.
+    other_creature = [Query(r.m_loc_q, r.m_loc_a, root.open(r.m_loc)) for r in records]
+    text_only = [Query(r.loc, r.loc_ans) for r in records]
+    assert [x.key for x in editor.retrieve(rephrase)] == ids
+    assert [x.key for x in editor.retrieve(image_rephrase)] == ids
+    assert all(x.key is None for x in editor.retrieve(other_creature + text_only))
+    results = aggregate(measure(editor, p, store) for p in probes[:40])
+    assert results["reliability"] >= 0.9 and results["i_gen"] >= 0.9
+    assert results["t_loc"] == 1.0 and results["i_loc"] == 1.0  # out of scope: the untouched model
