@@ -283,7 +283,9 @@ class Timeline:
     def _check_alarms(self, values: dict[str, float], reasons: list[str]) -> None:
         collapse, forgetting = self.alarms["collapse"], self.alarms["forgetting"]
         if reasons:
-            log.warning("collapse alarm after %d edits: %s", self.applied, "; ".join(reasons))
+            # Loud once; later rounds of the same collapse go to the rounds file, not the terminal.
+            level = logging.DEBUG if collapse["raised"] else logging.WARNING
+            log.log(level, "collapse alarm after %d edits: %s", self.applied, "; ".join(reasons))
             if not collapse["raised"]:
                 collapse.update(raised=True, first_at=self.applied, reasons=reasons)
             if self.config.stop_on_collapse:

@@ -76,7 +76,8 @@ def test_two_scheduled_rounds_reach_both_exporters_and_sigterm_stops_cleanly(run
     history = sorted(client.get_metric_history(run.info.run_id, "retention"), key=lambda m: m.timestamp)
     assert [m.value for m in history] == [r["retention"] for r in probe_rounds]
     assert [m.step for m in history] == [12] * len(probe_rounds)
-    assert history[1].timestamp - history[0].timestamp >= 1500  # two seconds apart, on schedule
+    # Two separate rounds, logged in order (the interval itself is tested in tests/monitor/test_schedule.py).
+    assert history[0].timestamp < history[1].timestamp
 
 
 def test_a_folder_without_a_run_is_named(tmp_path, capsys):
