@@ -161,12 +161,17 @@ class EditMemory:
         return entry
 
     def nearest(self, queries: Sequence[Query], k: int) -> tuple[np.ndarray, list[list[StoredEdit]]]:
-        """Scores (Q, k') and the k' = min(k, size) nearest edits of each query, best first."""
+        """Scores (Q, k') and up to k' = min(k, size) nearest edits of each query, best first.
+
+        An IVF index scans only `nprobe` lists, so a row may hold fewer edits than k'; its
+        missing places score -inf.
+        """
         if not self.edits or not queries:
             return np.zeros((len(queries), 0), np.float32), [[] for _ in queries]
-        k = min(k, len(self.edits))
-        found = self.memory.search(self.embed(queries), k)
-        return found.scores, [[self.edits[int(i)] for i in row] for row in found.ids]
+        found = self.memory.search(self.embed(queries), min(k, len(self.edits)))
+        present = found.ids >= 0  # FAISS pads short rows with id -1
+        scores = np.where(present, found.scores, np.float32(-np.inf))
+        return scores, [[self.edits[int(i)] for i in row[keep]] for row, keep in zip(found.ids, present)]
 
     def reset(self) -> None:
         """Forget every edit; the image centre and projection stay (they are trained parts)."""
@@ -174,23 +179,32 @@ class EditMemory:
         self.memory = VectorMemory(self.keys.dim, self.config.memory, self.memory.stats)
         self.edits = {}
 
-    def route(self, queries: Sequence[Query], threshold: float | None) -> list[tuple[StoredEdit | None, float]]:
+    def route(
+        self, queries: Sequence[Query], threshold: float | None, count: bool = True
+    ) -> list[tuple[StoredEdit | None, float]]:
         """Top-1 edit of each query and its score; the edit is None below `threshold` (None: all route).
 
-        Counts hits and misses in the memory's statistics.
+        With `count`, the routing is counted as hits and misses in the memory's statistics.
         """
         scores, edits = self.nearest(queries, 1)
         out: list[tuple[StoredEdit | None, float]] = []
         for row, found in zip(scores, edits):
             hit = bool(found) and (threshold is None or row[0] >= threshold)
             out.append((found[0] if hit else None, float(row[0]) if found else float("-inf")))
-        hits = sum(edit is not None for edit, _ in out)
-        self.memory.stats.record_routing(hits=hits, misses=len(out) - hits)
+        if count:
+            self.count_routing([edit is not None for edit, _ in out])
         return out
+
+    def count_routing(self, routed: Sequence[bool]) -> None:
+        """Count queries answered with an edit (hits) and without one (misses) in the memory's statistics."""
+        hits = sum(routed)
+        self.memory.stats.record_routing(hits=hits, misses=len(routed) - hits)
 
     def retrievals(self, queries: Sequence[Query], threshold: float | None) -> list[Retrieval]:
         """`route` as the Editor contract reports it: the stream key of each query's edit, or None."""
-        return [Retrieval(edit.key if edit else None, score) for edit, score in self.route(queries, threshold)]
+        # Not counted: probes that look where queries would go are not the routing `score` does.
+        routes = self.route(queries, threshold, count=False)
+        return [Retrieval(edit.key if edit else None, score) for edit, score in routes]
 
     def save_into(self, state: EditorState) -> None:
         """Put the memory (FAISS-serialised), the edits and the image centre into an editor state."""
@@ -263,6 +277,22 @@ class MemoryEditor(Editor):
     def memory_size(self) -> int:
         """Number of edits in memory."""
         return len(self.edits.edits)
+
+    def retrieval_stats(self) -> dict[str, float]:
+        """The edit memory's search latency (p50/p99, seconds), hits and misses of `score`'s routing, rebuilds.
+
+        Latency counts every search of the memory, probes' too. Counters run across `reset` (the
+        memory keeps its `RetrievalStats`); `load_state` starts new ones with the restored memory.
+        """
+        snapshot = self.edits.memory.snapshot()
+        return {
+            # Latency quantiles are upper bounds of histogram buckets (`StatsSnapshot.latency_quantile`).
+            "memory_search_seconds_p50": snapshot.latency_quantile(0.5),
+            "memory_search_seconds_p99": snapshot.latency_quantile(0.99),
+            "memory_hits": float(snapshot.hits),
+            "memory_misses": float(snapshot.misses),
+            "memory_rebuilds": float(snapshot.rebuilds),
+        }
 
     def state(self) -> EditorState:
         """Config, trained parts, image centre and the memory of edits."""

@@ -57,6 +57,8 @@ class Family:
     decoder_path: ClassVar[str]  # module path of the text decoder's base model
     text_module: ClassVar[str] = ""  # module that runs text-only input ("" = the whole model)
     vision_parts: ClassVar[dict[str, tuple[str, ...]]]  # part name -> module/parameter paths
+    # What VLKEB's FT (Vis) tunes: the part that maps vision features into the language model.
+    default_vision_parts: ClassVar[tuple[str, ...]]
 
     def image_token_count(self, config: PreTrainedConfig, pixels: dict[str, torch.Tensor]) -> int:
         """Number of image-token slots one processed image fills in `input_ids`."""
@@ -92,6 +94,7 @@ class Llava(Family):
     image_text = "<image>\n"
     decoder_path = "model.language_model"
     vision_parts = {"tower": ("model.vision_tower",), "projector": ("model.multi_modal_projector",)}
+    default_vision_parts = ("projector",)
 
     def image_token_count(self, config: PreTrainedConfig, pixels: dict[str, torch.Tensor]) -> int:
         """CLIP patches, plus the CLS slot when the projector keeps it ("full")."""
@@ -124,6 +127,7 @@ class Blip2(Family):
         "qformer": ("qformer", "query_tokens"),
         "projector": ("language_projection",),
     }
+    default_vision_parts = ("qformer",)
 
     def image_token_count(self, config: PreTrainedConfig, pixels: dict[str, torch.Tensor]) -> int:
         """One slot per Q-Former query token."""
@@ -147,6 +151,7 @@ class Qwen2VL(Family):
         "tower": ("model.visual.patch_embed", "model.visual.blocks"),
         "projector": ("model.visual.merger",),
     }
+    default_vision_parts = ("projector",)
 
     def image_token_count(self, config: PreTrainedConfig, pixels: dict[str, torch.Tensor]) -> int:
         """Patches of the (t, h, w) grid after the spatial merger."""

@@ -20,13 +20,6 @@ from editors.weights import ParameterEditor, trainable_only
 
 log = logging.getLogger(__name__)
 
-# VLKEB's FT (Vis) tunes the part that maps vision features into the language model.
-DEFAULT_VISION_PARTS: dict[str, tuple[str, ...]] = {
-    "llava": ("projector",),
-    "blip2": ("qformer",),
-    "qwen2_vl": ("projector",),
-}
-
 
 class FTConfig(BaseModel):
     """Settings shared by both FT editors."""
@@ -52,7 +45,7 @@ class FTVisConfig(FTConfig):
 
     parts: tuple[str, ...] | None = Field(
         None, min_length=1, description="vision parts (llava: tower/projector; blip2: tower/qformer/projector; "
-        "qwen2_vl: tower/projector); default: the projector, or BLIP-2's Q-Former"
+        "qwen2_vl: tower/projector); default: the family's `default_vision_parts` (projector; BLIP-2: Q-Former)"
     )
 
 
@@ -100,5 +93,5 @@ class FTVis(FineTune):
     reaches_text = False
 
     def _parameters(self) -> dict[str, torch.nn.Parameter]:
-        parts = self.config.parts or DEFAULT_VISION_PARTS[self.lvlm.family.name]
+        parts = self.config.parts or self.lvlm.family.default_vision_parts
         return self.lvlm.parameter_group("vision", parts=parts)

@@ -41,6 +41,7 @@ class Ike(MemoryEditor):
 
     def _prompted(self, queries: Sequence[Query]) -> list[Query]:
         _, nearest = self.edits.nearest(queries, self.config.k)
+        self.edits.count_routing([bool(found) for found in nearest])  # every query with an edit is a hit
         return [
             Query(in_context_prompt([(e.prompt, e.target) for e in reversed(found)], q.prompt), q.answer, q.image)
             if found else q

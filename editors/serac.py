@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 from pydantic import ConfigDict, Field
 
+from editors.adapter import LVLM
 from editors.edit_memory import KeyConfig, MemoryEditor
 from editors.editor import EditExample, Retrieval
 from editors.inputs import Query
@@ -45,7 +46,7 @@ class Serac(MemoryEditor):
     Config = SeracConfig
     trainable = True
 
-    def __init__(self, lvlm, config=None) -> None:
+    def __init__(self, lvlm: LVLM, config: SeracConfig | dict[str, Any] | None = None) -> None:
         super().__init__(lvlm, config)
         self.threshold = self.config.threshold
 
@@ -96,7 +97,7 @@ class Serac(MemoryEditor):
         negatives = [q for e in examples for q in e.locality]
         pos_scores, pos_found = scratch.nearest([q for q, _ in positives], 1)
         neg_scores, _ = scratch.nearest(negatives, 1)
-        right = np.array([found[0] == own for (_, own), found in zip(positives, pos_found)])
+        right = np.array([bool(found) and found[0] == own for (_, own), found in zip(positives, pos_found)])
         pos, neg = pos_scores[:, 0], neg_scores[:, 0]
         self.threshold = _calibrate(pos[right], neg)
         report = {

