@@ -118,6 +118,10 @@ class Editor(ABC):
         """Number of edits held in the method's memory; None for methods without a memory."""
         return None
 
+    def retrieval_stats(self) -> dict[str, float]:
+        """The memory's own statistics (search latency quantiles, hits, misses, rebuilds); empty without one."""
+        return {}
+
     @abstractmethod
     def state(self) -> EditorState:
         """Everything needed to rebuild the edited model from the unedited one."""

@@ -19,21 +19,49 @@ META = "state.json"
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
     """Write a file or folder through a temporary sibling and a rename.
 
-    A crash leaves the old version or the new one, never a half-written mix.
+    A file is replaced in one rename. A folder cannot be: the old one is first renamed to
+    `.<name>.old`, then the new one into place, then the old one is deleted. A crash between
+    the two renames leaves the old folder at `.<name>.old`, where `recover_folder` finds it,
+    so readers always see the previous version or the new one.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if tmp.is_dir():
         shutil.rmtree(tmp)
     write(tmp)
-    if tmp.is_dir() and path.is_dir():
-        # Directories cannot be replaced in one rename: move the old one aside first.
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if not tmp.is_dir():
+        os.replace(tmp, path)
+        return
+    old = _old(path)
+    recover_folder(path)
+    if old.exists():
+        shutil.rmtree(old)  # an old version left by an earlier crash, already superseded
+    if path.is_dir():
         os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(path: str | Path) -> Path:
+    """`path`, put back from `.<name>.old` if a crash stopped `write_atomically` between its renames."""
+    path = Path(path)
+    if not path.exists() and _old(path).is_dir():
+        os.replace(_old(path), path)
+    return path
+
+
+def _old(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames inside `folder` durable."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 @dataclass
@@ -59,7 +87,7 @@ class EditorState:
     @classmethod
     def load(cls, directory: str | Path) -> EditorState:
         """Read a state written by `save`."""
-        directory = Path(directory)
+        directory = recover_folder(directory)
         if not (directory / META).is_file():
             raise FileNotFoundError(f"no editor state in {directory} (missing {META})")
         head = json.loads((directory / META).read_text())

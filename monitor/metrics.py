@@ -66,7 +66,16 @@ _DEFINED = [
     Metric("collapse_alarm", "1 when a collapse threshold is crossed in the round, else 0", higher_is_better=False),
     Metric("retrieval_recall_at_1", "fraction of in-scope queries whose top memory hit is their own edit"),
     Metric("retrieval_false_hit_rate", "fraction of out-of-scope queries that hit any memory", higher_is_better=False),
-    Metric("retrieval_latency_seconds", "mean memory lookup time per query, seconds", higher_is_better=False),
+    Metric("retrieval_latency_seconds", "mean time to route one query: embedding it plus the memory search, seconds",
+           higher_is_better=False),
+    Metric("memory_search_seconds_p50", "median memory search time (the index alone), seconds",
+           higher_is_better=False, aggregation="last"),
+    Metric("memory_search_seconds_p99", "99th percentile memory search time (the index alone), seconds",
+           higher_is_better=False, aggregation="last"),
+    Metric("memory_hits", "queries routed to a memory entry so far", higher_is_better=None, aggregation="last"),
+    Metric("memory_misses", "queries routed to the base model so far", higher_is_better=None, aggregation="last"),
+    Metric("memory_rebuilds", "index rebuilds so far (flat to approximate, growth)", higher_is_better=None,
+           aggregation="last"),
     Metric("memory_size", "edits held in the editor's memory", higher_is_better=None, aggregation="last"),
 ]
 METRICS: dict[str, Metric] = {m.key: m for m in _DEFINED}
@@ -246,12 +255,34 @@ def measure_base(editor: Editor, probes: list[Probe]) -> dict[str, float]:
     return {p.metric: token_accuracy(s) for p, s in zip(probes, scores)}
 
 
+class RunningMeans:
+    """Mean of each key over the rows that have it (rows may lack e.g. 4-hop portability).
+
+    Kept as sums and counts, a JSON-able mapping that a checkpoint stores and restores exactly.
+    """
+
+    def __init__(self, data: dict[str, list[float]] | None = None) -> None:
+        self.data: dict[str, list[float]] = data or {}
+
+    def add(self, values: dict[str, float]) -> None:
+        """Count one row of values."""
+        for key, value in values.items():
+            total = self.data.setdefault(key, [0.0, 0])
+            total[0] += value
+            total[1] += 1
+
+    def count(self, key: str) -> int:
+        """How many rows had `key`."""
+        return int(self.data.get(key, [0.0, 0])[1])
+
+    def means(self) -> dict[str, float]:
+        """Mean of every key."""
+        return {key: total / count for key, (total, count) in self.data.items()}
+
+
 def aggregate(rows: Iterable[dict[str, float]]) -> dict[str, float]:
-    """Mean of each key over the rows that have it (rows may lack e.g. 4-hop portability)."""
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
+    """Mean of each key over the rows that have it."""
+    means = RunningMeans()
     for row in rows:
-        for key, value in row.items():
-            sums[key] = sums.get(key, 0.0) + value
-            counts[key] = counts.get(key, 0) + 1
-    return {key: sums[key] / counts[key] for key in sums}
+        means.add(row)
+    return means.means()

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("simulate")
 
 USAGE_ERROR = 2
+INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 class CommandError(Exception):
@@ -215,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as error:
         print(f"simulate: error: {error}", file=sys.stderr)
         return USAGE_ERROR
+    except KeyboardInterrupt:
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

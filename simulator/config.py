@@ -20,7 +20,7 @@ class RunConfig(BaseModel):
 
     stream: str = Field(description="JSONL edit stream; '-' reads standard input")
     model: str = Field("default", description="'default' (embedded model), a hub id or a local folder")
-    method: str = Field("none", description="editing method (see `simulate --help`)")
+    method: str = Field("ft-llm", description="editing method (see `simulate --help`)")
     method_config: dict[str, Any] = Field(default_factory=dict, description="the method's hyperparameters")
     mode: Literal["single", "sequential"] = Field("sequential", description="single: apply, measure, reset")
     gap: list[PositiveInt] = Field(default_factory=lambda: [10], description="sequential gaps, all in one pass")

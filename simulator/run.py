@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Iterator
 from tqdm import tqdm
 
 from editors import LVLM, Editor, EditorState, create_editor, editor_class
+from editors.state import recover_folder
 from monitor.sink import Sink
 from simulator.checkpoint import FOLDER, Checkpoint, truncate
 from simulator.config import RunConfig
@@ -102,18 +104,44 @@ def prepare_editor(config: RunConfig, lvlm: LVLM, images: ImageRoot) -> tuple[Ed
     return editor, report
 
 
+# Settings a resumed run may change: how it runs and reports, not what it measures.
+RESUMABLE = frozenset({
+    "resume", "limit", "follow", "checkpoint_every", "stop_on_collapse", "device", "run_name", "mlflow_uri",
+    "mlflow_experiment", "mlflow_flush_seconds", "no_mlflow", "prometheus_port", "prometheus_host", "pushgateway",
+})
+
+
+def check_resumable(saved: dict[str, Any], config: RunConfig) -> None:
+    """Refuse to resume with settings that change what is measured (another stream, gap, seed ...)."""
+    now = json.loads(config.model_dump_json())
+    changed = [f"--{key.replace('_', '-')}: {saved.get(key)!r} in the checkpoint, {now[key]!r} now"
+               for key in sorted(now) if key not in RESUMABLE and saved.get(key) != now[key]]
+    if changed:
+        raise RunError("cannot resume with other settings than the run was started with:\n  " + "\n  ".join(changed))
+
+
 @contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM ends the run like Ctrl-C: checkpoint and summary are written first."""
+def _graceful_stop(stop: threading.Event) -> Iterator[None]:
+    """The first Ctrl-C or SIGTERM sets `stop`: the run ends after the current record, checkpointed.
+
+    A second Ctrl-C stops at once (KeyboardInterrupt); the last periodic checkpoint stays valid.
+    """
 
     def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+        log.warning("stopping after the current edit (checkpoint and summary follow); Ctrl-C again stops at once")
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def run_name(config: RunConfig) -> str:
@@ -127,17 +155,18 @@ def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool 
     name = run_name(config)
     out = config.out or Path("runs") / name
     files = RunFiles(out)
-    if (out / FOLDER).exists() and not config.resume:
-        raise RunError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    checkpoint = _checkpoint_to_resume(config, out)
     # Settings errors first: loading (or training) a model takes a while.
     editor_class(config.method).Config.model_validate(config.method_config)
     images = image_root(config)
     lvlm = load_model(config)
-    editor, report = prepare_editor(config, lvlm, images)
+    if checkpoint is None:
+        editor, report = prepare_editor(config, lvlm, images)
+    else:  # the checkpoint's editor state holds the trained parts: no training again
+        editor, report = create_editor(config.method, lvlm, config.method_config), checkpoint.progress["train_report"]
     timeline = Timeline(editor, config, images, files, sinks)
     start_line, quarantined = 0, 0
-    if config.resume:
-        checkpoint = Checkpoint.load(out)
+    if checkpoint is not None:
         for file_name, size in checkpoint.progress["files"].items():
             truncate(files.path(file_name), size)
         timeline.restore(checkpoint)
@@ -147,8 +176,9 @@ def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool 
         for file_name in files.sizes():
             files.path(file_name).unlink(missing_ok=True)
     (out / CONFIG).write_text(config.model_dump_json(indent=2) + "\n")
+    stop = threading.Event()
     reader = StreamReader(config.stream, config.record_format, images, files.path(QUARANTINE), start_line,
-                          config.follow)
+                          config.follow, stop=stop)
     reader.quarantined = quarantined
     stream_file = Path(config.stream) if config.stream != "-" else None
     params = {"method": config.method, "model": lvlm.name, "mode": config.mode, "gaps": timeline.gaps,
@@ -157,30 +187,49 @@ def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool 
     for sink in sinks:
         sink.on_start(name, params, out, timeline.applied)
 
-    def summary() -> dict[str, Any]:
-        return {"run": name, **params, "train_report": report, **timeline.summary(reader.quarantined)}
+    def counters() -> dict[str, Any]:
+        return {"quarantined": reader.quarantined, "train_report": report}
 
-    total = config.limit
-    if total is None and stream_file is not None and not config.follow:
-        with stream_file.open("rb") as handle:
-            total = sum(1 for line in handle if line.strip())
-    bar = tqdm(total=total, initial=timeline.edits_read, unit="edit", desc=name, disable=not progress)
+    bar = tqdm(total=_expected_edits(config, stream_file), initial=timeline.edits_read, unit="edit", desc=name,
+               disable=not progress)
     try:
-        with _terminate_as_interrupt():
-            timeline.run(_tracked(reader, bar, timeline, sinks), lambda: {"quarantined": reader.quarantined})
+        with _graceful_stop(stop):
+            timeline.run(_tracked(reader, bar, timeline, sinks), counters, stop)
     except KeyboardInterrupt:
-        timeline.stopped = "interrupted"
-        log.warning("interrupted after %d edits: checkpoint and summary written; --resume continues", timeline.applied)
+        log.warning("stopped at once: outputs past the last checkpoint are incomplete; --resume continues from it")
+        raise
     finally:
         bar.close()
-    timeline.checkpoint({"quarantined": reader.quarantined})
-    result = summary()
+    if timeline.stopped == "interrupted":
+        log.warning("interrupted after %d edits: --resume continues", timeline.applied)
+    timeline.checkpoint(counters())
+    result = {"run": name, **params, "train_report": report, **timeline.summary(reader.quarantined)}
     files.write_summary(result)
     for sink in sinks:
         sink.on_finish(result, out)
     log.info("%s: %d edits applied, %d failed, %d quarantined; outputs in %s", name, timeline.applied,
              timeline.failed, reader.quarantined, out)
     return result
+
+
+def _checkpoint_to_resume(config: RunConfig, out: Path) -> Checkpoint | None:
+    """The checkpoint `--resume` continues from (checked against the settings), or None for a new run."""
+    has_run = recover_folder(out / FOLDER).exists()
+    if not config.resume:
+        if has_run:
+            raise RunError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        return None
+    checkpoint = Checkpoint.load(out)
+    check_resumable(json.loads((out / CONFIG).read_text()), config)
+    return checkpoint
+
+
+def _expected_edits(config: RunConfig, stream_file: Path | None) -> int | None:
+    """Length of the progress bar: --limit, else the stream file's non-empty lines (unknown when following)."""
+    if config.limit is not None or stream_file is None or config.follow:
+        return config.limit
+    with stream_file.open("rb") as handle:
+        return sum(1 for line in handle if line.strip())
 
 
 def _tracked(reader: StreamReader, bar: tqdm, timeline: Timeline, sinks: list[Sink]) -> Iterator[tuple[int, EditRecord]]:

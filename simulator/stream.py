@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
+import threading
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -48,10 +48,13 @@ class RecordsError(ValueError):
 class ImageRoot:
     """Resolves record image paths under one folder; nothing outside it is ever opened."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, cache_size: int = 512) -> None:
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image root {root} is not a directory")
+        # The same images are scored many times; a per-root bounded cache (a 336 px RGB image is
+        # ~0.3 MB, so 512 of them stay under 200 MB). Callers must not modify returned images.
+        self.open = lru_cache(maxsize=cache_size)(self._open)
 
     def resolve(self, relative: str) -> Path:
         """The file behind a record's image path; ValueError if it escapes the root or is unreadable."""
@@ -71,9 +74,8 @@ class ImageRoot:
         except (UnidentifiedImageError, OSError) as error:
             raise ValueError(f"image {relative!r} is not a readable image: {error}") from None
 
-    @lru_cache(maxsize=4096)
-    def open(self, relative: str) -> Image.Image:
-        """The image as RGB (cached: the same images are scored many times)."""
+    def _open(self, relative: str) -> Image.Image:
+        """The image as RGB (use `open`, its cached front)."""
         with Image.open(self.resolve(relative)) as image:
             return image.convert("RGB")
 
@@ -138,6 +140,7 @@ class StreamReader:
         start_line: int = 0,
         follow: bool = False,
         poll_seconds: float = 0.5,
+        stop: threading.Event | None = None,
     ) -> None:
         self.source = source
         self.record_format: RecordFormat = record_format
@@ -145,6 +148,7 @@ class StreamReader:
         self.quarantine = Path(quarantine) if quarantine is not None else None
         self.follow = follow
         self.poll_seconds = poll_seconds
+        self.stop = stop or threading.Event()
         self.start_line = start_line
         self.read = 0
         self.quarantined = 0
@@ -181,10 +185,10 @@ class StreamReader:
             yield from stream
             return
         partial = ""
-        while True:
+        while not self.stop.is_set():
             chunk = stream.readline()
             if not chunk:
-                time.sleep(self.poll_seconds)
+                self.stop.wait(self.poll_seconds)
                 continue
             partial += chunk
             if partial.endswith("\n"):

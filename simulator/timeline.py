@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -18,7 +19,17 @@ import torch
 
 from editors import Editor, EditOutcome, Query
 from monitor.alarms import collapse_alarms
-from monitor.metrics import LOCALITY, METRICS, Probe, base_probes, edit_probes, fill_references, measure, measure_base
+from monitor.metrics import (
+    LOCALITY,
+    METRICS,
+    Probe,
+    RunningMeans,
+    base_probes,
+    edit_probes,
+    fill_references,
+    measure,
+    measure_base,
+)
 from monitor.probes import (
     ReferenceSet,
     RetainedEdit,
@@ -37,24 +48,6 @@ from simulator.requests import edit_request, one_hop_request
 from simulator.stream import ImageRoot
 
 log = logging.getLogger(__name__)
-
-
-class Means:
-    """Running sums and counts per metric key; JSON round-trips exactly (floats survive json)."""
-
-    def __init__(self, data: dict[str, list[float]] | None = None) -> None:
-        self.data: dict[str, list[float]] = data or {}
-
-    def add(self, values: dict[str, float]) -> None:
-        """Count one row of values."""
-        for key, value in values.items():
-            total = self.data.setdefault(key, [0.0, 0])
-            total[0] += value
-            total[1] += 1
-
-    def means(self) -> dict[str, float]:
-        """Mean of every key."""
-        return {key: total / count for key, (total, count) in self.data.items()}
 
 
 @dataclass
@@ -86,8 +79,8 @@ class Timeline:
         self.gaps = sorted(set(config.gap))
         self.probe_every = config.probe_every or self.gaps[0]
         self.rng = np.random.default_rng(config.seed)
-        self.results = {key: Means() for key in self._settings()}
-        self.base = Means()
+        self.results = {key: RunningMeans() for key in self._settings()}
+        self.base = RunningMeans()
         self.pending: list[Pending] = []
         self.pool: list[dict[str, Any]] = []
         self.refset: ReferenceSet | None = None
@@ -112,16 +105,23 @@ class Timeline:
     # -- the stream -----------------------------------------------------------------------
 
     def run(
-        self, records: Iterable[tuple[int, EditRecord]], extra: Callable[[], dict[str, Any]] = dict
+        self,
+        records: Iterable[tuple[int, EditRecord]],
+        extra: Callable[[], dict[str, Any]] = dict,
+        stop: threading.Event | None = None,
     ) -> None:
-        """Consume `(line, record)` pairs until the stream ends, the limit is hit or a stop alarm.
+        """Consume `(line, record)` pairs until the stream ends, the limit is hit, a stop alarm, or `stop` is set.
 
+        `stop` is only looked at between records, so a stop never leaves a record half done.
         `extra()` adds the reader's counters to every checkpoint.
         """
         records = iter(records)
         if self.sequential and self.edits_read == 0:
             records = self._build_reference_set(records)
         for line, record in records:
+            if stop is not None and stop.is_set():
+                self.stopped = "interrupted"
+                return
             self.step(line, record)
             if self.config.limit is not None and self.edits_read >= self.config.limit:
                 self.stopped = "limit"
@@ -129,7 +129,8 @@ class Timeline:
                 self.checkpoint(extra())
             if self.stopped:
                 return
-        self.stopped = "end of stream"
+        # A following reader ends when asked to stop: that is an interruption, not the stream's end.
+        self.stopped = "interrupted" if stop is not None and stop.is_set() else "end of stream"
 
     def _build_reference_set(self, records: Iterator[tuple[int, EditRecord]]) -> Iterator[tuple[int, EditRecord]]:
         """Take the first records' locality questions as the fixed reference set, before any edit."""
@@ -188,14 +189,17 @@ class Timeline:
             self.probe_round()
 
     def _apply(self, record: EditRecord) -> EditOutcome:
+        """Apply the record's edit (and with --one-hop-edit its one-hop edit: both or neither)."""
+        second = one_hop_request(record, self.images) if self.config.one_hop_edit else None
+        saved = self.editor.state() if second is not None else None
         outcome = self.editor.apply(edit_request(record, self.images))
-        if outcome.applied and self.config.one_hop_edit:
-            second = one_hop_request(record, self.images)
-            if second is not None:
-                hop = self.editor.apply(second)
-                if not hop.applied:
-                    return hop
-        return outcome
+        if not outcome.applied or second is None:
+            return outcome
+        hop = self.editor.apply(second)
+        if hop.applied:
+            return outcome
+        self.editor.load_state(saved)  # a failed record leaves nothing behind, not half a pair
+        return EditOutcome(applied=False, message=f"one-hop edit failed ({hop.message}); both edits rolled back")
 
     @contextlib.contextmanager
     def _unedited(self) -> Iterator[None]:
@@ -247,6 +251,7 @@ class Timeline:
         values.update(retrieval_health(self.editor, in_scope, out_of_scope))
         if (size := self.editor.memory_size()) is not None:
             values["memory_size"] = float(size)
+        values.update(self.editor.retrieval_stats())
         reasons = collapse_alarms(values, nonfinite, self.config.collapse)
         values["collapse_alarm"] = float(bool(reasons))
         seconds = time.perf_counter() - start
@@ -303,7 +308,7 @@ class Timeline:
         results = {}
         for key, means in self.results.items():
             row = means.means()
-            row["edits_measured"] = means.data.get("reliability", [0, 0])[1]
+            row["edits_measured"] = means.count("reliability")
             results[key] = row
         return {
             "mode": self.config.mode,
@@ -346,8 +351,8 @@ class Timeline:
         torch.set_rng_state(tensors["torch_rng"])
         self.line, self.edits_read, self.applied = p["line"], p["edits_read"], p["applied"]
         self.failed, self.rounds, self.last_round, self.alarms = p["failed"], p["rounds"], p["last_round"], p["alarms"]
-        self.results = {k: Means(v) for k, v in p["results"].items()}
-        self.base = Means(p["base"])
+        self.results = {k: RunningMeans(v) for k, v in p["results"].items()}
+        self.base = RunningMeans(p["base"])
         self.rng.bit_generator.state = p["rng"]
         record_class = RECORD_FORMATS[self.config.record_format]
         self.pending = [

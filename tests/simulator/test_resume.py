@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -50,6 +51,46 @@ def test_sigkill_and_resume_gives_the_same_outputs_as_an_uninterrupted_run(small
     assert expected["edits_applied"] == 40 and expected["last_round"]["weight_change_norm"] > 0
     assert rows(killed / "rounds.jsonl") == rows(whole / "rounds.jsonl")
     assert rows(killed / "pool.jsonl") == rows(whole / "pool.jsonl")
+
+
+@pytest.mark.slow
+def test_sigterm_stops_between_records_and_resume_gives_the_same_outputs(small_world, small_model, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    subprocess.run(run_args(small_world, small_model, whole), check=True, env=env, capture_output=True, timeout=300)
+    process = subprocess.Popen(run_args(small_world, small_model, stopped), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    pool = stopped / "pool.jsonl"
+    deadline = time.monotonic() + 240
+    while not (pool.exists() and len(pool.read_text().splitlines()) >= 7):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)  # lands anywhere inside a record: it must finish that record first
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["stopped"] == "interrupted" and 7 <= summary["edits_applied"] < 40
+    assert len(pool.read_text().splitlines()) == summary["edits_applied"]  # every applied edit fully recorded
+
+    resumed = subprocess.run(run_args(small_world, small_model, stopped) + ["--resume"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((stopped / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
+    assert rows(stopped / "rounds.jsonl") == rows(whole / "rounds.jsonl")
+
+
+def test_resume_refuses_settings_that_change_what_is_measured(small_world, small_model, tmp_path):
+    out = tmp_path / "run"
+    args = run_args(small_world, small_model, out)
+    subprocess.run(args[:3] + ["--limit", "2"] + args[3:], check=True, capture_output=True, timeout=300)
+    changed = [a if a != "3" else "5" for a in args] + ["--seed", "8", "--resume"]  # another gap and seed
+    result = subprocess.run(changed, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--gap: [1, 3] in the checkpoint, [1, 5] now" in result.stderr and "--seed: 7" in result.stderr
+    more = subprocess.run(args + ["--limit", "4", "--resume", "--no-mlflow"], capture_output=True, text=True,
+                          timeout=300)  # how far to go and where to report may change
+    assert more.returncode == 0, more.stderr
+    assert json.loads((out / "summary.json").read_text())["edits_applied"] == 4
 
 
 def test_resume_without_a_checkpoint_says_so(small_world, small_model, tmp_path):

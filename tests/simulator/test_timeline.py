@@ -84,6 +84,38 @@ def test_single_mode_measures_each_edit_on_the_unedited_model(setup, small_world
     assert single["t_loc"] == 1.0 and single["i_loc"] == 1.0 and summary["rounds"] == 0
 
 
+def test_single_mode_measures_every_edit_alone(setup, small_world):
+    lvlm, images, records, out = setup
+    editor = Recording(lvlm)
+    timeline = Timeline(editor, config(small_world, mode="single"), images, RunFiles(out))
+    timeline.run((i + 1, r) for i, r in enumerate(records[:5]))
+    # References and base accuracy on the unedited model, measurements with exactly one edit in.
+    for record in records[:5]:
+        asked = {count for count, prompt, answer, _ in editor.log if (prompt, answer) == (record.rephrase, record.alt)}
+        assert asked == {1}
+    assert editor.count == 0 and timeline.summary(0)["edits_applied"] == 5
+
+
+class FailingHop(Recording):
+    """Every second apply (the one-hop edit) fails."""
+
+    name = "failing-hop"
+
+    def apply(self, edit):
+        if self.count % 2 == 1:
+            return EditOutcome(applied=False, message="no")
+        return super().apply(edit)
+
+
+def test_a_failed_one_hop_edit_rolls_back_its_visual_edit_too(setup, small_world):
+    lvlm, images, records, out = setup
+    editor = FailingHop(lvlm)
+    timeline = Timeline(editor, config(small_world, gap=[1], one_hop_edit=True), images, RunFiles(out))
+    timeline.run((i + 1, r) for i, r in enumerate(records[:3]))
+    summary = timeline.summary(0)
+    assert summary["failed"] == 3 and summary["edits_applied"] == 0 and editor.count == 0
+
+
 def test_each_gap_is_measured_after_exactly_gap_further_edits(setup, small_world):
     lvlm, images, records, out = setup
     records = records[:12]
