@@ -21,7 +21,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
 
     A file is replaced in one rename. A folder cannot be: the old one is first renamed to
     `.<name>.old`, then the new one into place, then the old one is deleted. A crash between
-    the two renames leaves the old folder at `.<name>.old`, where `recover_folder` finds it,
+    the two renames leaves the old folder at `.<name>.old`, where `current_folder` finds it,
     so readers always see the previous version or the new one.
     """
     path = Path(path)
@@ -33,9 +33,8 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
         return
     old = _old(path)
-    recover_folder(path)
     if old.exists():
-        shutil.rmtree(old)  # an old version left by an earlier crash, already superseded
+        shutil.rmtree(old)  # left by a crash; superseded by what is being written now
     if path.is_dir():
         os.replace(path, old)
     os.replace(tmp, path)
@@ -43,12 +42,11 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def recover_folder(path: str | Path) -> Path:
-    """`path`, put back from `.<name>.old` if a crash stopped `write_atomically` between its renames."""
+def current_folder(path: str | Path) -> Path:
+    """The folder to read: `path`, or its previous version while `path` is missing between the two renames
+    of `write_atomically` (a crash there, or a writer right now). Reading never moves anything."""
     path = Path(path)
-    if not path.exists() and _old(path).is_dir():
-        os.replace(_old(path), path)
-    return path
+    return _old(path) if not path.exists() and _old(path).is_dir() else path
 
 
 def _old(path: Path) -> Path:
@@ -87,7 +85,7 @@ class EditorState:
     @classmethod
     def load(cls, directory: str | Path) -> EditorState:
         """Read a state written by `save`."""
-        directory = recover_folder(directory)
+        directory = current_folder(directory)
         if not (directory / META).is_file():
             raise FileNotFoundError(f"no editor state in {directory} (missing {META})")
         head = json.loads((directory / META).read_text())

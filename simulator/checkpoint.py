@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from editors import EditorState
-from editors.state import recover_folder, write_atomically
+from editors.state import current_folder, write_atomically
 
 FOLDER = "checkpoint"
 META = "checkpoint.json"
@@ -54,7 +54,7 @@ class Checkpoint:
     @classmethod
     def load(cls, out: Path) -> Checkpoint:
         """Read `out/checkpoint`; CheckpointError when there is none or it is from another version."""
-        folder = recover_folder(out / FOLDER)
+        folder = current_folder(out / FOLDER)
         if not (folder / META).is_file():
             raise CheckpointError(f"no checkpoint in {out} to resume from (run without --resume to start anew)")
         progress = json.loads((folder / META).read_text())

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from editors import create_editor
+from editors.state import current_folder
 from monitor.sink import Sink
 from simulator.checkpoint import FOLDER, META, Checkpoint, CheckpointError
 from simulator.config import RunConfig
@@ -49,7 +50,7 @@ class ProbeJob:
     def __init__(self, state: Path, out: Path, config: RunConfig, seed: int, sinks: list[Sink]) -> None:
         if config.mode != "sequential":
             raise ProbeError(f"{state} is a single-mode run: its edits were rolled back, there is nothing to probe")
-        if not (state / FOLDER / META).is_file():
+        if not (current_folder(state / FOLDER) / META).is_file():
             raise ProbeError(f"{state} has no checkpoint yet: a run writes one every --checkpoint-every edits and "
                              "at its end")
         self.state = state

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 from tqdm import tqdm
 
 from editors import LVLM, Editor, EditorState, create_editor, editor_class
-from editors.state import recover_folder
+from editors.state import current_folder
 from monitor.sink import Sink
 from simulator.checkpoint import FOLDER, Checkpoint, truncate
 from simulator.config import RunConfig
@@ -214,7 +214,7 @@ def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool 
 
 def _checkpoint_to_resume(config: RunConfig, out: Path) -> Checkpoint | None:
     """The checkpoint `--resume` continues from (checked against the settings), or None for a new run."""
-    has_run = recover_folder(out / FOLDER).exists()
+    has_run = current_folder(out / FOLDER).exists()
     if not config.resume:
         if has_run:
             raise RunError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")

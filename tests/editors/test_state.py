@@ -11,8 +11,10 @@ from editors.state import write_atomically
 def test_a_crash_between_the_two_renames_leaves_the_old_state_readable(tmp_path):
     EditorState("none", {"v": 1}, {"w": torch.ones(2)}).save(tmp_path / "s")
     os.replace(tmp_path / "s", tmp_path / ".s.old")  # the first rename happened, then the process died
-    state = EditorState.load(tmp_path / "s")
-    assert state.meta == {"v": 1} and (tmp_path / "s").is_dir() and not (tmp_path / ".s.old").exists()
+    assert EditorState.load(tmp_path / "s").meta == {"v": 1}  # read from where the crash left it
+    EditorState("none", {"v": 2}).save(tmp_path / "s")  # the next save supersedes it
+    assert EditorState.load(tmp_path / "s").meta == {"v": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
 
 
 def test_a_stale_old_folder_does_not_block_the_next_save(tmp_path):
