@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -18,8 +19,9 @@ log = logging.getLogger(__name__)
 
 UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-# Persistent job stores keep jobs by reference (module:function); the live callables of this
-# process are looked up here by job id when the job fires.
+# Persistent job stores keep jobs by reference (module:function) with JSON-able arguments, so
+# the stored job carries a token made for each running schedule and the live callable is
+# looked up here by it: schedules with the same job id (in other stores) never share an entry.
 _JOBS: dict[str, Callable[[], None]] = {}
 
 
@@ -41,9 +43,9 @@ def parse_interval(text: str) -> float:
     return seconds
 
 
-def _run_job(job_id: str) -> None:
-    """What the job store calls: the job registered under `job_id` in this process."""
-    _JOBS[job_id]()
+def _run_job(token: str) -> None:
+    """What the job store calls: the job of the running schedule that registered `token`."""
+    _JOBS[token]()
 
 
 class IntervalSchedule:
@@ -73,23 +75,28 @@ class IntervalSchedule:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=timezone.utc,
         )
-        _JOBS[self.job_id] = self.job
+        token = f"{self.job_id}-{uuid.uuid4().hex}"
+        _JOBS[token] = self.job
         trigger = IntervalTrigger(seconds=self.seconds, timezone=timezone.utc)
         scheduler.start(paused=True)
         try:
             existing = scheduler.get_job(self.job_id)
             if existing is None:
-                scheduler.add_job(f"{__name__}:_run_job", trigger, args=[self.job_id], id=self.job_id,
+                scheduler.add_job(f"{__name__}:_run_job", trigger, args=[token], id=self.job_id,
                                   next_run_time=datetime.now(timezone.utc))
-            elif existing.trigger.interval != trigger.interval:
-                log.info("interval changed to %.6g s: rescheduling %s", self.seconds, self.job_id)
-                scheduler.reschedule_job(self.job_id, trigger=trigger)
             else:
-                log.info("continuing the schedule in %s: next run at %s", self.store, existing.next_run_time)
+                scheduler.modify_job(self.job_id, args=[token])  # the stored token is a past process's
+                if existing.trigger.interval != trigger.interval:
+                    log.info("interval changed to %.6g s: rescheduling %s", self.seconds, self.job_id)
+                    scheduler.reschedule_job(self.job_id, trigger=trigger)
+                else:
+                    log.info("continuing the schedule in %s: next run at %s", self.store, existing.next_run_time)
             scheduler.resume()
             while not stop.wait(0.2):  # short waits: signal handlers run between them
                 pass
         finally:
-            scheduler.pause()  # no new submissions while the executor shuts down
+            # Without its job store the scheduler has nothing left to submit: a run falling due
+            # while the executor shuts down would fail and still be marked done in the store.
+            scheduler.remove_jobstore("default")
             scheduler.shutdown(wait=True)
-            _JOBS.pop(self.job_id, None)
+            _JOBS.pop(token, None)

@@ -14,7 +14,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Collection, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Sequence
 
 from simulator.cli import CommandError
 
@@ -135,20 +135,27 @@ def write_table(columns: list[str], rows: list[dict[str, Any]], out: Path) -> tu
     return out / "table.csv", out / "table.md", markdown
 
 
-def histories(client: Any, runs: list[RunView], metrics: Collection[str]) -> dict[str, dict[str, Points]]:
-    """Metric key -> run label -> (edits applied, value), for probe-round metrics and per-setting means.
+def latest_per_step(history: Iterable[Any]) -> Points:
+    """(step, value) pairs of one metric's MLflow history, one per step, sorted by step: the latest value logged.
 
-    A resumed run logs the rounds after its checkpoint again (same steps, same values): the
-    last value per step is kept.
+    A run resumed from a checkpoint logs the probe rounds after that checkpoint again at the
+    same steps; the replay is what the run's results hold, so it wins. "Latest" is MLflow's own
+    order for a run's current value: timestamp, then the larger value on a tie.
     """
+    by_step: dict[float, float] = {}
+    for metric in sorted(history, key=lambda m: (m.timestamp, m.value)):
+        by_step[metric.step] = metric.value
+    return sorted(by_step.items())
+
+
+def histories(client: Any, runs: list[RunView], metrics: Collection[str]) -> dict[str, dict[str, Points]]:
+    """Metric key -> run label -> (edits applied, value), for probe-round metrics and per-setting means."""
     out: dict[str, dict[str, Points]] = {}
     for run in runs:
         for key in run.metrics:
             if key not in metrics and (split_key(key, metrics) is None or key.endswith("/edits_measured")):
                 continue
-            by_step = {m.step: m.value for m in sorted(client.get_metric_history(run.run_id, key),
-                                                       key=lambda m: m.timestamp)}
-            out.setdefault(key, {})[run.label] = sorted(by_step.items())
+            out.setdefault(key, {})[run.label] = latest_per_step(client.get_metric_history(run.run_id, key))
     return out
 
 
@@ -157,6 +164,7 @@ def main(args: argparse.Namespace) -> int:
     # imported here: MLflow and torch (under the metric definitions) take seconds, not needed for --help
     from mlflow import MlflowClient
 
+    from monitor.exporters.journal import JournalError
     from monitor.exporters.plots import line_plot
     from monitor.exporters.tracking import TrackingUnavailable, sync
     from monitor.metrics import METRICS
@@ -164,7 +172,7 @@ def main(args: argparse.Namespace) -> int:
     for folder in args.sync:
         try:
             log.info("%s: %d MLflow operations sent", folder, sync(Path(folder), args.mlflow_uri))
-        except (FileNotFoundError, TrackingUnavailable) as error:
+        except (FileNotFoundError, JournalError, TrackingUnavailable) as error:
             raise CommandError(f"cannot sync {folder}: {error}") from None
     client = MlflowClient(tracking_uri=args.mlflow_uri)
     runs = find_runs(client, args.experiment, args.runs)

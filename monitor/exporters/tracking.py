@@ -5,8 +5,8 @@ applied, tags, artifacts, end) is first written to a journal in the run folder
 (`<out>/mlflow/`), then sent by a background thread. While the tracking server is
 unreachable the thread warns once, retries with backoff and the simulation goes on; when the
 server is back, the buffered operations go out in order. At the end the run waits up to
-`flush_seconds` for the server; whatever is still unsent stays in the journal and is sent on
-`--resume` or by `simulate compare --sync DIR` (`sync` here).
+`flush_seconds` for the server, then stops the thread; whatever is still unsent stays in the
+journal and is sent on `--resume` or by `simulate compare --sync DIR` (`sync` here).
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import re
 import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
-from monitor.exporters.journal import Journal
+from monitor.exporters.journal import Journal, JournalError
 from monitor.exporters.plots import round_plots
 from monitor.sink import Sink
 
@@ -32,11 +33,15 @@ log = logging.getLogger(__name__)
 FOLDER = "mlflow"  # inside the run folder: journal, state and artifact snapshots
 ARTIFACTS = "artifacts"
 RUN_FILES = ("config.json", "summary.json", "rounds.jsonl")
+# Tags the MLflow run with its journal's id, so that re-sending a `create` (a crash after the
+# run was created but before that was recorded) finds the run instead of making a second one.
+JOURNAL_TAG = "editwatch.journal"
 # MLflow's own HTTP retries (7 with exponential backoff: minutes per call) would stall the
 # sender through a whole outage; the journal retries instead. Explicit user settings win.
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 RETRY_SECONDS = (1.0, 30.0)  # backoff from, up to, while the server is unreachable
 CLOSING_RETRY_SECONDS = 2.0  # backoff cap while the run waits to flush at its end
+STOP_SECONDS = 30.0  # at close, how long to wait for an operation in flight (HTTP timeout 10 s by default)
 BATCH = 1000  # MLflow's log_batch limit on metrics per call
 TOO_MANY_REQUESTS = 429
 
@@ -80,7 +85,8 @@ class MlflowSink(Sink):
             if self.journal.exists():
                 log.info("a new run in %s: the previous MLflow journal moved to %s", folder, self.journal.archive())
             self.journal.save_state({"offset": 0, "uri": self.uri})
-            tags = {"editwatch.kind": self.kind, "editwatch.folder": str(folder.resolve())}
+            tags = {"editwatch.kind": self.kind, "editwatch.folder": str(folder.resolve()),
+                    JOURNAL_TAG: uuid.uuid4().hex}
             self.journal.append({"op": "create", "experiment": self.experiment, "run": run, "time": now_ms(),
                                  "tags": tags})
             values = {**params, "editwatch_version": package_version()}
@@ -120,17 +126,25 @@ class MlflowSink(Sink):
         self._wake()
 
     def close(self) -> None:
-        """Wait up to `flush_seconds` for everything to be sent; say where the rest is kept."""
+        """Wait up to `flush_seconds` for everything to be sent, then stop the sender; say where the rest is kept."""
         if self._sender is None or self.journal is None:
             return
-        if not self._sender.finish(self.flush_seconds) or self.journal.unsent():
-            log.warning(
-                "%d MLflow operations could not be sent to %s within %.0f s; they are kept in %s and sent by "
-                "`simulate compare --sync %s` (or when the run is resumed)", self.journal.unsent(),
-                self.journal.state().get("uri") or "the default tracking URI", self.flush_seconds, self.journal.folder,
-                self.journal.folder.parent,
-            )
-        self._sender = None
+        sender, self._sender = self._sender, None
+        if not sender.finish(self.flush_seconds):
+            sender.stop(STOP_SECONDS)
+        unsent = self.journal.unsent()
+        if not unsent and sender.error is None:
+            return
+        where = (f"they are kept in {self.journal.folder} and sent by `simulate compare --sync "
+                 f"{self.journal.folder.parent}` (or when the run is resumed)")
+        if sender.error is not None:
+            log.error("the MLflow sender stopped on an error (%s: %s) with %d operations unsent; %s",
+                      type(sender.error).__name__, sender.error, unsent, where)
+        else:
+            log.warning("%d MLflow operations could not be sent to %s within %.0f s; %s", unsent,
+                        self.journal.state().get("uri") or "the default tracking URI", self.flush_seconds, where)
+        if sender.is_alive():
+            log.warning("the MLflow sender is still in a call to the tracking server; it stops after that call")
 
     def _log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         if self.journal is None:
@@ -169,7 +183,9 @@ class _Sender(threading.Thread):
     def __init__(self, journal: Journal) -> None:
         super().__init__(name="mlflow-sender", daemon=True)
         self.journal = journal
+        self.error: Exception | None = None  # what stopped the thread, other than an unreachable server
         self._woken = threading.Event()
+        self._stopping = threading.Event()
         self._closing = False
         self._outage = False
 
@@ -184,13 +200,29 @@ class _Sender(threading.Thread):
         self.join(timeout)
         return not self.is_alive()
 
+    def stop(self, timeout: float) -> None:
+        """Give up: no further operation is sent; waits up to `timeout` seconds for one in flight."""
+        self._stopping.set()
+        self.wake()
+        self.join(timeout)
+
     def run(self) -> None:
+        try:
+            self._send_until_done()
+        except Exception as error:  # anything else would end the thread silently; close() reports it
+            log.exception("the MLflow sender stopped on an unexpected error; the journal %s keeps what is unsent",
+                          self.journal.folder)
+            self.error = error
+
+    def _send_until_done(self) -> None:
         delay: float | None = None
-        while True:
+        while not self._stopping.is_set():
             self._woken.wait(delay)
             self._woken.clear()
+            if self._stopping.is_set():
+                return
             try:
-                sent = send(self.journal)
+                sent = send(self.journal, self._stopping)
             except TrackingUnavailable as error:
                 if not self._outage:
                     log.warning("MLflow tracking unreachable (%s): buffering in %s and retrying; the run goes on",
@@ -217,8 +249,11 @@ def sync(folder: Path, uri: str | None = None) -> int:
     return send(journal)
 
 
-def send(journal: Journal) -> int:
-    """Send every unsent operation in order and record progress; TrackingUnavailable when unreachable."""
+def send(journal: Journal, stop: threading.Event | None = None) -> int:
+    """Send the unsent operations in order, recording progress, until done or `stop` is set; how many were sent.
+
+    TrackingUnavailable when the server is unreachable; JournalError for a line that is not an operation.
+    """
     for name, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
     import mlflow
@@ -231,6 +266,8 @@ def send(journal: Journal) -> int:
         journal.save_state(state)
     sent = 0
     for end, op in journal.pending(state["offset"]):
+        if stop is not None and stop.is_set():
+            break
         try:
             _send_one(_client(state["uri"]), op, state, journal.folder)
         except MlflowException as error:
@@ -261,12 +298,14 @@ def _send_one(client: Any, op: dict[str, Any], state: dict[str, Any], folder: Pa
     kind = op["op"]
     if kind == "create":
         experiment = _experiment_id(client, op["experiment"], state["uri"])
-        run = client.create_run(experiment, start_time=op["time"], tags=op["tags"], run_name=op["run"])
+        run = _journal_run(client, experiment, op["tags"].get(JOURNAL_TAG))
+        if run is None:
+            run = client.create_run(experiment, start_time=op["time"], tags=op["tags"], run_name=op["run"])
         state.update(run_id=run.info.run_id, experiment_id=experiment)
         return
     run_id = state.get("run_id")
     if run_id is None:
-        raise ValueError(f"journal {folder} has a {kind!r} operation before its run was created")
+        raise JournalError(f"journal {folder} has a {kind!r} operation before its run was created")
     if kind == "params":
         client.log_batch(run_id, params=[Param(k, v) for k, v in op["params"].items()])
     elif kind == "metrics":
@@ -282,7 +321,15 @@ def _send_one(client: Any, op: dict[str, Any], state: dict[str, Any], folder: Pa
     elif kind == "end":
         client.set_terminated(run_id, status=op["status"], end_time=op["time"])
     else:
-        raise ValueError(f"unknown operation {kind!r} in the MLflow journal {folder}")
+        raise JournalError(f"unknown operation {kind!r} in the MLflow journal {folder} (written by a newer editwatch?)")
+
+
+def _journal_run(client: Any, experiment: str, journal_id: str | None) -> Any:
+    """The run a previous attempt created for this journal, if any (journals before JOURNAL_TAG have no id)."""
+    if journal_id is None:
+        return None
+    found = client.search_runs([experiment], f"tags.`{JOURNAL_TAG}` = '{journal_id}'", max_results=1)
+    return found[0] if found else None
 
 
 def _experiment_id(client: Any, name: str, uri: str) -> str:

@@ -6,6 +6,7 @@ These tests use a local sqlite store; tests/simulator/test_compare.py runs again
 
 import json
 import logging
+import threading
 
 import pytest
 
@@ -112,3 +113,66 @@ def test_a_resumed_run_continues_its_mlflow_run_and_a_new_one_starts_afresh(stor
     experiment = client.get_experiment_by_name("exp-resumed").experiment_id
     assert len(client.search_runs([experiment])) == 2
     assert len(list(tmp_path.glob("mlflow-*"))) == 1  # the first journal, moved aside
+
+
+def test_a_line_torn_by_a_kill_is_cut_before_the_resumed_run_appends(store, tmp_path, caplog):
+    uri, client = store
+    folder = run_folder(tmp_path)
+    play(MlflowSink(uri, "exp-torn"), folder, rounds=ROUNDS[:1], finish=False)
+    journal = Journal(folder / "mlflow")
+    whole = journal.path.stat().st_size
+    torn = b'{"op": "metrics", "metrics": [["retention", 0.'  # SIGKILL in the middle of an append
+    with journal.path.open("ab") as out:
+        out.write(torn)
+    with caplog.at_level(logging.WARNING, logger="monitor.exporters.journal"):
+        play(MlflowSink(uri, "exp-torn"), folder, start=4, rounds=ROUNDS[1:])
+    assert f"partial line ({len(torn)} bytes from byte {whole}" in caplog.text
+    lines = journal.path.read_bytes().splitlines()
+    assert all(json.loads(line)["op"] for line in lines) and lines[3] == b'{"op": "resume"}'
+    run = only_run(client, "exp-torn")
+    assert history(client, run, "retention") == [(4, 1.0), (8, 0.75), (12, 0.5)]
+    assert run.info.status == "FINISHED" and journal.unsent() == 0
+
+
+def test_closing_stops_the_sender_when_the_server_stays_down(tmp_path):
+    before = set(threading.enumerate())
+    sink = MlflowSink(f"http://127.0.0.1:{free_port()}", "exp-down", flush_seconds=0.5)
+    play(sink, run_folder(tmp_path), finish=False)
+    assert [t for t in set(threading.enumerate()) - before if t.name == "mlflow-sender"] == []
+    assert Journal(tmp_path / "mlflow").unsent() == 5  # create, params, three rounds: all kept
+
+
+def test_an_unexpected_error_stops_the_sender_and_close_reports_it(store, tmp_path, caplog):
+    uri, client = store
+    folder = run_folder(tmp_path)
+    sink = MlflowSink(uri, "exp-error")
+    before = set(threading.enumerate())
+    with caplog.at_level(logging.WARNING, logger="monitor.exporters.tracking"):
+        sink.on_start("run-a", PARAMS, folder, 0)
+        sink.journal.append({"op": "bogus"})  # e.g. written by a newer editwatch
+        sink.on_round(4, ROUNDS[0][1], 0.01, ROUNDS[0][2])
+        sink.close()
+    assert [t for t in set(threading.enumerate()) - before if t.name == "mlflow-sender"] == []
+    stopped = [r for r in caplog.records if r.getMessage().startswith("the MLflow sender stopped on an unexpected")]
+    assert len(stopped) == 1 and "unknown operation 'bogus'" in str(stopped[0].exc_info[1])
+    reported = [r for r in caplog.records if r.getMessage().startswith("the MLflow sender stopped on an error")]
+    assert len(reported) == 1 and reported[0].levelname == "ERROR"
+    assert "JournalError: unknown operation 'bogus'" in reported[0].getMessage()
+    assert "2 operations unsent" in reported[0].getMessage() and "--sync" in reported[0].getMessage()
+    assert "could not be sent" not in caplog.text
+    assert only_run(client, "exp-error").data.params["seed"] == "7"  # what came before the bad line was sent
+
+
+def test_a_crash_after_the_run_was_created_does_not_create_a_second_run(store, tmp_path):
+    uri, client = store
+    folder = run_folder(tmp_path)
+    play(MlflowSink(uri, "exp-crash"), folder, rounds=[], finish=False)  # create and params sent
+    journal = Journal(folder / "mlflow")
+    journal.save_state({"offset": 0, "uri": uri})  # killed after create_run, before its progress was saved
+    assert sync(folder) == 2
+    run = only_run(client, "exp-crash")
+    assert run.data.tags["editwatch.journal"] == json.loads(journal.path.read_text().splitlines()[0])["tags"][
+        "editwatch.journal"]
+    play(MlflowSink(uri, "exp-crash"), folder, start=4, rounds=ROUNDS)  # and a resumed run continues it
+    run = only_run(client, "exp-crash")
+    assert history(client, run, "retention") == [(4, 1.0), (8, 0.75), (12, 0.5)] and run.info.status == "FINISHED"

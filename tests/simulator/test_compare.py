@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from simulator.compare import RunView, table
+from simulator.compare import RunView, find_runs, histories, latest_per_step, table
 from tests.services import SIMULATE, mlflow_service, url_of, wait_until
 
 METRICS = ["reliability", "t_gen", "t_loc", "retention"]
@@ -33,6 +33,43 @@ def test_the_table_averages_seeds_per_model_setting_and_method():
         ("tiny", "gap_10", "ike", 1)]
     ft = table_rows[2]
     assert ft["reliability"] == 0.625 and ft["edits"] == 30 and ft["t_gen"] is None
+
+
+def test_one_value_per_step_the_latest_logged():
+    from mlflow.entities import Metric
+
+    logged = [Metric("retention", 1.0, 100, 4), Metric("retention", 0.75, 200, 8), Metric("retention", 0.5, 300, 12),
+              Metric("retention", 0.7, 400, 8),  # the round at step 8 again, after a resume
+              Metric("retention", 0.4, 500, 12), Metric("retention", 0.45, 500, 12)]  # a tie: MLflow keeps the larger
+    assert latest_per_step(reversed(logged)) == [(4, 1.0), (8, 0.7), (12, 0.45)]
+
+
+def test_a_resumed_run_logs_the_rounds_after_its_checkpoint_again_and_compare_keeps_the_replay(tmp_path):
+    from mlflow import MlflowClient
+
+    from monitor.exporters import MlflowSink
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rounds = {4: 1.0, 8: 0.75}
+    sink = MlflowSink(uri, "resumed")
+    sink.on_start("run-a", {"method": "ft-llm", "model": "tiny"}, tmp_path, 0)
+    for step, value in rounds.items():
+        sink.on_round(step, {"retention": value}, 0.01, {"gap_1": {"reliability": value}})
+    sink.close()  # killed after the round at 8 edits; the last checkpoint was at 4
+    sink = MlflowSink(uri, "resumed")
+    sink.on_start("run-a", {"method": "ft-llm", "model": "tiny"}, tmp_path, 4)
+    for step, value in {8: 0.7, 12: 0.5}.items():
+        sink.on_round(step, {"retention": value}, 0.01, {"gap_1": {"reliability": value}})
+    sink.close()
+
+    client = MlflowClient(uri)
+    runs = find_runs(client, "resumed", None)
+    assert len(runs) == 1
+    raw = sorted((m.step, m.value) for m in client.get_metric_history(runs[0].run_id, "retention"))
+    assert raw == [(4, 1.0), (8, 0.7), (8, 0.75), (12, 0.5)]  # MLflow keeps both values at step 8
+    lines = histories(client, runs, METRICS)
+    assert lines["retention"] == {"run-a (ft-llm)": [(4, 1.0), (8, 0.7), (12, 0.5)]}
+    assert lines["gap_1/reliability"] == {"run-a (ft-llm)": [(4, 1.0), (8, 0.7), (12, 0.5)]}
 
 
 @pytest.mark.slow
