@@ -18,7 +18,7 @@ Key sets:
   rendered with the world's own renderer. Keys are (text, creature, render 0 or 1) triples drawn
   without repetition; queries are (text, creature, render 2): an image rephrase.
 
-Run: OMP_NUM_THREADS=2 .venv/bin/python benchmarks/memory.py --sizes 10000 100000 1000000
+Run: OMP_NUM_THREADS=2 .venv/bin/python benchmarks/memory_scale.py --sizes 10000 100000 1000000
 """
 
 from __future__ import annotations
@@ -26,20 +26,14 @@ from __future__ import annotations
 import argparse
 import gc
 import resource
-import sys
 import time
 from functools import lru_cache
-from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the
-# `memory` package: put the repository root there instead.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from memory import MemoryConfig, VectorMemory  # noqa: E402
-from simulator.world.schema import IMAGE_RELATIONS, TEXT_RELATIONS  # noqa: E402
+from memory import MemoryConfig, VectorMemory
+from simulator.world.schema import IMAGE_RELATIONS, TEXT_RELATIONS
 
 DIM = 384
 BATCH = 20_000
