@@ -24,25 +24,38 @@ def rows(path):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in path.read_text().splitlines()]
 
 
-@pytest.mark.slow
-def test_sigkill_and_resume_gives_the_same_outputs_as_an_uninterrupted_run(small_world, small_model, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(run_args(small_world, small_model, whole), check=True, env=env, capture_output=True, timeout=300)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    process = subprocess.Popen(run_args(small_world, small_model, killed), env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pool = killed / "pool.jsonl"
+
+@pytest.fixture(scope="module")
+def whole(small_world, small_model, tmp_path_factory):
+    """The outputs of the same run, uninterrupted."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    subprocess.run(run_args(small_world, small_model, out), check=True, env=ENV, capture_output=True, timeout=300)
+    return out
+
+
+def started(args, edits):
+    """A running `simulate` that has applied at least `edits` edits (lines in its pool)."""
+    process = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    pool = Path(args[args.index("--out") + 1]) / "pool.jsonl"
     deadline = time.monotonic() + 240
-    while not (pool.exists() and len(pool.read_text().splitlines()) >= 14):  # past a checkpoint (12), not on one
-        assert process.poll() is None, "the run ended before it could be killed"
+    while not (pool.exists() and len(pool.read_text().splitlines()) >= edits):
+        assert process.poll() is None, "the run ended before it could be stopped"
         assert time.monotonic() < deadline
-        time.sleep(0.01)
+        time.sleep(0.005)
+    return process
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_the_same_outputs_as_an_uninterrupted_run(small_world, small_model, whole, tmp_path):
+    killed = tmp_path / "killed"
+    process = started(run_args(small_world, small_model, killed), 14)  # past a checkpoint (12), not on one
     process.kill()
     assert process.wait() == -9
     assert not (killed / "summary.json").exists()
 
-    resumed = subprocess.run(run_args(small_world, small_model, killed) + ["--resume"], env=env,
+    resumed = subprocess.run(run_args(small_world, small_model, killed) + ["--resume"], env=ENV,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming resume-test after line 12" in resumed.stderr
@@ -54,17 +67,10 @@ def test_sigkill_and_resume_gives_the_same_outputs_as_an_uninterrupted_run(small
 
 
 @pytest.mark.slow
-def test_sigterm_stops_between_records_and_resume_gives_the_same_outputs(small_world, small_model, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    subprocess.run(run_args(small_world, small_model, whole), check=True, env=env, capture_output=True, timeout=300)
-    process = subprocess.Popen(run_args(small_world, small_model, stopped), env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def test_sigterm_stops_between_records_and_resume_gives_the_same_outputs(small_world, small_model, whole, tmp_path):
+    stopped = tmp_path / "stopped"
     pool = stopped / "pool.jsonl"
-    deadline = time.monotonic() + 240
-    while not (pool.exists() and len(pool.read_text().splitlines()) >= 7):
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.005)
+    process = started(run_args(small_world, small_model, stopped), 7)
     process.send_signal(signal.SIGTERM)  # lands anywhere inside a record: it must finish that record first
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
@@ -72,7 +78,7 @@ def test_sigterm_stops_between_records_and_resume_gives_the_same_outputs(small_w
     assert summary["stopped"] == "interrupted" and 7 <= summary["edits_applied"] < 40
     assert len(pool.read_text().splitlines()) == summary["edits_applied"]  # every applied edit fully recorded
 
-    resumed = subprocess.run(run_args(small_world, small_model, stopped) + ["--resume"], env=env,
+    resumed = subprocess.run(run_args(small_world, small_model, stopped) + ["--resume"], env=ENV,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((stopped / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
