@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -83,32 +83,38 @@ def retention(editor: Editor, sample: Sequence[RetainedEdit], population: int) -
 
 @dataclass
 class ReferenceSet:
-    """A fixed set of locality queries with the unedited model's answers and perplexity on them."""
+    """Locality queries of the stream's first records, with the unedited model's answers and likelihood.
 
-    probes: list[Probe]
-    references: ReferenceStore
-    base_nll: float  # mean negative log-likelihood (nats / token) of the reference answers, unedited
+    It grows while those records are read (each scored on the unedited model) and is fixed after;
+    the perplexity ratio compares the same queries before and after editing at every size.
+    """
 
-    @classmethod
-    def build(cls, editor: Editor, probes: Sequence[Probe]) -> ReferenceSet:
-        """Score `probes` (locality queries) with `editor`, which must be unedited, and keep the references."""
-        probes = [p for p in probes if p.metric in LOCALITY]
-        if not probes:
-            raise ValueError("a reference set needs locality probes (t_loc / i_loc)")
-        references = ReferenceStore()
-        fill_references(editor, probes, references)
-        scores = editor.score([p.query for p in probes], top_k=1)
-        return cls(probes, references, _mean_nll(scores))
+    probes: list[Probe] = field(default_factory=list)
+    references: ReferenceStore = field(default_factory=ReferenceStore)
+    base_nll: float = 0.0  # summed negative log-likelihood (nats) of the reference answers, unedited
+    tokens: int = 0  # answer tokens those nats are summed over
+
+    def add(self, editor: Editor, probes: Sequence[Probe]) -> list[Probe]:
+        """Score the new locality probes with `editor`, which must answer unedited; returns those added."""
+        new = list({p.key: p for p in probes if p.metric in LOCALITY and p.key not in self.references}.values())
+        if new:
+            fill_references(editor, new, self.references)
+            scores = editor.score([p.query for p in new], top_k=1)
+            self.probes += new
+            self.base_nll += _nll(scores)
+            self.tokens += sum(len(s.target_ids) for s in scores)
+        return new
 
 
-def _mean_nll(scores) -> float:
-    """Mean negative log-likelihood per answer token over all scores."""
-    total = sum(float(-s.target_logprobs.sum()) for s in scores)
-    return total / sum(len(s.target_ids) for s in scores)
+def _nll(scores) -> float:
+    """Summed negative log-likelihood of the answer tokens of all scores, nats."""
+    return sum(float(-s.target_logprobs.sum()) for s in scores)
 
 
 def reference_health(editor: Editor, refset: ReferenceSet) -> dict[str, float]:
-    """Unedited knowledge on the fixed reference set: agreement, KL, accuracy, perplexity ratio, entropy."""
+    """Unedited knowledge on the reference set: agreement, KL, accuracy, perplexity ratio, entropy."""
+    if not refset.probes:
+        return {}
     gather = [refset.references[p.key].topk_ids.long() for p in refset.probes]
     scores = editor.score([p.query for p in refset.probes], gather=gather)
     agreement, kl = zip(*(locality(s, refset.references[p.key]) for p, s in zip(refset.probes, scores)))
@@ -118,7 +124,7 @@ def reference_health(editor: Editor, refset: ReferenceSet) -> dict[str, float]:
         "ref_kl": sum(kl) / len(kl),
         "ref_accuracy": sum(token_accuracy(s) for s in scores) / len(scores),
         # exp(nll_post) / exp(nll_pre): the perplexity ratio, computed in log space
-        "ref_ppl_ratio": math.exp(min(_mean_nll(scores) - refset.base_nll, 700.0)),
+        "ref_ppl_ratio": math.exp(min((_nll(scores) - refset.base_nll) / refset.tokens, 700.0)),
         "generation_entropy": float(entropy.mean()),
     }
 

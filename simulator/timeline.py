@@ -20,7 +20,6 @@ import torch
 from editors import Editor, EditOutcome, Query
 from monitor.alarms import collapse_alarms
 from monitor.metrics import (
-    LOCALITY,
     METRICS,
     Probe,
     RunningMeans,
@@ -83,8 +82,9 @@ class Timeline:
         self.base = RunningMeans()
         self.pending: list[Pending] = []
         self.pool: list[dict[str, Any]] = []
-        self.refset: ReferenceSet | None = None
-        self.refset_items: list[dict[str, Any]] = []
+        self.refset = ReferenceSet()
+        self.refset_records = 0  # records whose locality questions are in the reference set
+        self.refset_items: list[dict[str, Any]] = []  # the same questions with image paths, for checkpoints
         self.line = 0
         self.edits_read = 0
         self.applied = 0
@@ -115,9 +115,6 @@ class Timeline:
         `stop` is only looked at between records, so a stop never leaves a record half done.
         `extra()` adds the reader's counters to every checkpoint.
         """
-        records = iter(records)
-        if self.sequential and self.edits_read == 0:
-            records = self._build_reference_set(records)
         for line, record in records:
             if stop is not None and stop.is_set():
                 self.stopped = "interrupted"
@@ -132,27 +129,13 @@ class Timeline:
         # A following reader ends when asked to stop: that is an interruption, not the stream's end.
         self.stopped = "interrupted" if stop is not None and stop.is_set() else "end of stream"
 
-    def _build_reference_set(self, records: Iterator[tuple[int, EditRecord]]) -> Iterator[tuple[int, EditRecord]]:
-        """Take the first records' locality questions as the fixed reference set, before any edit."""
-        head = []
-        for item in records:
-            head.append(item)
-            if len(head) == self.config.reference_size:
-                break
-        probes: list[Probe] = []
-        for _, record in head:
-            for probe in edit_probes(record, self.images.open):
-                if probe.metric in LOCALITY and probe.key not in {p.key for p in probes}:
-                    probes.append(probe)
-                    image = record.m_loc if probe.metric == "i_loc" else None
-                    self.refset_items.append(
-                        {"metric": probe.metric, "prompt": probe.query.prompt, "answer": probe.query.answer,
-                         "image": image, "key": probe.key}
-                    )
-        if probes:
-            self.refset = ReferenceSet.build(self.editor, probes)
-        yield from head
-        yield from records
+    def _grow_reference_set(self, record: EditRecord, probes: list[Probe]) -> None:
+        """Add a record's locality questions to the reference set (on the unedited model), while it is short."""
+        self.refset_records += 1
+        for probe in self.refset.add(self.editor, probes):
+            image = record.m_loc if probe.metric == "i_loc" else None
+            self.refset_items.append({"metric": probe.metric, "prompt": probe.query.prompt,
+                                      "answer": probe.query.answer, "image": image, "key": probe.key})
 
     def step(self, line: int, record: EditRecord) -> None:
         """Read one record: references and base accuracy on the unedited model, apply, measure."""
@@ -163,6 +146,8 @@ class Timeline:
         with self._unedited():
             fill_references(self.editor, probes, references, self.config.vlkeb_compat)
             self.base.add(measure_base(self.editor, base_probes(record, self.images.open)))
+            if self.sequential and self.refset_records < self.config.reference_size:
+                self._grow_reference_set(record, probes)
         start = time.perf_counter()
         outcome = self._apply(record)
         seconds = time.perf_counter() - start
@@ -241,13 +226,12 @@ class Timeline:
         retained = [RetainedEdit(r["key"], Query(r["src"], r["alt"], open_image(r["image"])), r["at_edit"])
                     for r in sample]
         values: dict[str, float] = retention(self.editor, retained, len(self.pool))
-        if self.refset is not None:
-            values.update(reference_health(self.editor, self.refset))
+        values.update(reference_health(self.editor, self.refset))
         values["weight_change_norm"] = self.editor.weight_change()
         nonfinite = nonfinite_parameters(self.editor.lvlm.model)
         in_scope = [(Query(r["rephrase"], r["alt"], open_image(r["image"])), r["key"]) for r in sample]
         in_scope += [(Query(r["src"], r["alt"], open_image(r["image_rephrase"])), r["key"]) for r in sample]
-        out_of_scope = [p.query for p in self.refset.probes] if self.refset is not None else []
+        out_of_scope = [p.query for p in self.refset.probes]
         values.update(retrieval_health(self.editor, in_scope, out_of_scope))
         if (size := self.editor.memory_size()) is not None:
             values["memory_size"] = float(size)
@@ -332,14 +316,14 @@ class Timeline:
         for item in self.pending:
             tensors.update(item.references.to_tensors(prefix=f"pending/{item.index}/"))
             pending.append({"index": item.index, "record": item.record.model_dump(mode="json", by_alias=True)})
-        if self.refset is not None:
-            tensors.update(self.refset.references.to_tensors(prefix="refset/"))
+        tensors.update(self.refset.references.to_tensors(prefix="refset/"))
         progress = {
             "line": self.line, "edits_read": self.edits_read, "applied": self.applied, "failed": self.failed,
             "rounds": self.rounds, "last_round": self.last_round, "alarms": self.alarms,
             "results": {k: m.data for k, m in self.results.items()}, "base": self.base.data,
             "pending": pending, "pool": len(self.pool), "rng": self.rng.bit_generator.state,
-            "refset": {"items": self.refset_items, "base_nll": self.refset.base_nll if self.refset else None},
+            "refset": {"items": self.refset_items, "records": self.refset_records, "base_nll": self.refset.base_nll,
+                       "tokens": self.refset.tokens},
             "files": self.files.sizes(), **(extra or {}),
         }
         Checkpoint(progress, self.editor.state(), tensors).save(self.files.folder)
@@ -361,12 +345,12 @@ class Timeline:
             for item in p["pending"]
         ]
         self.pool = list(self.files.rows(POOL))[: p["pool"]]
-        self.refset_items = p["refset"]["items"]
-        if self.refset_items:
-            probes = [
-                Probe(item["metric"], Query(item["prompt"], item["answer"],
-                                            self.images.open(item["image"]) if item["image"] else None), item["key"])
-                for item in self.refset_items
-            ]
-            references = ReferenceStore.from_tensors(tensors, prefix="refset/")
-            self.refset = ReferenceSet(probes, references, p["refset"]["base_nll"])
+        saved = p["refset"]
+        self.refset_items, self.refset_records = saved["items"], saved["records"]
+        probes = [
+            Probe(item["metric"], Query(item["prompt"], item["answer"],
+                                        self.images.open(item["image"]) if item["image"] else None), item["key"])
+            for item in self.refset_items
+        ]
+        references = ReferenceStore.from_tensors(tensors, prefix="refset/")
+        self.refset = ReferenceSet(probes, references, saved["base_nll"], saved["tokens"])

@@ -199,3 +199,17 @@ def test_one_hop_edit_applies_the_one_hop_fact_too_and_tests_its_portability(set
     assert summary["edits_applied"] == 4 and "port_onehop" in summary["results"]["gap_1"]
     asked = {(prompt, answer) for _, prompt, answer, _ in editor.log}
     assert all((r.port_q, r.port_a) in asked for r in records[:3])
+
+
+def test_a_bad_line_after_a_stop_is_quarantined_once_across_resume(small_world, small_model, tmp_path):
+    stream = tmp_path / "stream.jsonl"
+    lines = (small_world / "eval.jsonl").read_text().splitlines()[:9]
+    lines[3] = "{not json"
+    stream.write_text("\n".join(lines) + "\n")
+    settings = dict(stream=str(stream), model=str(small_model), images=small_world / "images", gap=[1],
+                    out=tmp_path / "out", no_mlflow=True)
+    first = simulate(config(small_world, limit=2, **settings), progress=False)
+    assert first["quarantined"] == 0  # nothing past the records it stopped at was read
+    summary = simulate(config(small_world, resume=True, **settings), progress=False)
+    assert summary["quarantined"] == 1 and summary["edits_read"] == 8
+    assert len((tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()) == 1
