@@ -6,9 +6,19 @@ This is the only home of the record schema. Field names follow the published JSO
 from __future__ import annotations
 
 from pathlib import PurePosixPath
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    model_validator,
+)
 
 Text = Annotated[str, StringConstraints(min_length=1)]
 HOPS = ("1-hop", "2-hop", "3-hop", "4-hop")
@@ -50,8 +60,54 @@ class Portability(BaseModel):
         return HOPS.index(self.port_type) + 1
 
 
+class OneHopEdit(BaseModel):
+    """A `port_new` item of VLKEB's `edit_onehop` files (Table 3): edit the one-hop fact too, then ask.
+
+    VLKEB's edit_onehop loader (easyeditor/dataset/coco_caption.py on its `edit_onehop` branch)
+    reads exactly these four keys per item, and its trainer allows one item per record.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    port_q: Text = Field(description="portability question asked after both edits")
+    port_a: Text = Field(description="its answer")
+    port_edit_q: Text = Field(description="the one-hop fact of the new answer, edited second")
+    port_edit_a: Text = Field(description="the one-hop fact's new answer")
+
+
+ONE_HOP_KEYS = ("port_q", "port_a", "port_edit_q", "port_edit_a")
+# Tags of the port_new union; pydantic puts them in error locations, readers leave them out.
+PORT_TAGS = frozenset({"multi-hop", "edit_onehop"})
+
+
+def _port_layout(value: Any) -> str | None:
+    """Which of VLKEB's two `port_new` layouts an item follows (None: neither)."""
+    if isinstance(value, BaseModel):
+        return "edit_onehop" if isinstance(value, OneHopEdit) else "multi-hop"
+    if not isinstance(value, dict):
+        return None
+    if "port_type" in value or "Q&A" in value:
+        return "multi-hop"
+    return "edit_onehop" if any(key in value for key in ONE_HOP_KEYS) else None
+
+
+PortItem = Annotated[
+    Union[Annotated[Portability, Tag("multi-hop")], Annotated[OneHopEdit, Tag("edit_onehop")]],
+    Discriminator(
+        _port_layout,
+        custom_error_type="port_layout",
+        custom_error_message="a port_new item needs port_type and Q&A (multi-hop) or port_q, port_a, "
+        "port_edit_q and port_edit_a (edit_onehop)",
+    ),
+]
+
+
 class EditRecord(BaseModel):
-    """The fields every format shares (MMEdit's E-VQA record); `id`/`t` come from the stream."""
+    """The fields every format shares (MMEdit's E-VQA record); `id`/`t` come from the stream.
+
+    Keys no format knows are ignored here; readers report them (`unknown_fields`), and keys of
+    another format are refused (`foreign_fields`), so that no field is dropped silently.
+    """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
@@ -96,30 +152,79 @@ class EICRecord(EditRecord):
 
 
 class VLKEBRecord(EditRecord):
-    """VLKEB eval record: multi-hop portability, or the `edit_onehop` variant (Table 3)."""
+    """VLKEB eval record: multi-hop portability, or the `edit_onehop` variant (Table 3).
 
-    port_new: list[Portability] = Field(default_factory=list, description="1- to 4-hop portability tests")
+    VLKEB publishes the one-hop test as a `port_new` item; editwatch's synthetic world writes
+    the same four keys at the top level beside multi-hop `port_new` items. Both parse, and the
+    properties `port_q` .. `port_edit_a` read whichever the record holds.
+    """
+
+    port_new: list[PortItem] = Field(
+        default_factory=list, description="1- to 4-hop portability tests, or VLKEB's edit_onehop item"
+    )
     port_base: list[Portability] = Field(
         default_factory=list,
         description="editwatch extension: the port_new questions answered with the original facts",
     )
-    port_q: Text | None = Field(None, description="edit_onehop: portability question after both edits")
-    port_a: Text | None = Field(None, description="edit_onehop: its answer")
-    port_edit_q: Text | None = Field(None, description="edit_onehop: the one-hop fact edited second")
-    port_edit_a: Text | None = Field(None, description="edit_onehop: the one-hop fact's new answer")
+    top_port_q: Text | None = Field(None, alias="port_q", description="edit_onehop at top level: the question")
+    top_port_a: Text | None = Field(None, alias="port_a", description="edit_onehop at top level: its answer")
+    top_port_edit_q: Text | None = Field(
+        None, alias="port_edit_q", description="edit_onehop at top level: the one-hop fact edited second"
+    )
+    top_port_edit_a: Text | None = Field(
+        None, alias="port_edit_a", description="edit_onehop at top level: the one-hop fact's new answer"
+    )
 
     @model_validator(mode="after")
     def _onehop_complete(self) -> VLKEBRecord:
-        fields = ("port_q", "port_a", "port_edit_q", "port_edit_a")
-        present = [f for f in fields if getattr(self, f) is not None]
-        if present and len(present) != len(fields):
-            missing = ", ".join(f for f in fields if f not in present)
-            raise ValueError(f"edit_onehop records need all of {', '.join(fields)}; missing {missing}")
+        top = {key: getattr(self, f"top_{key}") for key in ONE_HOP_KEYS}
+        present = [key for key, value in top.items() if value is not None]
+        if present and len(present) != len(ONE_HOP_KEYS):
+            missing = ", ".join(key for key in ONE_HOP_KEYS if key not in present)
+            raise ValueError(f"edit_onehop records need all of {', '.join(ONE_HOP_KEYS)}; missing {missing}")
+        items = [p for p in self.port_new if isinstance(p, OneHopEdit)]
+        if len(items) > 1:
+            raise ValueError(f"an edit_onehop record holds one one-hop edit (as VLKEB's), port_new holds {len(items)}")
+        if items and present:
+            raise ValueError("the one-hop test is given twice: in port_new and at the top level; keep one")
         return self
+
+    @property
+    def _one_hop_item(self) -> OneHopEdit | None:
+        return next((p for p in self.port_new if isinstance(p, OneHopEdit)), None)
+
+    @property
+    def port_q(self) -> str | None:
+        """edit_onehop: the portability question asked after both edits."""
+        item = self._one_hop_item
+        return item.port_q if item else self.top_port_q
+
+    @property
+    def port_a(self) -> str | None:
+        """edit_onehop: its answer."""
+        item = self._one_hop_item
+        return item.port_a if item else self.top_port_a
+
+    @property
+    def port_edit_q(self) -> str | None:
+        """edit_onehop: the one-hop fact of the new answer, edited second."""
+        item = self._one_hop_item
+        return item.port_edit_q if item else self.top_port_edit_q
+
+    @property
+    def port_edit_a(self) -> str | None:
+        """edit_onehop: the one-hop fact's new answer."""
+        item = self._one_hop_item
+        return item.port_edit_a if item else self.top_port_edit_a
+
+    @property
+    def hop_tests(self) -> list[Portability]:
+        """The multi-hop items of `port_new`."""
+        return [p for p in self.port_new if isinstance(p, Portability)]
 
     def hop(self, hops: int) -> HopQA | None:
         """The first portability test with `hops` hops, if the record has one."""
-        return next((p.qa for p in self.port_new if p.hops == hops), None)
+        return next((p.qa for p in self.hop_tests if p.hops == hops), None)
 
     def one_hop(self) -> HopQA | None:
         """`port_q` / `port_a` of an edit_onehop record."""
@@ -136,3 +241,38 @@ class VLKEBRecord(EditRecord):
 
 RECORD_FORMATS: dict[str, type[EditRecord]] = {"vlkeb": VLKEBRecord, "evqa": EVQARecord, "eic": EICRecord}
 RecordFormat = Literal["vlkeb", "evqa", "eic"]
+
+
+def _keys(model: type[BaseModel]) -> frozenset[str]:
+    """The JSON keys a record model reads (aliases where declared)."""
+    return frozenset(field.alias or name for name, field in model.model_fields.items())
+
+
+def foreign_fields(data: dict[str, Any], record_format: RecordFormat) -> dict[str, str]:
+    """Keys of `data` that only another format reads, each with that format's name.
+
+    `--format evqa` on a VLKEB record would otherwise drop its portability tests without a word.
+    """
+    own = _keys(RECORD_FORMATS[record_format])
+    owners = {}
+    for name, model in RECORD_FORMATS.items():
+        for key in _keys(model) - own:
+            owners.setdefault(key, name)
+    return {key: owners[key] for key in data if key in owners}
+
+
+_PORT_ITEM_KEYS = frozenset({"port_type", "Q&A", *ONE_HOP_KEYS})
+
+
+def unknown_fields(data: dict[str, Any], record_format: RecordFormat) -> list[str]:
+    """Keys of `data` (and of its `port_new` items, as `port_new[].key`) that no format reads.
+
+    Published files carry such metadata (ids, sources, categories): it is reported, not refused.
+    """
+    known = frozenset().union(*map(_keys, RECORD_FORMATS.values()))
+    unknown = [key for key in data if key not in known]
+    items = data.get("port_new") if record_format == "vlkeb" else None
+    for item in items if isinstance(items, list) else ():
+        if isinstance(item, dict):
+            unknown += [f"port_new[].{key}" for key in item if key not in _PORT_ITEM_KEYS]
+    return list(dict.fromkeys(unknown))

@@ -123,19 +123,32 @@ def test_jsonl_with_a_malformed_line_and_an_escaping_path_is_rejected_with_both(
     assert "2 bad record(s)" in str(caught.value)
 
 
-def test_json_array_errors_name_the_line_each_record_starts_on(tmp_path):
-    records = [vlkeb(), vlkeb(alt=""), vlkeb()]
+def test_json_array_errors_name_the_item_index(tmp_path):
     path = tmp_path / "eval.json"
-    path.write_text(json.dumps(records, indent=2))
+    path.write_text(json.dumps([vlkeb(), vlkeb(alt=""), vlkeb()], indent=2))  # pretty-printed, as VLKEB's
     with pytest.raises(RecordsError) as caught:
         load_records(path)
-    starts = [i + 1 for i, line in enumerate(path.read_text().splitlines()) if line == "  {"]
-    assert [(e.line, e.field) for e in caught.value.errors] == [(starts[1], "alt")]
+    assert [(e.line, e.unit, e.field) for e in caught.value.errors] == [(2, "item", "alt")]
+    assert "item 2, field 'alt': " in str(caught.value)
     path.write_text(json.dumps([vlkeb(), vlkeb()]))
-    assert [r.id for r in load_records(path)] == ["1", "1"]
-    path.write_text('[{"src": 1}\n {"a": 2}]')
-    with pytest.raises(RecordsError, match="expected ','"):
+    assert [r.id for r in load_records(path)] == ["1", "2"]  # no id: the item index is the id
+
+
+def test_broken_json_syntax_in_an_array_names_the_item_and_stops(tmp_path):
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps([vlkeb(), vlkeb()], indent=2)[:-2] + ',\n  {"src" "x"},\n' + json.dumps(vlkeb()) + "]")
+    with pytest.raises(RecordsError) as caught:
         load_records(path)
+    (error,) = caught.value.errors
+    assert (error.line, error.unit, error.field) == (3, "item", None)
+    assert "malformed JSON" in error.message and "rest of the array is not read" in error.message
+
+
+def test_load_records_reads_a_json_array_incrementally_with_ijson(tmp_path, monkeypatch):
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps([vlkeb(id="a"), vlkeb(id="b")], indent=2))
+    monkeypatch.setattr(type(path), "read_text", lambda *a, **k: pytest.fail("the whole file was read"))
+    assert [r.id for r in load_records(path)] == ["a", "b"]
 
 
 def test_stream_quarantines_bad_lines_and_goes_on(tmp_path, root):
@@ -201,3 +214,124 @@ def wait_for(condition, seconds=5.0):
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def write_array(path, records):
+    path.write_text(json.dumps(records, indent=2) + "\n")
+    return path
+
+
+def test_stream_reads_a_pretty_printed_array_and_quarantines_a_bad_item_in_the_middle(tmp_path, root):
+    path = write_array(tmp_path / "eval.json", [vlkeb(id="e1"), vlkeb(alt="", image="../x.png"), 7, vlkeb(id="e4")])
+    quarantine = tmp_path / "quarantine.jsonl"
+    reader = StreamReader(path, images=root, quarantine=quarantine)
+    assert [r.id for r in reader] == ["e1", "e4"]
+    assert (reader.read, reader.quarantined, reader.line, reader.unit) == (2, 2, 4, "item")
+    assert reader.tally() == "4 items read, 2 quarantined"
+    entries = [json.loads(line) for line in quarantine.read_text().splitlines()]
+    assert [(e["line"], e["unit"], e["field"]) for e in entries] == [(2, "item", "alt"), (2, "item", "image"),
+                                                                     (3, "item", None)]
+    assert json.loads(entries[0]["raw"])["alt"] == "" and "expected a JSON object" in entries[2]["message"]
+
+
+def test_stream_stops_cleanly_where_array_syntax_breaks(tmp_path):
+    good = json.dumps([vlkeb(id="a"), vlkeb(id="b")], indent=2)[:-2]
+    (tmp_path / "eval.json").write_text(good + ',\n  {"src" 3},\n' + json.dumps(vlkeb(id="d")) + "]")
+    quarantine = tmp_path / "quarantine.jsonl"
+    reader = StreamReader(tmp_path / "eval.json", quarantine=quarantine)
+    assert [r.id for r in reader] == ["a", "b"]
+    (entry,) = [json.loads(line) for line in quarantine.read_text().splitlines()]
+    assert (entry["line"], entry["unit"]) == (3, "item") and "malformed JSON" in entry["message"]
+    with pytest.raises(RecordsError, match="item 3: malformed JSON"):
+        list(StreamReader(tmp_path / "eval.json"))
+
+
+def test_format_is_decided_by_the_first_non_blank_character_after_a_bom(tmp_path):
+    array = tmp_path / "eval.json"
+    array.write_bytes(b"\xef\xbb\xbf\n \n" + json.dumps([vlkeb(id="a")]).encode())
+    assert [r.id for r in StreamReader(array)] == ["a"]
+    assert [r.id for r in load_records(array)] == ["a"]
+    lines = tmp_path / "edits.jsonl"
+    lines.write_bytes(b"\xef\xbb\xbf\n\n" + json.dumps(vlkeb()).encode() + b"\r\n")
+    reader = StreamReader(lines)
+    assert [r.id for r in reader] == ["3"] and (reader.line, reader.unit) == (3, "line")
+    assert [r.id for r in load_records(lines)] == ["3"]
+
+
+def test_an_array_on_standard_input_and_start_line_counting_items(monkeypatch, tmp_path):
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps([vlkeb(id="x"), vlkeb(id="y")], indent=2)))
+    assert [r.id for r in StreamReader("-")] == ["x", "y"]
+    path = write_array(tmp_path / "eval.json", [vlkeb(id=str(i)) for i in range(5)])
+    reader = StreamReader(path, start_line=3)
+    assert [r.id for r in reader] == ["3", "4"] and reader.line == 5
+
+
+def test_follow_reads_an_array_once_and_waits_for_a_first_jsonl_line(tmp_path):
+    path = write_array(tmp_path / "eval.json", [vlkeb(id="a")])
+    assert [r.id for r in StreamReader(path, follow=True, poll_seconds=0.01)] == ["a"]  # ends: arrays are whole
+    empty = tmp_path / "edits.jsonl"
+    empty.write_text("")
+    got: list[str] = []
+    reader = StreamReader(empty, follow=True, poll_seconds=0.01)
+    thread = threading.Thread(target=lambda: got.extend(r.id for r in reader), daemon=True)
+    thread.start()
+    time.sleep(0.05)
+    empty.write_text("\n" + json.dumps(vlkeb(id="late")) + "\n")
+    wait_for(lambda: got == ["late"])
+    reader.stop.set()
+    thread.join(timeout=5)
+    assert not thread.is_alive() and reader.line == 2
+
+
+def test_vlkeb_edit_onehop_items_parse_and_feed_the_one_hop_edit():
+    item = {"port_q": "Which city is it in?", "port_a": "Paris", "port_edit_q": "Where is Big Ben?",
+            "port_edit_a": "Paris"}
+    record = parse_record(vlkeb(port_new=[item]), line=1)
+    assert (record.one_hop().question, record.one_hop().answer) == ("Which city is it in?", "Paris")
+    assert (record.port_edit_q, record.port_edit_a) == ("Where is Big Ben?", "Paris")
+    assert record.hop(1) is None  # edit_onehop records carry no k-hop tests
+    assert VLKEBRecord.model_validate(record.model_dump(mode="json", by_alias=True)) == record  # checkpoints
+    flat = parse_record(vlkeb(**item), line=1)  # the synthetic world's layout: top level, beside port_new hops
+    assert flat.port_edit_q == "Where is Big Ben?" and flat.hop(1).answer == "London"
+
+
+@pytest.mark.parametrize(
+    "port_new, extra, field, message",
+    [
+        ([{"port_q": "q", "port_a": "a"}], {}, "port_new[0].port_edit_q", "required"),
+        ([{"question": "q"}], {}, "port_new[0]", "port_type and Q&A (multi-hop) or port_q"),
+        ([{"port_q": "q", "port_a": "a", "port_edit_q": "e", "port_edit_a": "f"}] * 2, {}, None, "one one-hop edit"),
+        ([{"port_q": "q", "port_a": "a", "port_edit_q": "e", "port_edit_a": "f"}],
+         {"port_q": "q", "port_a": "a", "port_edit_q": "e", "port_edit_a": "f"}, None, "given twice"),
+    ],
+)
+def test_bad_edit_onehop_items_are_named(port_new, extra, field, message):
+    with pytest.raises(RecordsError) as caught:
+        parse_record(vlkeb(port_new=port_new, **extra), line=5)
+    assert [e.field for e in caught.value.errors][0] == field
+    assert message in caught.value.errors[0].message
+
+
+def test_mmedit_formats_refuse_vlkeb_fields_instead_of_dropping_them(tmp_path):
+    with pytest.raises(RecordsError) as caught:
+        parse_record(vlkeb(port_q="q", port_a="a", port_edit_q="e", port_edit_a="f"), line=2, record_format="evqa")
+    assert [e.field for e in caught.value.errors] == ["port_new", "port_q", "port_a", "port_edit_q", "port_edit_a"]
+    assert "line 2, field 'port_new': belongs to --format vlkeb; --format evqa" in str(caught.value)
+    path = write_array(tmp_path / "eval.json", [vlkeb(), vlkeb()])
+    reader = StreamReader(path, record_format="eic", quarantine=tmp_path / "q.jsonl")
+    assert list(reader) == [] and reader.quarantined == 2
+
+
+def test_metadata_no_format_reads_is_accepted_and_reported_once_per_stream(tmp_path, caplog):
+    records = [vlkeb(source="wiki", port_new=[{"port_type": "1-hop", "Q&A": {"Question": "q", "Answer": "a"},
+                                               "entity": "m.01"}]), vlkeb(source="wiki", category="x")]
+    path = write_lines(tmp_path / "edits.jsonl", [json.dumps(r) for r in records])
+    caplog.set_level("WARNING", logger="simulator.stream")
+    assert len(list(StreamReader(path))) == 2
+    warned = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert len(warned) == 2
+    assert "line 1: field(s) 'source', 'port_new[].entity' ignored" in warned[0]
+    assert "line 2: field(s) 'category' ignored" in warned[1]
+    data = vlkeb(source="wiki")
+    del data["port_new"]
+    assert parse_record(data, 1, "evqa").src == data["src"]
