@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedModel
 
-from editors.families import Family, family_for
-from editors.inputs import Batch, InputBuilder, Query
+from editors.families import Family, UnsupportedModelError, all_families, family_for
+from editors.inputs import Batch, InputBuilder, InputError, Query
 from editors.prompts import PromptFormat
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -62,11 +62,13 @@ class LVLM:
         chat_template: str | None = None,
         prompt_format: PromptFormat = "auto",
         name: str = "",
+        extras: dict[str, Any] | None = None,
     ) -> None:
         self.model = model.eval()
         self.family: Family = family_for(model.config)
+        self.family.check(model.config)
         self.inputs = InputBuilder(
-            self.family, model.config, tokenizer, image_processor, chat_template, prompt_format
+            self.family, model.config, tokenizer, image_processor, chat_template, prompt_format, extras=extras
         )
         self.name = name or model.config.name_or_path or self.family.name
 
@@ -77,24 +79,56 @@ class LVLM:
         dtype: str = "float32",
         device: str = "cpu",
         prompt_format: PromptFormat = "auto",
+        trust_remote_code: bool = False,
     ) -> LVLM:
-        """Load a model, its tokenizer and its (PIL) image processor from a hub id or a folder."""
+        """Load a model, its tokenizer and its (PIL) image processor from a hub id or a folder.
+
+        The family is checked on the config before any weight is read; weights are read straight
+        onto `device` in `dtype`. `trust_remote_code` runs code shipped with the checkpoint.
+        """
         if dtype not in DTYPES:
             raise ValueError(f"Unknown dtype {dtype!r}. Available: {', '.join(DTYPES)}")
         source = str(name_or_path)
-        family = family_for(AutoConfig.from_pretrained(source))
-        model = family.model_class.from_pretrained(source, dtype=DTYPES[dtype]).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        # The PIL backend needs no torchvision and gives the same pixels on every machine.
-        image_processor = AutoImageProcessor.from_pretrained(source, backend="pil")
+        folder = Path(source)
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            raise OSError(f"model folder {source} has no config.json")
+        if not folder.exists() and (folder.is_absolute() or source.startswith(".") or source.count("/") > 1):
+            raise OSError(f"model folder {source} does not exist")  # a path, not a hub id "org/name"
+        remote = {"trust_remote_code": True} if trust_remote_code else {}
+        try:
+            config = AutoConfig.from_pretrained(source, **remote)
+        except ValueError as error:  # a model_type transformers does not know (or no model_type at all)
+            raise UnsupportedModelError(
+                f"cannot use {source!r}: {str(error).split('. ')[0]}. Supported families: "
+                + ", ".join(f"{f.name} ({c.__name__})" for c, f in all_families().items())
+            ) from None
+        family = family_for(config)
+        # Everything that can refuse the model is read before gigabytes of weights are.
+        family.check(config)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **remote)
+            # The PIL backend needs no torchvision and gives the same pixels on every machine.
+            image_processor = AutoImageProcessor.from_pretrained(source, backend="pil", **remote)
+        except OSError as error:  # transformers' message names the missing file
+            raise OSError(f"cannot load {source!r}: {' '.join(str(error).split())}") from None
         chat_template = tokenizer.chat_template or _processor_chat_template(source)
-        return cls(model, tokenizer, image_processor, chat_template, prompt_format, name=source)
+        if prompt_format == "chat" and not chat_template:
+            raise InputError(f"prompt_format='chat' but {source} has no chat template (in its tokenizer or processor)")
+        extras = family.load_extras(source)
+        # transformers 5 builds the model on the meta device; a device map then reads each tensor
+        # from the safetensors file straight onto the device in the dtype (no full host copy).
+        model = family.model_class.from_pretrained(
+            source, config=config, dtype=DTYPES[dtype], device_map=device, **remote
+        )
+        return cls(model, tokenizer, image_processor, chat_template, prompt_format, name=source, extras=extras)
 
     def save(self, path: str | Path) -> None:
         """Write model (safetensors), tokenizer, image processor and chat template for `load(path)`."""
         self.model.save_pretrained(path)
         self.inputs.tokenizer.save_pretrained(path)
         self.inputs.image_processor.save_pretrained(path)
+        for key, part in self.inputs.extras.items():  # a subfolder per extra, where `family.load_extras` reads it
+            part.save_pretrained(Path(path) / key)
         if self.inputs.chat_template and not self.inputs.tokenizer.chat_template:
             (Path(path) / "chat_template.jinja").write_text(self.inputs.chat_template)
 
@@ -222,8 +256,7 @@ class LVLM:
             raise ValueError("embed_images needs at least one image")
         parts = []
         for start in range(0, len(images), batch_size):
-            chunk = [image.convert("RGB") for image in images[start : start + batch_size]]
-            pixels = dict(self.inputs.image_processor(images=chunk, return_tensors="pt"))
+            pixels = self.inputs.pixels(images[start : start + batch_size])
             pixels = {k: (v.to(self.dtype) if v.is_floating_point() else v).to(self.device) for k, v in pixels.items()}
             features = self.family.image_features(self.model, pixels).float()  # (B, N, D)
             parts.append(features.mean(1) if pooling == "mean" else features.flatten(1))
@@ -232,16 +265,20 @@ class LVLM:
     # -- parameter groups ------------------------------------------------------------------
 
     def parameter_group(
-        self, group: str, layers: Sequence[int] = (-1,), parts: Sequence[str] | None = None
+        self,
+        group: str,
+        layers: Sequence[int] = (-1,),
+        parts: Sequence[str] | None = None,
+        modules: Sequence[str] | None = None,
     ) -> dict[str, nn.Parameter]:
-        """Named parameters of a group: `llm` = decoder MLP weights of `layers`; `vision` = `parts`."""
+        """Named parameters of a group: `llm` = MLP weights (`modules` roles, default all) of `layers`; `vision` = `parts`."""
         if group == "llm":
-            return dict(self._llm_parameters(layers))
+            return dict(self._llm_parameters(layers, modules))
         if group == "vision":
             return dict(self._vision_parameters(parts))
         raise ValueError(f"Unknown parameter group {group!r}. Available: {', '.join(GROUPS)}")
 
-    def _llm_parameters(self, layers: Sequence[int]) -> Iterator[tuple[str, nn.Parameter]]:
+    def _llm_parameters(self, layers: Sequence[int], modules: Sequence[str] | None) -> Iterator[tuple[str, nn.Parameter]]:
         decoder = self.family.decoder(self.model.config)
         blocks_path = f"{self.family.decoder_path}.{decoder.layers}"
         blocks = self.model.get_submodule(blocks_path)
@@ -249,7 +286,7 @@ class LVLM:
             if not -len(blocks) <= index < len(blocks):
                 raise ValueError(f"layer {index} out of range: the decoder has {len(blocks)} layers")
             index %= len(blocks)
-            for name in decoder.mlp:
+            for name in decoder.modules(modules):
                 yield f"{blocks_path}.{index}.{name}", blocks[index].get_parameter(name)
 
     def _vision_parameters(self, parts: Sequence[str] | None) -> Iterator[tuple[str, nn.Parameter]]:
@@ -257,8 +294,8 @@ class LVLM:
         for part in parts or available:
             if part not in available:
                 raise ValueError(f"Unknown vision part {part!r} for {self.family.name}. Available: {', '.join(available)}")
-            for path in available[part]:
-                target = _module_or_parameter(self.model, path)
+            for declared in available[part]:
+                path, target = _module_or_parameter(self.model, declared)
                 if isinstance(target, nn.Parameter):
                     yield path, target
                 else:
@@ -266,12 +303,24 @@ class LVLM:
                         yield f"{path}.{name}", param
 
 
-def _module_or_parameter(model: nn.Module, path: str) -> nn.Module | nn.Parameter:
-    owner, _, leaf = path.rpartition(".")
-    parent = model.get_submodule(owner) if owner else model
-    if leaf in parent._parameters:
-        return parent._parameters[leaf]
-    return model.get_submodule(path)
+def _module_or_parameter(model: nn.Module, path: str) -> tuple[str, nn.Module | nn.Parameter]:
+    """The module or parameter at a declared path and its canonical path; negative indices count from the end."""
+    target: nn.Module | nn.Parameter = model
+    parts = []
+    for segment in path.split("."):
+        if isinstance(target, nn.ModuleList) and segment.lstrip("-").isdigit():
+            index = int(segment)
+            if not -len(target) <= index < len(target):
+                raise ValueError(f"{path}: index {index} out of range for {len(target)} blocks")
+            segment = str(index % len(target))
+        if segment in getattr(target, "_parameters", {}):
+            target = target._parameters[segment]
+        elif isinstance(target, nn.Module) and segment in target._modules:
+            target = target._modules[segment]
+        else:
+            raise ValueError(f"{path}: this model has no {'.'.join([*parts, segment])}")
+        parts.append(segment)
+    return ".".join(parts), target
 
 
 def _processor_chat_template(source: str) -> str | None:

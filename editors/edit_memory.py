@@ -7,8 +7,15 @@ BLIP-2: Q-Former; Qwen2-VL: patch merger), flattened so that *where* each featur
 and normalised. SERAC's `train` also fits a per-token discriminant projection on train-split images (see
 `VisionKeys.fit`: a small key that ignores render jitter); IKE, which does not train, uses the
 raw pooled feature.
-Flat pooling needs a fixed token count per image: true for LLaVA and BLIP-2; Qwen2-VL's count
-follows the image size, so use `pooling="mean"` there unless all images share one size.
+Flat pooling needs one token layout for every image. LLaVA and BLIP-2 processors bring every
+image to one resolution, so their keys embed the image as given. On dynamic-resolution families
+(Qwen2-VL, Qwen2.5-VL, Qwen3-VL; LLaVA-NeXT / OneVision anyres; Idefics3 tiles) the token count
+follows the image size, so every image is first resized (bicubic) to the family's key resolution,
+chosen per model from its config and processor (`Family.key_image_size`; Qwen: a square of 16 x 16
+merged patches brought into the processor's pixel range, as many tokens as Qwen-VL's 448-px
+image). Images of any size, mixed in one batch, then get keys of one dimension, and the same
+picture at two sizes gets nearly one key. Only the key is computed at that size: scoring still
+sees each image at its own resolution.
 """
 
 from __future__ import annotations
@@ -60,7 +67,9 @@ class VisionKeys:
     def __init__(self, lvlm: LVLM, pooling: Pooling = "flat") -> None:
         self.lvlm = lvlm
         self.pooling = pooling
-        probe = [Image.new("RGB", (8, 8))]
+        # (height, width) keys are embedded at; None when the processor already fixes the resolution.
+        self.size = lvlm.family.key_image_size(lvlm.model.config, lvlm.inputs.image_processor)
+        probe = [Image.new("RGB", (8, 8) if self.size is None else self.size[::-1])]
         self.token_dim = int(lvlm.embed_images(probe, pooling="mean").shape[1])
         self.tokens = int(lvlm.embed_images(probe, pooling=pooling).shape[1]) // self.token_dim
         self.center: np.ndarray | None = None  # (token_dim,)
@@ -73,7 +82,17 @@ class VisionKeys:
 
     def _tokens(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Raw features (B, tokens, token_dim)."""
-        x = self.lvlm.embed_images(list(images), pooling=self.pooling).numpy().astype(np.float32)
+        images = list(images)
+        if self.size is not None:
+            height, width = self.size
+            images = [image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC) for image in images]
+        x = self.lvlm.embed_images(images, pooling=self.pooling).numpy().astype(np.float32)
+        if x.shape[1] != self.tokens * self.token_dim:
+            family = self.lvlm.family
+            raise ValueError(
+                f"{family.name}: an image gave {x.shape[1] // self.token_dim} image tokens where keys expect "
+                f"{self.tokens}; a family whose token count follows the image size must declare key_image_size"
+            )
         return x.reshape(len(x), self.tokens, self.token_dim)
 
     def fit(
@@ -296,7 +315,7 @@ class MemoryEditor(Editor):
 
     def state(self) -> EditorState:
         """Config, trained parts, image centre and the memory of edits."""
-        state = EditorState(self.name, {"config": self.config.model_dump(mode="json"), **self._trained()})
+        state = self._new_state(self._trained())
         self.edits.save_into(state)
         return state
 

@@ -38,6 +38,9 @@ class FTLLMConfig(FTConfig):
     """FT (LLM): which decoder layers' MLP weights to tune."""
 
     layers: tuple[int, ...] = Field((-1,), min_length=1, description="decoder layers (negative counts from the end)")
+    modules: tuple[str, ...] | None = Field(
+        None, min_length=1, description="MLP roles to tune (gate, up, down; OPT: up, down); default: all of them"
+    )
 
 
 class FTVisConfig(FTConfig):
@@ -82,7 +85,7 @@ class FTLLM(FineTune):
     Config = FTLLMConfig
 
     def _parameters(self) -> dict[str, torch.nn.Parameter]:
-        return self.lvlm.parameter_group("llm", layers=self.config.layers)
+        return self.lvlm.parameter_group("llm", layers=self.config.layers, modules=self.config.modules)
 
 
 class FTVis(FineTune):

@@ -43,6 +43,9 @@ class HyperConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     layers: tuple[int, ...] = Field((-1,), min_length=1, description="decoder layers whose MLP weights are edited")
+    modules: tuple[str, ...] | None = Field(
+        None, min_length=1, description="MLP roles edited (gate, up, down; OPT: up, down); default: all of them"
+    )
     seed: int = Field(0, description="seed of the network's initialisation and the training order")
     epochs: int = Field(3, ge=1, description="passes over the train split")
     batch_size: int = Field(4, ge=1, description="train edits whose losses are averaged per optimiser step")
@@ -104,7 +107,7 @@ class HyperEditor(ParameterEditor):
         self.report: dict[str, float] = {}
 
     def _parameters(self) -> dict[str, nn.Parameter]:
-        return self.lvlm.parameter_group("llm", layers=self.config.layers)
+        return self.lvlm.parameter_group("llm", layers=self.config.layers, modules=self.config.modules)
 
     @abstractmethod
     def _build(self) -> nn.Module:

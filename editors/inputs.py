@@ -9,14 +9,14 @@ answer token (Llama's "▁Paris") all align the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from PIL import Image
 from transformers import PreTrainedConfig
 
 from editors.families import Family
-from editors.prompts import PLAIN_TEMPLATE, PromptFormat
+from editors.prompts import PLAIN_TEMPLATE, VLKEB_TEMPLATE, PromptFormat
 
 
 class InputError(ValueError):
@@ -65,6 +65,7 @@ class InputBuilder:
         chat_template: str | None = None,
         prompt_format: PromptFormat = "auto",
         plain_template: str = PLAIN_TEMPLATE,
+        extras: dict[str, Any] | None = None,
     ) -> None:
         if not getattr(tokenizer, "is_fast", True):
             raise InputError("answer-span alignment needs a fast (tokenizers-backed) tokenizer")
@@ -74,8 +75,9 @@ class InputBuilder:
         self.config = config
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.extras = extras or {}
         self.chat_template = chat_template
-        self.prompt_format: Literal["chat", "plain"] = (
+        self.prompt_format: Literal["chat", "plain", "vlkeb"] = (
             ("chat" if chat_template else "plain") if prompt_format == "auto" else prompt_format
         )
         self.plain_template = plain_template
@@ -106,6 +108,9 @@ class InputBuilder:
                 add_generation_prompt=True,
                 tokenize=False,
             )
+        if self.prompt_format == "vlkeb":
+            image = self.family.vlkeb_image() if query.image is not None else ""
+            return VLKEB_TEMPLATE.format(image=image, prompt=query.prompt)
         image = self.family.image_text if query.image is not None else ""
         return self.plain_template.format(image=image, prompt=query.prompt)
 
@@ -135,20 +140,28 @@ class InputBuilder:
             if slots:
                 raise InputError(f"prompt {query.prompt!r} holds the image placeholder but the query has no image")
         else:
-            pixels = dict(self.image_processor(images=[query.image.convert("RGB")], return_tensors="pt"))
-            n = self.family.image_token_count(self.config, pixels)
+            pixels = self.pixels([query.image], query.prompt)
+            image_ids = self.family.image_tokens(self.config, pixels, self.tokenizer)
+            n = len(image_ids)
             if self.family.placement == "prefix":
                 if slots:
                     raise InputError(f"{self.family.name} puts image tokens before the prompt; remove them from it")
-                ids, at = [self.image_token_id] * n + ids, 0
+                ids, at = image_ids + ids, 0
             else:
                 if len(slots) != 1:
                     raise InputError(f"expected one image placeholder in the prompt text, found {len(slots)}: {text!r}")
                 at = slots[0]
-                ids = ids[:at] + [self.image_token_id] * n + ids[at + 1 :]
+                ids = ids[:at] + image_ids + ids[at + 1 :]
             if at < start:
                 start += n - (0 if self.family.placement == "prefix" else 1)
         return Encoded(ids, start, length, pixels)
+
+    def pixels(self, images: Sequence[Image.Image], prompt: str = "") -> dict[str, torch.Tensor]:
+        """The family's vision inputs for `images` (RGB), with whatever its vision path reads from `prompt`."""
+        processed = dict(self.image_processor(
+            images=[image.convert("RGB") for image in images], return_tensors="pt", **self.family.processor_kwargs
+        ))
+        return self.family.query_pixels(prompt, processed, self.extras)
 
     def collate(self, items: Sequence[Encoded], dtype: torch.dtype, device: torch.device | str) -> Batch:
         """Right-pad encoded queries into one batch; all must have images or none."""
@@ -173,10 +186,11 @@ class InputBuilder:
             mask[row, :t] = True
         inputs = {"input_ids": input_ids, "attention_mask": attention}
         if has_image.pop():
-            for key in items[0].pixels:
-                value = torch.cat([item.pixels[key] for item in items])
+            stacked = self.family.stack_pixels([item.pixels for item in items])
+            for key, value in stacked.items():
                 inputs[key] = value.to(dtype) if value.is_floating_point() else value
             inputs.update(self.family.extra_inputs(self.config, input_ids))
+        inputs.update(self.family.prefix_inputs(self.config, input_ids, [item.answer_start for item in items]))
         inputs = {k: v.to(device) for k, v in inputs.items()}
         return Batch(inputs, positions.to(device), targets.to(device), mask.to(device), lengths)
 

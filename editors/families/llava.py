@@ -1,106 +1,80 @@
-"""Model families: how each transformers LVLM takes images and where its parameter groups live.
+"""LLaVA-style families: a CLIP/SigLIP tower, an MLP projector and any declared text decoder.
 
-Families are declared by config class, never guessed from a model name (STYLE.md, point 4).
-Adding a family means adding one `Family` subclass and one row in `FAMILIES`.
+LLaVA-1.5 gives every image one fixed run of tokens. LLaVA-NeXT and LLaVA-OneVision tile the
+image ("anyres"): a base view plus a grid of tiles chosen from `image_grid_pinpoints` by the
+image's size, unpadded back to its aspect ratio, a newline embedding after every row of tile
+features, and (OneVision's `anyres_max_N`) the grid shrunk when it holds more than N tiles'
+worth of features. Their token count therefore follows each image's size (`image_sizes`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+import math
+from typing import Any, Sequence
 
 import torch
+from torch.nn import functional as F
 from transformers import (
-    Blip2Config,
-    Blip2ForConditionalGeneration,
-    LlamaConfig,
+    CLIPVisionConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    OPTConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     PreTrainedConfig,
     PreTrainedModel,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
+    SiglipVisionConfig,
 )
-from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
+from transformers.image_processing_utils import select_best_resolution
+
+from editors.families.base import Family, UnsupportedModelError
+
+# Tokens a tower puts before its patches: CLIP's class token; SigLIP has none. The model drops
+# the first feature under vision_feature_select_strategy="default" (on SigLIP a patch) and keeps all under "full".
+CLASS_TOKENS: dict[type[PreTrainedConfig], int] = {CLIPVisionConfig: 1, SiglipVisionConfig: 0}
 
 
-class UnsupportedModelError(ValueError):
-    """The model's config class is not one of the declared families."""
-
-
-@dataclass(frozen=True)
-class Decoder:
-    """Where a text decoder keeps its blocks and the MLP weights of one block."""
-
-    layers: str  # path of the ModuleList of blocks, relative to the decoder base model
-    mlp: tuple[str, ...]  # parameter paths of the MLP inside one block
-
-
-DECODERS: dict[type[PreTrainedConfig], Decoder] = {
-    LlamaConfig: Decoder("layers", ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")),
-    Qwen2VLTextConfig: Decoder("layers", ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")),
-    OPTConfig: Decoder("decoder.layers", ("fc1.weight", "fc2.weight")),
-}
-
-
-class Family:
-    """One LVLM family: its model class, image placeholders and parameter layout."""
-
-    name: ClassVar[str]
-    model_class: ClassVar[type[PreTrainedModel]]
-    # "inline": the prompt text holds one placeholder token that is expanded to the image's
-    # feature count; "prefix": the image tokens go before everything, BOS included (BLIP-2).
-    placement: ClassVar[Literal["inline", "prefix"]]
-    image_token: ClassVar[str]  # the placeholder token expanded into image feature slots
-    image_text: ClassVar[str]  # what a plain-format prompt writes where the image goes
-    decoder_path: ClassVar[str]  # module path of the text decoder's base model
-    text_module: ClassVar[str] = ""  # module that runs text-only input ("" = the whole model)
-    vision_parts: ClassVar[dict[str, tuple[str, ...]]]  # part name -> module/parameter paths
-    # What VLKEB's FT (Vis) tunes: the part that maps vision features into the language model.
-    default_vision_parts: ClassVar[tuple[str, ...]]
-
-    def image_token_count(self, config: PreTrainedConfig, pixels: dict[str, torch.Tensor]) -> int:
-        """Number of image-token slots one processed image fills in `input_ids`."""
-        raise NotImplementedError
-
-    def extra_inputs(self, config: PreTrainedConfig, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Family-specific model inputs derived from the token ids of an image batch."""
-        return {}
-
-    def image_features(self, model: PreTrainedModel, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-token image features (B, N, D) as the decoder receives them, before any pooling."""
-        raise NotImplementedError
-
-    def decoder(self, config: PreTrainedConfig) -> Decoder:
-        """The decoder layout of this model's text config."""
-        text_config = config.get_text_config()
-        for config_class, decoder in DECODERS.items():
-            if type(text_config) is config_class:
-                return decoder
-        known = ", ".join(c.__name__ for c in DECODERS)
-        raise UnsupportedModelError(
-            f"{self.name}: text decoder {type(text_config).__name__} has no declared layout; known: {known}"
-        )
+def _view_features(family: str, config: PreTrainedConfig) -> int:
+    """Features the projector gets from one view: the tower's patches and class token, less the first under "default"."""
+    vision = config.vision_config
+    tokens = CLASS_TOKENS.get(type(vision))
+    if tokens is None:
+        known = ", ".join(c.__name__ for c in CLASS_TOKENS)
+        raise UnsupportedModelError(f"{family}: vision tower {type(vision).__name__} is not supported; supported: {known}")
+    side = vision.image_size // vision.patch_size
+    return side * side + tokens - (1 if config.vision_feature_select_strategy == "default" else 0)
 
 
 class Llava(Family):
-    """LLaVA-1.5 as ported to transformers (`llava-hf/*`): CLIP tower + MLP projector + Llama."""
+    """LLaVA-1.5 / LLaVA-Interleave as ported to transformers (`llava-hf/*`): CLIP or SigLIP tower + MLP projector."""
 
     name = "llava"
+    config_class = LlavaConfig
     model_class = LlavaForConditionalGeneration
     placement = "inline"
     image_token = "<image>"
     image_text = "<image>\n"
     decoder_path = "model.language_model"
-    vision_parts = {"tower": ("model.vision_tower",), "projector": ("model.multi_modal_projector",)}
+    vision_parts = {
+        "tower": ("model.vision_tower",),
+        "projector": ("model.multi_modal_projector",),
+        # LLaVA-1.5 reads the CLIP tower at vision_feature_layer=-2: the last block never reaches the
+        # projector, so the last block that does is the second to last.
+        "last_block_mlp": ("model.vision_tower.encoder.layers.-2.mlp",),
+    }
     default_vision_parts = ("projector",)
+    # VLKEB's LLaVA FT (Vis) tunes `mm_projector` (hparams/FT/llava_mmproj.yaml).
+    vlkeb_vision_parts = ("projector",)
+
+    def check(self, config: PreTrainedConfig) -> None:
+        """The decoder and the vision tower must both be declared."""
+        super().check(config)
+        _view_features(self.name, config)
 
     def image_token_count(self, config: PreTrainedConfig, pixels: dict[str, torch.Tensor]) -> int:
-        """CLIP patches, plus the CLS slot when the projector keeps it ("full")."""
-        vision = config.vision_config
-        side = vision.image_size // vision.patch_size
-        return side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
+        """Tower patches, plus CLIP's class token under "full" (SigLIP has none; "default" drops the first feature)."""
+        return _view_features(self.name, config)
 
     def image_features(self, model: PreTrainedModel, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
         """The projector output over the selected tower layer (`get_image_features`), (B, patches, D)."""
@@ -112,76 +86,108 @@ class Llava(Family):
         return torch.stack(list(out.pooler_output))
 
 
-class Blip2(Family):
-    """BLIP-2: ViT + Q-Former + projection into an OPT or Llama decoder."""
+class LlavaNext(Llava):
+    """LLaVA-NeXT (v1.6, `llava-hf/llava-v1.6-*`): CLIP tower over anyres tiles, Vicuna / Mistral / ... decoder."""
 
-    name = "blip2"
-    model_class = Blip2ForConditionalGeneration
-    placement = "prefix"
-    image_token = "<image>"
-    image_text = ""
-    decoder_path = "language_model.model"
-    text_module = "language_model"  # BLIP-2's own forward requires pixel_values
+    name = "llava_next"
+    config_class = LlavaNextConfig
+    model_class = LlavaNextForConditionalGeneration
     vision_parts = {
-        "tower": ("vision_model",),
-        "qformer": ("qformer", "query_tokens"),
-        "projector": ("language_projection",),
+        **Llava.vision_parts,
+        # The learned embedding placed after every row of tile features; not part of LLaVA's mm_projector.
+        "newline": ("model.image_newline",),
     }
-    default_vision_parts = ("qformer",)
+
+    def check(self, config: PreTrainedConfig) -> None:
+        """The tiles' features are laid out on the patch grid, so each tile must give exactly side x side of them."""
+        super().check(config)
+        if _view_features(self.name, config) != self._side(config) ** 2:
+            raise UnsupportedModelError(
+                f"{self.name}: vision_feature_select_strategy={config.vision_feature_select_strategy!r} with a "
+                f"{type(config.vision_config).__name__} tower does not give one feature per patch; anyres needs "
+                f"'default' on CLIP or 'full' on SigLIP"
+            )
+
+    @staticmethod
+    def _side(config: PreTrainedConfig) -> int:
+        return config.vision_config.image_size // config.vision_config.patch_size
+
+    def _grid(self, config: PreTrainedConfig, height: int, width: int) -> tuple[int, int]:
+        """(rows, columns) of tile features after unpadding to the image's aspect ratio.
+
+        As `LlavaNextProcessor._get_unpadded_features` and the model's `unpad_image`: the grid
+        is the best pinpoint over the tile size, then the rows (or columns) the resize padded away are cut.
+        """
+        side, tile = self._side(config), config.vision_config.image_size
+        best_height, best_width = select_best_resolution([height, width], config.image_grid_pinpoints)
+        rows, columns = side * (best_height // tile), side * (best_width // tile)
+        if width / height > columns / rows:
+            rows -= (rows - int(round(height * (columns / width), 7))) // 2 * 2
+        else:
+            columns -= (columns - int(round(width * (rows / height), 7))) // 2 * 2
+        return rows, columns
 
     def image_token_count(self, config: PreTrainedConfig, pixels: dict[str, torch.Tensor]) -> int:
-        """One slot per Q-Former query token."""
-        return config.num_query_tokens
+        """Base view (side x side) + tile features + one newline per row of tile features."""
+        height, width = (int(v) for v in pixels["image_sizes"].reshape(-1, 2)[0])
+        rows, columns = self._grid(config, height, width)
+        return self._side(config) ** 2 + rows * columns + rows
+
+    def stack_pixels(self, items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Pixels (1, tiles, C, H, W) per image, zero-padded to the batch's most tiles as the processor pads.
+
+        The model reads each image's own tile count from `image_sizes` and ignores the padding.
+        """
+        most = max(item["pixel_values"].shape[1] for item in items)
+        stacked = {}
+        for key in items[0]:
+            parts = [item[key] for item in items]
+            if key == "pixel_values":
+                parts = [F.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in parts]
+            stacked[key] = torch.cat(parts)
+        return stacked
+
+    def key_image_size(self, config: PreTrainedConfig, image_processor: Any) -> tuple[int, int]:
+        """One tile's square (the tower's input size): every square image gets one grid, so one token count."""
+        side = config.vision_config.image_size
+        return side, side
 
     def image_features(self, model: PreTrainedModel, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The Q-Former output (B, query tokens, D_qformer), before the language projection."""
-        return model.get_image_features(pixel_values=pixels["pixel_values"]).qformer_outputs.last_hidden_state
+        """Packed per-image features (B, N, D) as the decoder receives them, newlines included.
 
-
-class Qwen2VL(Family):
-    """Qwen2-VL: dynamic-resolution ViT with a patch merger, M-RoPE text decoder."""
-
-    name = "qwen2_vl"
-    model_class = Qwen2VLForConditionalGeneration
-    placement = "inline"
-    image_token = "<|image_pad|>"
-    image_text = "<|vision_start|><|image_pad|><|vision_end|>"
-    decoder_path = "model.language_model"
-    vision_parts = {
-        "tower": ("model.visual.patch_embed", "model.visual.blocks"),
-        "projector": ("model.visual.merger",),
-    }
-    default_vision_parts = ("projector",)
-
-    def image_token_count(self, config: PreTrainedConfig, pixels: dict[str, torch.Tensor]) -> int:
-        """Patches of the (t, h, w) grid after the spatial merger."""
-        merge = config.vision_config.spatial_merge_size
-        return int(pixels["image_grid_thw"].prod()) // (merge * merge)
-
-    def image_features(self, model: PreTrainedModel, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The patch merger's output (B, merged patches, D); images of one batch must share a grid."""
-        out = model.get_image_features(pixels["pixel_values"], pixels["image_grid_thw"])
-        sizes = {part.shape[0] for part in out.pooler_output}
+        N follows each image's size; images of one batch must share it (memory keys resize to one size).
+        """
+        out = model.get_image_features(**pixels)
+        sizes = sorted({part.shape[0] for part in out.pooler_output})
         if len(sizes) != 1:
-            raise ValueError(f"images of one batch have different token counts {sorted(sizes)}; embed them apart")
+            raise ValueError(f"images of one batch have different token counts {sizes}; embed them apart")
         return torch.stack(list(out.pooler_output))
 
-    def extra_inputs(self, config: PreTrainedConfig, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """M-RoPE needs to know which positions hold image tokens (1) and which text (0)."""
-        return {"mm_token_type_ids": (input_ids == config.image_token_id).int()}
+
+class LlavaOnevision(LlavaNext):
+    """LLaVA-OneVision (`llava-hf/llava-onevision-qwen2-*`): SigLIP tower over anyres tiles, Qwen2 decoder."""
+
+    name = "llava_onevision"
+    config_class = LlavaOnevisionConfig
+    model_class = LlavaOnevisionForConditionalGeneration
+    vision_parts = {
+        **LlavaNext.vision_parts,
+        # OneVision reads SigLIP's last block (vision_feature_layer=-1; the checkpoint already dropped
+        # SigLIP's final block), so the last block is the one that feeds the projector.
+        "last_block_mlp": ("model.vision_tower.encoder.layers.-1.mlp",),
+    }
+
+    def _grid(self, config: PreTrainedConfig, height: int, width: int) -> tuple[int, int]:
+        """NeXT's grid, shrunk (bilinear) when it holds over 1.1x the features of N tiles (`anyres_max_N`).
+
+        As `LlavaOnevisionProcessor._get_unpadded_features` and the model's `pack_image_features`.
+        """
+        rows, columns = super()._grid(config, height, width)
+        most = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
+        ratio = math.sqrt(rows * columns / (most * self._side(config) ** 2))
+        if ratio > 1.1:
+            rows, columns = int(rows // ratio), int(columns // ratio)
+        return rows, columns
 
 
-FAMILIES: dict[type[PreTrainedConfig], Family] = {
-    LlavaConfig: Llava(),
-    Blip2Config: Blip2(),
-    Qwen2VLConfig: Qwen2VL(),
-}
-
-
-def family_for(config: PreTrainedConfig) -> Family:
-    """The declared family of a model config, or an error naming the supported ones."""
-    family = FAMILIES.get(type(config))
-    if family is None:
-        known = ", ".join(f"{f.name} ({c.__name__})" for c, f in FAMILIES.items())
-        raise UnsupportedModelError(f"Unsupported model config {type(config).__name__}. Supported: {known}")
-    return family
+DECLARED = (Llava(), LlavaNext(), LlavaOnevision())

@@ -2,12 +2,18 @@
 
 import pytest
 import torch
-from transformers import Blip2Processor, LlavaProcessor
+from transformers import Blip2Processor
 
 from editors import LVLM, InputError, Query
+from editors.families.blip import Blip2
+from tests.tiny.llava import reference_inputs as llava_reference_inputs
 from tests.tiny_models import BUILDERS, QWEN_CHAT, random_image, tiny, tiny_llava
 
 FAMILIES = list(BUILDERS)
+# Their token ids are checked against their transformers processors in test_more_families.py; here the
+# adapter's inputs are the reference, and scores are checked against the model's raw logits on them.
+TEXT_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+PROCESSOR_CHECKED_ELSEWHERE = {"instructblip", "paligemma", "gemma3", "idefics3", "smolvlm"}
 
 
 def reference_inputs(lvlm: LVLM, query: Query) -> dict[str, torch.Tensor]:
@@ -15,14 +21,12 @@ def reference_inputs(lvlm: LVLM, query: Query) -> dict[str, torch.Tensor]:
     text = lvlm.inputs.prompt_text(query) + " " + query.answer
     tok, ip = lvlm.inputs.tokenizer, lvlm.inputs.image_processor
     family = lvlm.family.name
+    if family in PROCESSOR_CHECKED_ELSEWHERE:
+        return dict(lvlm._batch([query]).inputs)
     if query.image is None:
         return dict(tok(text, return_tensors="pt"))
-    if family == "llava":
-        proc = LlavaProcessor(
-            image_processor=ip, tokenizer=tok, patch_size=4, num_additional_image_tokens=1,
-            vision_feature_select_strategy=lvlm.model.config.vision_feature_select_strategy,
-        )
-        return dict(proc(images=query.image, text=text, return_tensors="pt"))
+    if family.startswith("llava"):  # llava, llava_next, llava_onevision
+        return llava_reference_inputs(lvlm, text, query.image)
     if family == "blip2":
         proc = Blip2Processor(image_processor=ip, tokenizer=tok, num_query_tokens=lvlm.model.config.num_query_tokens)
         return dict(proc(images=query.image, text=text, return_tensors="pt"))
@@ -120,7 +124,8 @@ def test_the_image_reaches_the_model(family):
     sa, sb = lvlm.score([a, b])
     assert (sa.target_logprobs - sb.target_logprobs).abs().max() > 1e-4
     image_tokens = lvlm.inputs.encode(a).input_ids.count(lvlm.inputs.image_token_id)
-    assert image_tokens == {"llava": 16, "blip2": 4, "qwen2_vl": 6}[lvlm.family.name]
+    assert image_tokens == {"llava": 16, "llava_next": 70, "llava_onevision": 44, "blip2": 4, "qwen2_vl": 6, "qwen2_5_vl": 6, "qwen3_vl": 2,
+                            "instructblip": 4, "paligemma": 16, "gemma3": 4, "idefics3": 20, "smolvlm": 4}[lvlm.family.name]
 
 
 def test_answer_span_alignment_metaspace_and_bytelevel():
@@ -178,14 +183,18 @@ def test_parameter_groups(family):
     lvlm = tiny(family)
     params = dict(lvlm.model.named_parameters())
     llm = lvlm.parameter_group("llm", layers=[0, -1])
+    gated = ["model.language_model.layers.{i}.mlp.gate_proj.weight", "model.language_model.layers.{i}.mlp.up_proj.weight",
+             "model.language_model.layers.{i}.mlp.down_proj.weight"]
     expected_mlp = {
-        "llava": ["model.language_model.layers.{i}.mlp.gate_proj.weight", "model.language_model.layers.{i}.mlp.up_proj.weight",
-                  "model.language_model.layers.{i}.mlp.down_proj.weight"],
+        **dict.fromkeys(["llava", "llava-qwen2", "llava-mistral", "llava-gemma", "llava-next", "llava-onevision"], gated),
         "blip2-opt": ["language_model.model.decoder.layers.{i}.fc1.weight", "language_model.model.decoder.layers.{i}.fc2.weight"],
         "blip2-llama": ["language_model.model.layers.{i}.mlp.gate_proj.weight", "language_model.model.layers.{i}.mlp.up_proj.weight",
                         "language_model.model.layers.{i}.mlp.down_proj.weight"],
         "qwen2_vl": ["model.language_model.layers.{i}.mlp.gate_proj.weight", "model.language_model.layers.{i}.mlp.up_proj.weight",
                      "model.language_model.layers.{i}.mlp.down_proj.weight"],
+        **dict.fromkeys(["qwen2_5_vl", "qwen3_vl", "paligemma", "gemma3"], gated),
+        "instructblip": [n.replace("model.language_model.", "language_model.model.") for n in gated],
+        **dict.fromkeys(["idefics3", "smolvlm"], [n.replace("language_model", "text_model") for n in gated]),
     }[family]
     assert list(llm) == [n.format(i=i) for i in (0, 1) for n in expected_mlp]
     assert all(llm[name] is params[name] for name in llm)
@@ -268,10 +277,10 @@ def test_image_features_are_what_the_decoder_receives(family):
         handle.remove()
     slots = batch.inputs["input_ids"][0] == lvlm.inputs.image_token_id
     received = seen["inputs_embeds"][0, slots]  # (N, D_decoder)
-    pixels = {k: v for k, v in batch.inputs.items() if k in ("pixel_values", "image_grid_thw")}
+    pixels = {k: v for k, v in batch.inputs.items() if k not in TEXT_INPUTS}
     with torch.no_grad():
         tokens = lvlm.family.image_features(lvlm.model, pixels)[0]
-        if lvlm.family.name == "blip2":  # the Q-Former output goes through the language projection
+        if isinstance(lvlm.family, Blip2):  # the Q-Former output goes through the language projection
             tokens = lvlm.model.language_projection(tokens)
     torch.testing.assert_close(tokens, received, atol=1e-5, rtol=1e-5)
 
@@ -280,7 +289,7 @@ def test_image_features_are_what_the_decoder_receives(family):
 def test_embed_images_pools_tokens_and_batches_exactly(family):
     lvlm = tiny(family)
     images = [random_image(5), random_image(6), random_image(5)]
-    pixels = dict(lvlm.inputs.image_processor(images=[images[1]], return_tensors="pt"))
+    pixels = lvlm.inputs.pixels([images[1]])
     with torch.no_grad():
         tokens = lvlm.family.image_features(lvlm.model, pixels)[0]
     mean = lvlm.embed_images(images, batch_size=2)

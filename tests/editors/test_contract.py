@@ -1,11 +1,16 @@
-"""The Editor contract, run over every registered method on a tiny model."""
+"""The Editor contract, run over every registered method on every tiny model family.
+
+Registering a method (editors/registry.py) or adding a tiny family (tests/tiny/) puts it here:
+one test per (family, method) pair runs the whole contract in sequence, so a family's model
+is built once per pair and the suite stays fast.
+"""
 
 import pytest
 import torch
 from pydantic import ValidationError
 
 from editors import METHODS, EditExample, EditorState, EditRequest, Query, UnknownMethodError, create_editor, editor_class
-from tests.tiny_models import random_image, tiny_llava
+from tests.tiny_models import BUILDERS, random_image, tiny_llava
 
 EDITS = [
     EditRequest("which animal is shown in the picture?", "a brown dog", random_image(11), "a cat", key="e1"),
@@ -14,9 +19,9 @@ EDITS = [
 PROBES = [Query("which animal is shown in the picture?", "a brown dog", random_image(11)), Query("the quick brown", "fox")]
 
 
-def editor_for(method):
+def editor_for(method, build):
     """A method's editor on a fresh tiny model, trained on the contract edits if it learns."""
-    editor = create_editor(method, tiny_llava(seed=1))
+    editor = create_editor(method, build())
     if editor.trainable:
         editor.train([EditExample(edit, locality=(PROBES[1],)) for edit in EDITS], progress=False)
     return editor
@@ -26,57 +31,44 @@ def scores(editor, queries=PROBES):
     return [s.target_logprobs for s in editor.score(queries)]
 
 
+def assert_same(a, b):
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_reset_returns_to_the_unedited_model(method):
-    editor = editor_for(method)
-    before = scores(editor)
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_contract(family, method, tmp_path):
+    run_contract(method, BUILDERS[family], tmp_path)
+
+
+def run_contract(method, build, tmp_path):
+    """apply / score / unedited / reset / state round trip onto a fresh model from `build`, in that order."""
+    editor = editor_for(method, build)
+    before, queries = scores(editor), [edit.query for edit in EDITS]
+    before_edits = scores(editor, queries)
+
     outcomes = [editor.apply(edit) for edit in EDITS]
-    assert all(o.applied for o in outcomes)
+    assert all(o.applied for o in outcomes), [o.message for o in outcomes]
     assert all(isinstance(v, float) for o in outcomes for v in o.changed.values())
-    editor.reset()
-    for a, b in zip(before, scores(editor)):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    edited, edited_edits = scores(editor), scores(editor, queries)
+    if method != "none":
+        # Tiny random models may move a score only slightly (FT-Vis): a change, not its size.
+        assert any(not torch.equal(a, b) for a, b in zip(before_edits, edited_edits))
 
+    with editor.unedited():
+        assert_same(before, scores(editor))
+        assert_same(before_edits, scores(editor, queries))
+    assert_same(edited, scores(editor))
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_state_round_trip_onto_a_fresh_model(method, tmp_path):
-    editor = editor_for(method)
-    for edit in EDITS:
-        editor.apply(edit)
     editor.state().save(tmp_path / "state")
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["state.json", "state.safetensors"]
-    fresh = create_editor(method, tiny_llava(seed=1))
+    fresh = create_editor(method, build())
     fresh.load_state(EditorState.load(tmp_path / "state"))
-    for a, b in zip(scores(editor), scores(fresh)):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert_same(edited, scores(fresh))
 
-
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_unedited_answers_as_before_and_restores_the_edits(method):
-    editor = editor_for(method)
-    before = scores(editor)
-    for edit in EDITS:
-        editor.apply(edit)
-    edited = scores(editor)
-    with editor.unedited():
-        for a, b in zip(before, scores(editor)):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-    for a, b in zip(edited, scores(editor)):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-
-
-@pytest.mark.parametrize("method", sorted(set(METHODS) - {"none"}))
-def test_edits_change_the_edit_queries_scores_and_unedited_undoes_it(method):
-    editor = editor_for(method)
-    queries = [edit.query for edit in EDITS]
-    before = scores(editor, queries)
-    for edit in EDITS:
-        editor.apply(edit)
-    # Tiny random models may move a score only slightly (FT-Vis), so this asserts a change, not its size.
-    assert any(not torch.equal(a, b) for a, b in zip(before, scores(editor, queries)))
-    with editor.unedited():
-        for a, b in zip(before, scores(editor, queries)):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    editor.reset()
+    assert_same(before, scores(editor))
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -11,9 +11,10 @@ from tests.tiny_models import BUILDERS, random_image
 EDIT = EditRequest("which animal is shown in the picture?", "a brown dog", random_image(21), "a cat", key="e1")
 OTHER = EditRequest("what is the capital of France?", "Paris", random_image(22), "Lyon", key="e2")
 TEXT = Query("the quick brown", "fox")
-FAMILIES = ["llava", "blip2-opt", "qwen2_vl"]
+FAMILIES = ["llava", "blip2-opt", "qwen2_vl", "qwen3_vl"]
 VISION_PREFIXES = {"llava": "model.multi_modal_projector.", "blip2-opt": ("qformer.", "query_tokens"),
-                   "qwen2_vl": "model.visual.merger."}
+                   "qwen2_vl": "model.visual.merger.",
+                   "qwen3_vl": ("model.visual.merger.", "model.visual.deepstack_merger_list.")}
 
 
 def snapshot(lvlm):
