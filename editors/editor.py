@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,6 +17,8 @@ from pydantic import BaseModel
 from editors.adapter import LVLM, SpanScore
 from editors.inputs import Query
 from editors.state import EditorState
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class Editor(ABC):
 
     def __init__(self, lvlm: LVLM, config: BaseModel | dict[str, Any] | None = None) -> None:
         self.lvlm = lvlm
+        self.model_identity = model_identity(lvlm)  # stamped into every state() as meta["model"]
         self.config = config if isinstance(config, self.Config) else self.Config.model_validate(config or {})
 
     @abstractmethod
@@ -134,9 +140,68 @@ class Editor(ABC):
     def reset(self) -> None:
         """Undo every edit: back to the unedited model."""
 
+    def _new_state(self, meta: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None) -> EditorState:
+        """A state of this editor: the model it was made on and its config, plus the method's own parts."""
+        base = {"model": self.model_identity, "config": self.config.model_dump(mode="json")}
+        return EditorState(self.name, {**base, **(meta or {})}, tensors or {})
+
     def _check_state(self, state: EditorState) -> None:
+        """Refuse a state of another method, or one trained on another model or prompt format."""
         if state.method != self.name:
-            raise ValueError(f"state was saved by method {state.method!r}, not {self.name!r}")
+            raise StateMismatchError(f"state was saved by method {state.method!r}, not {self.name!r}")
+        check_model(state.meta.get("model"), self.model_identity)
+
+
+class StateMismatchError(ValueError):
+    """An editor state that does not belong to this editor: another method, model or prompt format."""
+
+
+def model_identity(lvlm: LVLM) -> dict[str, str]:
+    """What an editor state records about the model it was made on; `config_hash` fingerprints the architecture."""
+    config = lvlm.model.config
+    return {
+        "name": lvlm.name,
+        "config_class": type(config).__name__,
+        "family": lvlm.family.name,
+        "dtype": str(lvlm.dtype).removeprefix("torch."),
+        "prompt_format": lvlm.inputs.prompt_format,
+        "config_hash": hashlib.sha256(json.dumps(_architecture(config.to_dict()), sort_keys=True,
+                                                 default=str).encode()).hexdigest()[:16],
+    }
+
+
+def _architecture(values: dict[str, Any]) -> dict[str, Any]:
+    """A config's dict without what loading changes (path, dtype, library version, private fields)."""
+    return {
+        key: _architecture(value) if isinstance(value, dict) else value
+        for key, value in values.items()
+        if not str(key).startswith("_") and key not in ("dtype", "torch_dtype", "transformers_version")
+    }
+
+
+def check_model(saved: dict[str, str] | None, current: dict[str, str]) -> None:
+    """Refuse a state made on another model (config class or hash) or prompt format; warn on a new name or dtype.
+
+    A state without the record (written before it existed) is accepted with a warning.
+    """
+    if saved is None:
+        log.warning("the editor state does not say which model it was trained on; assuming %r", current["name"])
+        return
+    same_model = all(saved.get(key) == current[key] for key in ("config_class", "config_hash"))
+    if not same_model or saved.get("prompt_format") != current["prompt_format"]:
+        raise StateMismatchError(
+            f"editor state was trained on model {_described(saved)} with prompt format {saved.get('prompt_format')!r}; "
+            f"this run uses {_described(current)} with {current['prompt_format']!r}"
+        )
+    if saved.get("name") != current["name"]:
+        log.warning("the editor state was trained on %r; this run uses %r, with the same config",
+                    saved.get("name"), current["name"])
+    if saved.get("dtype") != current["dtype"]:
+        log.warning("the editor state was trained in %s; this run uses %s", saved.get("dtype"), current["dtype"])
+
+
+def _described(identity: dict[str, str]) -> str:
+    return f"{identity.get('name')!r} ({identity.get('config_class')}, config {identity.get('config_hash')})"
 
 
 def tensor_norms(changes: dict[str, torch.Tensor]) -> dict[str, float]:

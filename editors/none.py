@@ -26,7 +26,7 @@ class NoEdit(Editor):
 
     def state(self) -> EditorState:
         """An empty state."""
-        return EditorState(self.name)
+        return self._new_state()
 
     def load_state(self, state: EditorState) -> None:
         """Check the state is ours; there is nothing to restore."""

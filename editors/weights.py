@@ -150,7 +150,7 @@ class ParameterEditor(Editor):
         meta, trained = self._trained_state()
         tensors = {f"{_TRAINED}{k}": v for k, v in trained.items()}
         tensors |= {f"{_WEIGHTS}{k}": v for k, v in self.tracker.edited().items()}
-        return EditorState(self.name, {"config": self.config.model_dump(mode="json"), **meta}, tensors)
+        return self._new_state(meta, tensors)
 
     def load_state(self, state: EditorState) -> None:
         """Adopt the state's config, restore its trained parts and put its edited weights on the model."""

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import types
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Callable, Literal, NoReturn, Sequence, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -25,6 +25,31 @@ INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 class CommandError(Exception):
     """A user-facing failure: printed without a traceback, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """A parser whose errors are one line, `simulate: error: ...`, like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the problem in one line (no usage block) and exit with status 2."""
+        command = self.prog.removeprefix("simulate").strip()
+        _print_error(f"{command}: {message}" if command else message)
+        sys.exit(USAGE_ERROR)
+
+
+def _print_error(message: str) -> None:
+    """`simulate: error: ...` on standard error, a multi-line message joined into one line."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    print(f"simulate: error: {'; '.join(lines)}", file=sys.stderr)
+
+
+def _user_error(error: Exception) -> bool:
+    """Whether a library error is the user's to fix (an unsupported model, unusable input, a foreign editor state)."""
+    from editors.editor import StateMismatchError
+    from editors.families import UnsupportedModelError
+    from editors.inputs import InputError
+
+    return isinstance(error, (UnsupportedModelError, InputError, StateMismatchError))
 
 
 def _unwrap_optional(annotation: Any) -> Any:
@@ -81,7 +106,7 @@ def _nested(flat: dict[str, Any]) -> dict[str, Any]:
 
 def run_parser() -> argparse.ArgumentParser:
     """Parser of the main job: `simulate --stream FILE [options]`."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="simulate",
         description="Stream a timeline of knowledge edits into one long-lived LVLM and monitor what they do to it.",
         epilog=(
@@ -101,7 +126,7 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 def _subcommands() -> dict[str, tuple[argparse.ArgumentParser, Callable[[argparse.Namespace], int]]]:
-    world = argparse.ArgumentParser(
+    world = ArgumentParser(
         prog="simulate world",
         description="Write the synthetic multimodal world (train.jsonl, eval.jsonl, images/, world.json); "
         "`simulate world train` trains its model instead.",
@@ -188,11 +213,11 @@ def _validated(build: Callable[[], RunConfig]) -> RunConfig:
     try:
         return build()
     except ValidationError as error:
-        lines = []
+        problems = []
         for item in error.errors():
             flag = "--" + str(item["loc"][0]).replace("_", "-") if item["loc"] else "settings"
-            lines.append(f"  {flag}: {item['msg']}")
-        raise CommandError("invalid settings:\n" + "\n".join(lines)) from None
+            problems.append(f"{flag}: {item['msg']}")
+        raise CommandError("invalid settings: " + "; ".join(problems)) from None
     except (OSError, ValueError) as error:
         raise CommandError(str(error)) from None
 
@@ -203,10 +228,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = _subcommands()
     if argv and argv[0] in commands:
         parser, handler = commands[argv[0]]
-        args = parser.parse_args(argv[1:])
+        argv = argv[1:]
     else:
         parser, handler = run_parser(), run_main
+    try:
         args = parser.parse_args(argv)
+    except SystemExit as done:  # --help (0) or a bad flag (2, already printed): a status, as from a run
+        return int(done.code or 0)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -215,10 +243,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except CommandError as error:
-        print(f"simulate: error: {error}", file=sys.stderr)
+        _print_error(str(error))
         return USAGE_ERROR
     except KeyboardInterrupt:
         return INTERRUPTED
+    except Exception as error:
+        if not _user_error(error):
+            raise
+        _print_error(str(error))
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":

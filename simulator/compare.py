@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Iterable, Sequence
 
-from simulator.cli import CommandError
+from simulator.cli import ArgumentParser, CommandError
 
 if TYPE_CHECKING:
     from monitor.exporters.plots import Points
@@ -29,7 +29,7 @@ _SETTING = re.compile(r"single|gap_(\d+)")
 
 def parser() -> argparse.ArgumentParser:
     """Options of `simulate compare`."""
-    compare = argparse.ArgumentParser(
+    compare = ArgumentParser(
         prog="simulate compare",
         description="Compare MLflow runs of `simulate`: a table of methods x metrics per model and setting "
         "(CSV and Markdown) and plots of each metric against edits applied, one line per run.",

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from monitor.schedule import IntervalSchedule, ScheduleError, parse_interval
-from simulator.cli import CommandError, exporters
+from simulator.cli import ArgumentParser, CommandError, exporters
 from simulator.config import RunConfig
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ JOB_STORE = "jobs.sqlite"
 
 def parser() -> argparse.ArgumentParser:
     """Options of `simulate probe`."""
-    probe = argparse.ArgumentParser(
+    probe = ArgumentParser(
         prog="simulate probe",
         description="Run a run's probe suite (retention, reference set, collapse, retrieval) on a schedule "
         "against its latest checkpoint; results go to --out, Prometheus/Pushgateway and MLflow.",

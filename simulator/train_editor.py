@@ -13,11 +13,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import ValidationError
 
-from simulator.cli import CommandError
+from simulator.cli import ArgumentParser, CommandError
+from simulator.config import RunConfig
 from simulator.records import RECORD_FORMATS
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ log = logging.getLogger("simulate.train-editor")
 
 def parser() -> argparse.ArgumentParser:
     """Arguments of `simulate train-editor`."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="simulate train-editor",
         description="Train a learning editor (e.g. mend, ke) on a train split and save its state to --out.",
     )
@@ -39,6 +40,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", dest="record_format", default="vlkeb", choices=sorted(RECORD_FORMATS),
                    help="record format of --train (default: vlkeb)")
     p.add_argument("--model", default="default", help="'default' (the embedded model), a hub id or a folder")
+    # The same choices and defaults as a run's (RunConfig), so a state trains on the model the run will use.
+    for name, note in (("device", ""), ("dtype", ""), ("prompt_format", "; runs using the state must use the same")):
+        field = RunConfig.model_fields[name]
+        p.add_argument("--" + name.replace("_", "-"), default=field.default, choices=get_args(field.annotation) or None,
+                       help=f"{field.description} (default: {field.default}){note}")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help=RunConfig.model_fields["trust_remote_code"].description)
     p.add_argument("--config", type=json.loads, default={}, metavar="JSON",
                    help='method settings as JSON, e.g. \'{"epochs": 5}\'')
     p.add_argument("--seed", type=int, help="training seed (overrides the method setting)")
@@ -69,14 +77,16 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = cls.Config.model_validate(settings)
     except ValidationError as error:
-        problems = "\n".join(f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise CommandError(f"invalid --config for {args.method}:\n{problems}") from None
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise CommandError(f"invalid --config for {args.method}: {problems}") from None
 
     examples = _examples(args)
-    editor = cls(_model(args.model), config)
-    log.info("training %s on %d edits of %s", args.method, len(examples), args.train or "the embedded world")
+    editor = cls(_model(args), config)
+    log.info("training %s on %d edits of %s (model %s, %s, prompt format %s)", args.method, len(examples),
+             args.train or "the embedded world", editor.lvlm.name, editor.model_identity["dtype"],
+             editor.model_identity["prompt_format"])
     report = editor.train(examples, progress=not args.quiet)
-    editor.state().save(args.out)
+    editor.state().save(args.out)  # its meta["model"] records the model, dtype and prompt format
     log.info("trained %s: %s; state written to %s", args.method,
              " ".join(f"{k}={v:.4g}" for k, v in report.items()), args.out)
     return 0
@@ -128,16 +138,14 @@ def _default_world() -> Path:
     return target
 
 
-def _model(name: str) -> LVLM:
-    """The LVLM to train on: the embedded default model, or one loaded by hub id / path."""
-    from editors import LVLM
+def _model(args: argparse.Namespace) -> LVLM:
+    """The LVLM to train on, loaded as a run with the same settings would load it."""
+    from simulator.run import RunError, load_model
 
-    if name == "default":
-        from simulator.world.default import load_world_model
-        from simulator.world.graph import WorldConfig
-
-        return load_world_model(WorldConfig())
+    # No stream: `default` is the embedded world's model, as for a run reading standard input.
+    settings = RunConfig(stream="-", model=args.model, device=args.device, dtype=args.dtype,
+                         prompt_format=args.prompt_format, trust_remote_code=args.trust_remote_code)
     try:
-        return LVLM.load(name)
-    except OSError as error:
-        raise CommandError(f"cannot load model {name!r}: {error}") from None
+        return load_model(settings)
+    except RunError as error:
+        raise CommandError(str(error)) from None

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from editors import LVLM
+from editors import LVLM, InputError, PromptFormat
 from simulator.settings import cache_root
 from simulator.world.graph import WorldConfig, build_world
 from simulator.world.model import ModelConfig, build_model
@@ -114,9 +114,27 @@ def publish(built: Path, target: Path) -> None:
         log.info("another run published %s first; using it", target)
 
 
-def load_world_model(world_config: WorldConfig, progress: bool = True) -> LVLM:
-    """The trained model of a world, loaded through the LVLM adapter like any hub model."""
-    return LVLM.load(world_model_path(world_config, progress=progress), prompt_format="plain")
+def load_world_model(
+    world_config: WorldConfig,
+    progress: bool = True,
+    device: str = "cpu",
+    dtype: str = "float32",
+    prompt_format: PromptFormat = "auto",
+) -> LVLM:
+    """The trained model of a world, loaded through the LVLM adapter like any hub model.
+
+    It is trained on the plain prompt format, so "auto" means plain; "chat" needs a chat template.
+    """
+    path = world_model_path(world_config, progress=progress)
+    try:
+        return LVLM.load(path, dtype, device, "plain" if prompt_format == "auto" else prompt_format)
+    except InputError as error:
+        if prompt_format != "chat":
+            raise
+        raise InputError(
+            f"the default model is trained on the plain prompt format and cannot use --prompt-format {prompt_format} "
+            f"({error}); use --prompt-format plain"
+        ) from None
 
 
 def _record_key(folder: Path) -> str | None:

@@ -12,7 +12,8 @@ from simulator.cli import main
 from simulator.config import RunConfig, load_run_config
 
 DESIGN_FLAGS = ["--stream", "--model", "--method", "--mode", "--gap", "--images", "--out", "--seed", "--limit",
-                "--resume", "--mlflow-uri", "--prometheus-port", "--follow"]
+                "--resume", "--mlflow-uri", "--prometheus-port", "--follow", "--device", "--dtype", "--prompt-format",
+                "--trust-remote-code"]
 
 
 def test_help_lists_the_design_options_and_subcommands():

@@ -25,6 +25,9 @@ def test_trains_saves_and_the_state_edits_in_a_fresh_editor(method, small_world,
     assert f"train {method}" in capsys.readouterr().err  # the progress bar
     state = EditorState.load(out)
     assert state.meta["config"]["seed"] == 3 and state.meta["config"]["epochs"] == 2
+    model = state.meta["model"]  # what a run checks the state against
+    assert (model["name"], model["config_class"], model["dtype"], model["prompt_format"]) == (
+        str(small_model), "LlavaConfig", "float32", "plain")
     report = state.meta["report"]
     assert report["examples"] == 5 and 0.0 <= report["train_edit_success"] <= 1.0
     assert all(key.startswith("trained.") for key in state.tensors)  # no edits yet, only the network
@@ -42,7 +45,7 @@ def test_trains_saves_and_the_state_edits_in_a_fresh_editor(method, small_world,
     [
         (["--method", "ft-llm"], "method 'ft-llm' learns nothing to train. Trainable methods: "),
         (["--method", "mnd"], "Unknown method 'mnd'. Did you mean 'mend'"),
-        (["--method", "mend", "--config", '{"epochs": 0}'], "invalid --config for mend:\n  epochs: Input should be"),
+        (["--method", "mend", "--config", '{"epochs": 0}'], "invalid --config for mend: epochs: Input should be"),
         (["--method", "mend", "--config", '{"rnk": 3}'], "rnk: Extra inputs are not permitted"),
         (["--method", "mend", "--config", "[1]"], "--config must be a JSON object, got [1]"),
         (["--method", "mend", "--limit", "0"], "--limit must be at least 1, got 0"),
@@ -81,3 +84,36 @@ def test_without_train_it_uses_the_embedded_world_written_once_into_the_cache(tm
     assert (world / "train.jsonl").stat().st_mtime_ns == stamp  # reused, not rewritten
     a, b = EditorState.load(tmp_path / "a"), EditorState.load(tmp_path / "b")
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)  # seeded: identical networks
+
+
+def test_it_loads_with_the_runs_device_dtype_and_prompt_format(small_world, small_model, tmp_path, capsys):
+    assert train(small_world, small_model, tmp_path / "s", "--method", "mend", "--prompt-format", "chat") == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"simulate: error: prompt_format='chat' but {small_model} has no chat template (in its "
+                     "tokenizer or processor)"]  # refused before the weights are read: no loading bar either
+    assert train(small_world, small_model, tmp_path / "s", "--method", "mend", "--device", "gpu") == 2
+    assert "--device 'gpu' is not a torch device" in capsys.readouterr().err
+    code = train(small_world, small_model, tmp_path / "s", "--method", "ke", "--limit", "2", "--quiet",
+                 "--dtype", "bfloat16", "--config", '{"epochs": 1, "batch_size": 2}')
+    assert code == 0
+    assert EditorState.load(tmp_path / "s").meta["model"]["dtype"] == "bfloat16"
+
+
+def test_the_trained_editor_cache_keeps_dtypes_apart(small_world, small_model, tmp_path):
+    from simulator.config import RunConfig
+    from simulator.run import prepare_editor
+    from simulator.settings import cache_root
+
+    root = ImageRoot(small_world / "images")
+    split = tmp_path / "train.jsonl"
+    split.write_text("".join((small_world / "train.jsonl").read_text().splitlines(keepends=True)[:3]))
+    before = set((cache_root() / "editors").glob("*")) if (cache_root() / "editors").is_dir() else set()
+    trained = {}
+    for dtype in ("float32", "bfloat16", "float32"):
+        config = RunConfig(stream=str(small_world / "eval.jsonl"), model=str(small_model), method="ke", dtype=dtype,
+                           train=split, method_config={"epochs": 1, "batch_size": 3})
+        editor, report = prepare_editor(config, LVLM.load(small_model, dtype=dtype), root)
+        assert editor.model_identity["dtype"] == dtype
+        trained.setdefault(dtype, report)
+        assert report == trained[dtype]  # the second float32 editor comes from the cache
+    assert len(set((cache_root() / "editors").glob("*")) - before) == 2  # one trained editor per dtype
