@@ -2,10 +2,14 @@
 
 from typing import Literal
 
-PromptFormat = Literal["auto", "chat", "plain"]
+PromptFormat = Literal["auto", "chat", "plain", "vlkeb"]
 
-# VLKEB's prompt for every model ("Question: {} Short answer:"), with the family's image marker.
+# editwatch's plain prompt (MMEdit's E-VQA template, "Question: {} Short answer:"), with the family's image marker.
 PLAIN_TEMPLATE = "{image}Question: {prompt} Short answer:"
+# VLKEB's runs (its CaptionDataset) feed the bare "{question} {answer}", the image right after BOS on
+# LLaVA (VLKEB: easyeditor/dataset/coco_caption.py collate_fn; trainer/llava/.../llava_llama.py);
+# the family's `vlkeb_image_text` says where the image goes.
+VLKEB_TEMPLATE = "{image}{prompt}"
 
 # Memory-based editors (IKE, SERAC) state edits in the prompt; the embedded model is trained
 # on exactly this wording, so it lives here, once.

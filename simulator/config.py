@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from editors.prompts import PromptFormat
 from monitor.alarms import CollapseThresholds
 from simulator.records import RecordFormat
+
+if TYPE_CHECKING:
+    from editors.families import Family
 
 
 class RunConfig(BaseModel):
@@ -31,9 +34,19 @@ class RunConfig(BaseModel):
     resume: bool = Field(False, description="continue from the last checkpoint in --out")
     follow: bool = Field(False, description="keep reading a growing stream file until interrupted")
     record_format: RecordFormat = Field("vlkeb", description="record format of the stream")
-    prompt_format: PromptFormat = Field("auto", description="chat template when the model has one, else plain")
+    prompt_format: PromptFormat = Field(
+        "auto", description="auto: chat template when the model has one, else plain; vlkeb: VLKEB's bare question"
+    )
+    protocol: Literal["editwatch", "vlkeb"] = Field(
+        "editwatch", description="editwatch: each method's own defaults; vlkeb: VLKEB's prompt, locality and "
+        "per-model method settings (editors/protocols.py); --method-config still overrides them"
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="model weights dtype")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda:0")
+    trust_remote_code: bool = Field(
+        False, description="run Python code shipped with the checkpoint (models transformers does not include); "
+        "only for checkpoints you trust"
+    )
     probe_every: PositiveInt | None = Field(None, description="edits between probe rounds (default: the smallest gap)")
     retention_sample: PositiveInt = Field(100, description="earlier edits re-measured per probe round (random sample)")
     reference_size: PositiveInt = Field(
@@ -74,6 +87,22 @@ class RunConfig(BaseModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def apply_protocol(config: RunConfig, family: Family | None = None) -> RunConfig:
+    """The settings with `protocol`'s prompt format and locality and, given the model's family, its method settings.
+
+    Explicit choices win: a prompt format other than "auto" and every `method_config` key.
+    """
+    from editors.protocols import protocol
+
+    chosen = protocol(config.protocol)
+    update: dict[str, Any] = {"vlkeb_compat": config.vlkeb_compat or chosen.vlkeb_compat}
+    if config.prompt_format == "auto":
+        update["prompt_format"] = chosen.prompt_format
+    if family is not None:
+        update["method_config"] = {**chosen.method_config(config.method, family), **config.method_config}
+    return config.model_copy(update=update)
 
 
 def load_run_config(path: str | Path | None, overrides: dict[str, Any]) -> RunConfig:

@@ -18,7 +18,7 @@ from editors import create_editor
 from editors.state import current_folder
 from monitor.sink import Sink
 from simulator.checkpoint import FOLDER, META, Checkpoint, CheckpointError
-from simulator.config import RunConfig
+from simulator.config import RunConfig, apply_protocol
 from simulator.outputs import RunFiles
 from simulator.run import image_root, load_model
 from simulator.timeline import Timeline
@@ -56,7 +56,9 @@ class ProbeJob:
         self.state = state
         self.seed = seed
         images = image_root(config)
-        editor = create_editor(config.method, load_model(config), config.method_config)
+        lvlm = load_model(apply_protocol(config))
+        config = apply_protocol(config, lvlm.family)
+        editor = create_editor(config.method, lvlm, config.method_config)
         self.timeline = Timeline(editor, config, images, ProbeFiles(state, out), sinks)
         self.rounds = 0
         self.last: dict[str, Any] = {}

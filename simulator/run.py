@@ -12,18 +12,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
 from tqdm import tqdm
 
 from editors import LVLM, Editor, EditorState, create_editor, editor_class
+from editors.editor import StateMismatchError
 from editors.state import current_folder
 from monitor.sink import Sink
 from simulator.checkpoint import FOLDER, Checkpoint, truncate
-from simulator.config import RunConfig
+from simulator.config import RunConfig, apply_protocol
 from simulator.outputs import QUARANTINE, RunFiles
 from simulator.records import EditRecord
 from simulator.requests import edit_example
 from simulator.settings import cache_root
-from simulator.stream import ImageRoot, StreamReader, load_records
+from simulator.stream import ImageRoot, StreamReader, is_json_array, load_records
 from simulator.timeline import Timeline
 from simulator.world.default import load_world_model
 from simulator.world.export import read_manifest
@@ -51,10 +53,26 @@ def image_root(config: RunConfig) -> ImageRoot:
 def load_model(config: RunConfig) -> LVLM:
     """`default`: the model of the stream's synthetic world (the embedded one unless the world says
     otherwise); anything else loads as a hub id or folder through the adapter."""
-    if config.model != "default":
-        return LVLM.load(config.model, config.dtype, config.device, config.prompt_format)
-    world = read_manifest(Path(config.stream).parent) if config.stream != "-" else None
-    return load_world_model(world or WorldConfig())
+    _check_device(config.device)
+    try:
+        if config.model != "default":
+            return LVLM.load(config.model, config.dtype, config.device, config.prompt_format, config.trust_remote_code)
+        world = read_manifest(Path(config.stream).parent) if config.stream != "-" else None
+        return load_world_model(world or WorldConfig(), device=config.device, dtype=config.dtype,
+                                prompt_format=config.prompt_format)
+    except OSError as error:  # a missing folder or file, a hub id that cannot be reached
+        raise RunError(f"cannot load model {config.model!r}: {error}") from None
+
+
+def _check_device(name: str) -> None:
+    """Refuse a device torch cannot parse, or one this machine (or this torch build) does not have."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RunError(f"--device {name!r} is not a torch device (e.g. cpu, cuda:0, mps)") from None
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and hasattr(backend, "is_available") and not backend.is_available():
+        raise RunError(f"--device {name}: no {device.type} device is available to this torch ({torch.__version__})")
 
 
 def train_split(config: RunConfig) -> Path:
@@ -83,13 +101,18 @@ def prepare_editor(config: RunConfig, lvlm: LVLM, images: ImageRoot) -> tuple[Ed
     """The configured editor: from `--editor-state`, else trained on the train split (cached), else fresh."""
     editor = create_editor(config.method, lvlm, config.method_config)
     if config.editor_state is not None:
-        editor.load_state(EditorState.load(config.editor_state))
+        try:
+            editor.load_state(EditorState.load(config.editor_state))
+        except StateMismatchError as error:
+            raise RunError(f"--editor-state {config.editor_state}: {error}") from None
         return editor, {}
     if not editor.trainable:
         return editor, {}
     split = train_split(config)
+    # The model is named by its identity (config hash, dtype, prompt format), not its name alone.
     key = hashlib.sha256(json.dumps(
-        [config.method, editor.config.model_dump(mode="json"), lvlm.name, file_digest(split)], sort_keys=True
+        [config.method, editor.config.model_dump(mode="json"), editor.model_identity, file_digest(split)],
+        sort_keys=True,
     ).encode()).hexdigest()[:20]
     cached = cache_root() / "editors" / key
     if (cached / "report.json").is_file():
@@ -108,6 +131,7 @@ def prepare_editor(config: RunConfig, lvlm: LVLM, images: ImageRoot) -> tuple[Ed
 RESUMABLE = frozenset({
     "resume", "limit", "follow", "checkpoint_every", "stop_on_collapse", "device", "run_name", "mlflow_uri",
     "mlflow_experiment", "mlflow_flush_seconds", "no_mlflow", "prometheus_port", "prometheus_host", "pushgateway",
+    "trust_remote_code",
 })
 
 
@@ -159,7 +183,9 @@ def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool 
     # Settings errors first: loading (or training) a model takes a while.
     editor_class(config.method).Config.model_validate(config.method_config)
     images = image_root(config)
+    given, config = config, apply_protocol(config)
     lvlm = load_model(config)
+    config = apply_protocol(given, lvlm.family)  # the protocol's method settings depend on the model's family
     if checkpoint is None:
         editor, report = prepare_editor(config, lvlm, images)
     else:  # the checkpoint's editor state holds the trained parts: no training again
@@ -175,13 +201,14 @@ def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool 
     else:
         for file_name in files.sizes():
             files.path(file_name).unlink(missing_ok=True)
-    (out / CONFIG).write_text(config.model_dump_json(indent=2) + "\n")
+    (out / CONFIG).write_text(given.model_dump_json(indent=2) + "\n")  # as given: what --resume compares
     stop = threading.Event()
     reader = StreamReader(config.stream, config.record_format, images, files.path(QUARANTINE), start_line,
                           config.follow, stop=stop)
     reader.quarantined = quarantined
     stream_file = Path(config.stream) if config.stream != "-" else None
-    params = {"method": config.method, "model": lvlm.name, "mode": config.mode, "gaps": timeline.gaps,
+    params = {"method": config.method, "model": lvlm.name, "protocol": config.protocol, "mode": config.mode,
+              "gaps": timeline.gaps,
               "seed": config.seed, "stream": config.stream,
               "data_hash": file_digest(stream_file) if stream_file and not config.follow else None}
     for sink in sinks:
@@ -203,12 +230,17 @@ def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool 
     if timeline.stopped == "interrupted":
         log.warning("interrupted after %d edits: --resume continues", timeline.applied)
     timeline.checkpoint(counters())
-    result = {"run": name, **params, "train_report": report, **timeline.summary(reader.quarantined)}
+    result = {"run": name, **params, "method_config": config.method_config, "train_report": report, **timeline.summary(reader.quarantined)}
     files.write_summary(result)
     for sink in sinks:
         sink.on_finish(result, out)
     log.info("%s: %d edits applied, %d failed, %d quarantined; outputs in %s", name, timeline.applied,
              timeline.failed, reader.quarantined, out)
+    # Nothing usable is an error (a wrong --format, a file that is not records), but a user
+    # stopping a --follow run before anything arrived is not.
+    if timeline.edits_read == 0 and (reader.quarantined or timeline.stopped != "interrupted"):
+        seen = f" (see {files.path(QUARANTINE)})" if reader.quarantined else ""
+        raise RunError(f"no usable record in {config.stream}: {reader.tally()}{seen}")
     return result
 
 
@@ -225,8 +257,9 @@ def _checkpoint_to_resume(config: RunConfig, out: Path) -> Checkpoint | None:
 
 
 def _expected_edits(config: RunConfig, stream_file: Path | None) -> int | None:
-    """Length of the progress bar: --limit, else the stream file's non-empty lines (unknown when following)."""
-    if config.limit is not None or stream_file is None or config.follow:
+    """Length of the progress bar: --limit, else the stream file's non-empty lines (unknown when following or
+    for a JSON array, which would cost a second parse)."""
+    if config.limit is not None or stream_file is None or config.follow or is_json_array(stream_file):
         return config.limit
     with stream_file.open("rb") as handle:
         return sum(1 for line in handle if line.strip())
