@@ -68,6 +68,14 @@ DECODERS: dict[type[PreTrainedConfig], Decoder] = {
 }
 
 
+def stack_features(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-image features [(N, D), ...] as one (B, N, D) tensor; every image of a batch must give the same N."""
+    sizes = sorted({part.shape[0] for part in parts})
+    if len(sizes) != 1:
+        raise ValueError(f"images of one batch have different token counts {sizes}; embed them apart")
+    return torch.stack(list(parts))
+
+
 class Family:
     """One LVLM family: its model class, image placeholders, inputs and parameter layout.
 

@@ -15,7 +15,7 @@ from transformers import (
     SmolVLMForConditionalGeneration,
 )
 
-from editors.families.base import Family
+from editors.families.base import Family, stack_features
 
 
 class Idefics3(Family):
@@ -99,10 +99,7 @@ class Idefics3(Family):
         out = model.get_image_features(
             pixel_values=pixels["pixel_values"], pixel_attention_mask=pixels.get("pixel_attention_mask")
         )
-        sizes = {part.shape[0] for part in out.pooler_output}
-        if len(sizes) != 1:
-            raise ValueError(f"images of one batch have different token counts {sorted(sizes)}; embed them apart")
-        return torch.stack(list(out.pooler_output))
+        return stack_features(out.pooler_output)
 
     def key_image_size(self, config: PreTrainedConfig, image_processor: Any) -> tuple[int, int] | None:
         """A square of one tile's side when the processor splits images (every square gives one tile grid)."""

@@ -28,7 +28,7 @@ from transformers import (
 )
 from transformers.image_processing_utils import select_best_resolution
 
-from editors.families.base import Family, UnsupportedModelError
+from editors.families.base import Family, UnsupportedModelError, stack_features
 
 # Tokens a tower puts before its patches: CLIP's class token; SigLIP has none. The model drops
 # the first feature under vision_feature_select_strategy="default" (on SigLIP a patch) and keeps all under "full".
@@ -158,10 +158,7 @@ class LlavaNext(Llava):
         N follows each image's size; images of one batch must share it (memory keys resize to one size).
         """
         out = model.get_image_features(**pixels)
-        sizes = sorted({part.shape[0] for part in out.pooler_output})
-        if len(sizes) != 1:
-            raise ValueError(f"images of one batch have different token counts {sizes}; embed them apart")
-        return torch.stack(list(out.pooler_output))
+        return stack_features(out.pooler_output)
 
 
 class LlavaOnevision(LlavaNext):

@@ -26,7 +26,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from editors.families.base import Family
+from editors.families.base import Family, stack_features
 
 # Merged tokens per side of a memory-key image: 16 x 16 = 256 tokens, as many as the 448-px
 # image of the original Qwen-VL in VLKEB (Qwen2-VL: 448 px; Qwen3-VL, 16-px patches: 512 px).
@@ -60,10 +60,7 @@ class Qwen2VL(Family):
     def image_features(self, model: PreTrainedModel, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
         """The patch merger's output (B, merged patches, D); images of one batch must share a grid."""
         out = model.get_image_features(pixels["pixel_values"], pixels["image_grid_thw"])
-        sizes = {part.shape[0] for part in out.pooler_output}
-        if len(sizes) != 1:
-            raise ValueError(f"images of one batch have different token counts {sorted(sizes)}; embed them apart")
-        return torch.stack(list(out.pooler_output))
+        return stack_features(out.pooler_output)
 
     def extra_inputs(self, config: PreTrainedConfig, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """M-RoPE needs to know which positions hold image tokens (1) and which text (0)."""
