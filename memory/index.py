@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 IndexKind = Literal["flat", "ivf"]
+Metric = Literal["ip", "l2"]
 
 
 class MemoryConfig(BaseModel):
@@ -38,10 +39,15 @@ class MemoryConfig(BaseModel):
     kmeans_iterations: int = Field(10, ge=1, description="k-means iterations when training IVF centroids")
     background: bool = Field(True, description="rebuild in a background thread while searches continue")
     normalize: bool = Field(True, description="L2-normalise keys and queries, so scores are cosine similarities")
+    metric: Metric = Field(
+        "ip", description="ip: scores are inner products; l2: scores are negated squared Euclidean distances"
+    )
     seed: int = Field(0, description="seed of the k-means sample and initialisation")
 
     @model_validator(mode="after")
     def _lists_fit(self) -> MemoryConfig:
+        if self.metric == "l2" and self.normalize:
+            raise ValueError("metric='l2' needs normalize=False (on unit vectors l2 ranks as ip does)")
         if self.plan(self.exact_below).lists > self.exact_below:
             raise ValueError(
                 f"exact_below={self.exact_below} is too small for lists_per_sqrt={self.lists_per_sqrt}: "
@@ -73,18 +79,20 @@ class IndexPlan:
         return size >= config.grow_factor * max(self.size, 1) or size < config.exact_below // 2
 
 
-def empty_flat(dim: int) -> faiss.Index:
-    """An exact inner-product index that keeps caller ids."""
-    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+def empty_flat(dim: int, metric: Metric = "ip") -> faiss.Index:
+    """An exact inner-product (or L2) index that keeps caller ids."""
+    return faiss.IndexIDMap2(faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim))
 
 
 def build(plan: IndexPlan, vectors: np.ndarray, ids: np.ndarray, config: MemoryConfig) -> faiss.Index:
     """An index of `plan`'s kind holding `vectors` (N, D) under `ids` (N,)."""
     dim = vectors.shape[1]
     if plan.kind == "flat":
-        index = empty_flat(dim)
+        index = empty_flat(dim, config.metric)
     else:
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, plan.lists, faiss.METRIC_INNER_PRODUCT)
+        l2 = config.metric == "l2"
+        quantizer = faiss.IndexFlatL2(dim) if l2 else faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, plan.lists, faiss.METRIC_L2 if l2 else faiss.METRIC_INNER_PRODUCT)
         index.cp.niter = config.kmeans_iterations
         index.cp.seed = config.seed
         index.cp.spherical = config.normalize  # centroids on the unit sphere, like the keys

@@ -28,6 +28,16 @@ class StatsSnapshot:
     index_kind: str  # "flat" or "ivf"
     buckets: tuple[float, ...] = field(default=LATENCY_BUCKETS)
 
+    def summary(self) -> dict[str, float]:
+        """Search latency p50/p99 (seconds; upper bounds of histogram buckets), hits, misses and rebuilds."""
+        return {
+            "memory_search_seconds_p50": self.latency_quantile(0.5),
+            "memory_search_seconds_p99": self.latency_quantile(0.99),
+            "memory_hits": float(self.hits),
+            "memory_misses": float(self.misses),
+            "memory_rebuilds": float(self.rebuilds),
+        }
+
     def latency_quantile(self, q: float) -> float:
         """Upper bound (seconds) of the bucket holding the q-quantile of call latency; inf if beyond."""
         total = sum(self.latency_counts)

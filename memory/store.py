@@ -48,7 +48,7 @@ class MemoryInputError(ValueError):
 class SearchResult:
     """Top-k matches of each query; rows with fewer than k live entries pad with id -1."""
 
-    scores: np.ndarray  # (Q, k) float32, higher is closer (cosine when normalising)
+    scores: np.ndarray  # (Q, k) float32, higher is closer (cosine when normalising; -squared L2 for metric l2)
     ids: np.ndarray  # (Q, k) int64
 
 
@@ -68,7 +68,7 @@ class Manifest(BaseModel):
 
 
 class VectorMemory:
-    """Keys of dimension `dim` under stable integer ids, searched by inner product."""
+    """Keys of dimension `dim` under stable integer ids, searched by inner product (or L2: `MemoryConfig.metric`)."""
 
     def __init__(self, dim: int, config: MemoryConfig | None = None, stats: RetrievalStats | None = None) -> None:
         if dim < 1:
@@ -77,7 +77,7 @@ class VectorMemory:
         self.config = config or MemoryConfig()
         self.stats = stats or RetrievalStats()
         self._lock = ReadWriteLock()
-        self._index: faiss.Index = empty_flat(dim)
+        self._index: faiss.Index = empty_flat(dim, self.config.metric)
         self._plan = IndexPlan("flat", 0, 0)
         self._ids: set[int] = set()
         self._next_id = 0
@@ -113,6 +113,8 @@ class VectorMemory:
         start = time.perf_counter()
         with self._lock.read(), _omp_threads(1 if len(x) < PARALLEL_QUERIES else None):
             scores, ids = self._index.search(x, k)
+        if self.config.metric == "l2":
+            scores = -scores  # FAISS returns squared distances; callers rank by "higher is closer"
         self.stats.observe_search(time.perf_counter() - start, len(x))
         return SearchResult(scores, ids)
 
