@@ -303,15 +303,8 @@ class MemoryEditor(Editor):
         Latency counts every search of the memory, probes' too. Counters run across `reset` (the
         memory keeps its `RetrievalStats`); `load_state` starts new ones with the restored memory.
         """
-        snapshot = self.edits.memory.snapshot()
-        return {
-            # Latency quantiles are upper bounds of histogram buckets (`StatsSnapshot.latency_quantile`).
-            "memory_search_seconds_p50": snapshot.latency_quantile(0.5),
-            "memory_search_seconds_p99": snapshot.latency_quantile(0.99),
-            "memory_hits": float(snapshot.hits),
-            "memory_misses": float(snapshot.misses),
-            "memory_rebuilds": float(snapshot.rebuilds),
-        }
+        # Latency quantiles are upper bounds of histogram buckets (`StatsSnapshot.latency_quantile`).
+        return self.edits.memory.snapshot().summary()
 
     def state(self) -> EditorState:
         """Config, trained parts, image centre and the memory of edits."""

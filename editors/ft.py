@@ -15,8 +15,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from editors.editor import EditOutcome, EditRequest
-from editors.losses import answer_nll
-from editors.weights import ParameterEditor, trainable_only
+from editors.losses import fit_answer
+from editors.weights import ParameterEditor
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +66,8 @@ class FineTune(ParameterEditor):
     def _tune(self, edit: EditRequest) -> None:
         params = list(self.tracker.params.values())
         optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
-        with trainable_only(self.lvlm.model, params):
-            for step in range(self.config.steps):
-                loss = answer_nll(self.lvlm, [edit.query])
-                if loss.item() < self.config.stop_loss or not torch.isfinite(loss):
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        log.debug("%s: edit %r stopped at step %d, loss %.4f", self.name, edit.key, step, loss.item())
+        step, loss = fit_answer(self.lvlm, edit.query, params, optimizer, self.config.steps, self.config.stop_loss)
+        log.debug("%s: edit %r stopped at step %d, loss %.4f", self.name, edit.key, step, loss)
 
 
 class FTLLM(FineTune):

@@ -12,7 +12,7 @@ import torch
 
 from editors.adapter import LVLM, SpanLogits
 from editors.inputs import Query
-from editors.weights import span_logits_with
+from editors.weights import span_logits_with, trainable_only
 
 
 def image_groups(queries: Sequence[Query]) -> list[list[Query]]:
@@ -47,3 +47,32 @@ def answer_nll(lvlm: LVLM, queries: Sequence[Query], weights: dict[str, torch.Te
     for group in image_groups(queries):
         total = total + masked_nll(span_logits(lvlm, group, weights)) * len(group)
     return total / len(queries)
+
+
+def fit_answer(
+    lvlm: LVLM,
+    query: Query,
+    params: Sequence[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    stop_loss: float = 0.0,
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> tuple[int, float]:
+    """Up to `steps` optimiser steps on the answer NLL of `query`, gradients reaching `params` only.
+
+    Stops early once the loss is below `stop_loss` or not finite (the step is not taken). Returns
+    the index of the last step and its loss, for the caller's log.
+    """
+    step, loss = 0, torch.tensor(float("nan"))
+    with trainable_only(lvlm.model, params):
+        for step in range(steps):
+            loss = answer_nll(lvlm, [query])
+            if loss.item() < stop_loss or not torch.isfinite(loss):
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step, loss.item()

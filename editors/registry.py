@@ -24,6 +24,9 @@ METHODS: dict[str, str] = {
     "ft-vis": "editors.ft:FTVis",
     "mend": "editors.mend:MEND",
     "ke": "editors.ke:KnowledgeEditor",
+    "wise": "editors.wise:Wise",
+    "grace": "editors.grace:Grace",
+    "lora": "editors.lora:LoRA",
 }
 
 
