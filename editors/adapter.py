@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedModel
 
-from editors.families import Family, UnsupportedModelError, all_families, family_for
+from editors.families import Family, UnsupportedModelError, family_for, plugin_families, supported
 from editors.inputs import Batch, InputBuilder, InputError, Query
 from editors.prompts import PromptFormat
 
@@ -95,13 +95,11 @@ class LVLM:
         if not folder.exists() and (folder.is_absolute() or source.startswith(".") or source.count("/") > 1):
             raise OSError(f"model folder {source} does not exist")  # a path, not a hub id "org/name"
         remote = {"trust_remote_code": True} if trust_remote_code else {}
+        plugin_families()  # plugins register their config classes with AutoConfig when loaded
         try:
             config = AutoConfig.from_pretrained(source, **remote)
         except ValueError as error:  # a model_type transformers does not know (or no model_type at all)
-            raise UnsupportedModelError(
-                f"cannot use {source!r}: {str(error).split('. ')[0]}. Supported families: "
-                + ", ".join(f"{f.name} ({c.__name__})" for c, f in all_families().items())
-            ) from None
+            raise UnsupportedModelError(f"cannot use {source!r}: {str(error).split('. ')[0]}. {supported()}") from None
         family = family_for(config)
         # Everything that can refuse the model is read before gigabytes of weights are.
         family.check(config)

@@ -102,12 +102,14 @@ class InputBuilder:
         """The prompt as the model sees it, before the answer, in the configured format."""
         if self.prompt_format == "chat":
             content = ([{"type": "image"}] if query.image is not None else []) + [{"type": "text", "text": query.prompt}]
-            return self.tokenizer.apply_chat_template(
+            text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": content}],
                 chat_template=self.chat_template,
                 add_generation_prompt=True,
                 tokenize=False,
             )
+            marker = self.family.chat_image_marker
+            return text.replace(marker, self.family.image_text) if marker and query.image is not None else text
         if self.prompt_format == "vlkeb":
             image = self.family.vlkeb_image() if query.image is not None else ""
             return VLKEB_TEMPLATE.format(image=image, prompt=query.prompt)

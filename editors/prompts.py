@@ -3,6 +3,7 @@
 from typing import Literal
 
 PromptFormat = Literal["auto", "chat", "plain", "vlkeb"]
+ProtocolName = Literal["editwatch", "vlkeb"]  # benchmark protocols, defined in editors/protocols.py
 
 # editwatch's plain prompt (MMEdit's E-VQA template, "Question: {} Short answer:"), with the family's image marker.
 PLAIN_TEMPLATE = "{image}Question: {prompt} Short answer:"

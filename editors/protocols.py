@@ -14,12 +14,11 @@ demonstration wording, the length of hypernetwork training), the protocol keeps 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from editors.families.base import Family
-from editors.prompts import PromptFormat
+from editors.prompts import PromptFormat, ProtocolName
 
-ProtocolName = Literal["editwatch", "vlkeb"]
 
 # FT uses torch.optim.AdamW(lr=edit_lr) with its default weight decay and a fixed number of steps
 # on the edit's NLL (easyeditor/trainer/algs/FT.py L92-111): no early stop.
@@ -40,7 +39,7 @@ class Protocol:
         """The settings this protocol gives `method` on a model of `family` (empty: the method's defaults)."""
         rows = self.methods.get(method, {})
         settings = {**rows.get("*", {}), **rows.get(family.vlkeb_model, {})}
-        if settings.pop("parts", None) == "vlkeb":
+        if settings.get("parts") == "vlkeb":  # the family's own analogue of VLKEB's choice
             settings["parts"] = list(family.vlkeb_vision_parts)
         return settings
 
@@ -87,7 +86,7 @@ VLKEB = Protocol(
     },
 )
 
-PROTOCOLS: dict[str, Protocol] = {"editwatch": Protocol(name="editwatch"), "vlkeb": VLKEB}
+PROTOCOLS: dict[ProtocolName, Protocol] = {"editwatch": Protocol(name="editwatch"), "vlkeb": VLKEB}
 
 # What a VLKEB-protocol run still does editwatch's way, by method.
 DEVIATIONS = {

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-from editors.prompts import PromptFormat
+from editors.prompts import PromptFormat, ProtocolName
 from monitor.alarms import CollapseThresholds
 from simulator.records import RecordFormat
 
@@ -37,7 +37,7 @@ class RunConfig(BaseModel):
     prompt_format: PromptFormat = Field(
         "auto", description="auto: chat template when the model has one, else plain; vlkeb: VLKEB's bare question"
     )
-    protocol: Literal["editwatch", "vlkeb"] = Field(
+    protocol: ProtocolName = Field(
         "editwatch", description="editwatch: each method's own defaults; vlkeb: VLKEB's prompt, locality and "
         "per-model method settings (editors/protocols.py); --method-config still overrides them"
     )

@@ -20,7 +20,15 @@ from pydantic import (
     model_validator,
 )
 
-Text = Annotated[str, StringConstraints(min_length=1)]
+def _not_blank(value: str) -> str:
+    # A blank question or answer has no tokens to score: refused here, so the line is quarantined
+    # instead of failing the run when the model meets it.
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+Text = Annotated[str, StringConstraints(min_length=1), AfterValidator(_not_blank)]
 HOPS = ("1-hop", "2-hop", "3-hop", "4-hop")
 
 

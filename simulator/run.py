@@ -101,10 +101,14 @@ def prepare_editor(config: RunConfig, lvlm: LVLM, images: ImageRoot) -> tuple[Ed
     """The configured editor: from `--editor-state`, else trained on the train split (cached), else fresh."""
     editor = create_editor(config.method, lvlm, config.method_config)
     if config.editor_state is not None:
+        requested = editor.config
         try:
             editor.load_state(EditorState.load(config.editor_state))
-        except StateMismatchError as error:
+        except (StateMismatchError, ValueError) as error:
             raise RunError(f"--editor-state {config.editor_state}: {error}") from None
+        if editor.config != requested:  # a state carries the settings it was made with
+            log.warning("--editor-state %s was made with other %s settings; its own are used: %s",
+                        config.editor_state, config.method, editor.config.model_dump_json())
         return editor, {}
     if not editor.trainable:
         return editor, {}
@@ -138,10 +142,19 @@ RESUMABLE = frozenset({
 def check_resumable(saved: dict[str, Any], config: RunConfig) -> None:
     """Refuse to resume with settings that change what is measured (another stream, gap, seed ...)."""
     now = json.loads(config.model_dump_json())
-    changed = [f"--{key.replace('_', '-')}: {saved.get(key)!r} in the checkpoint, {now[key]!r} now"
-               for key in sorted(now) if key not in RESUMABLE and saved.get(key) != now[key]]
+    # A setting added after the run started is read as its default, so older runs still resume.
+    saved = {key: saved[key] if key in saved else _default(key) for key in now}
+    changed = [f"--{key.replace('_', '-')}: {saved[key]!r} in the checkpoint, {now[key]!r} now"
+               for key in sorted(now) if key not in RESUMABLE and saved[key] != now[key]]
     if changed:
         raise RunError("cannot resume with other settings than the run was started with:\n  " + "\n  ".join(changed))
+
+
+def _default(key: str) -> Any:
+    """The JSON value of a RunConfig field's default (None for a required field)."""
+    field = RunConfig.model_fields[key]
+    return None if field.is_required() else json.loads(json.dumps(field.get_default(call_default_factory=True),
+                                                                   default=str))
 
 
 @contextmanager
@@ -230,7 +243,8 @@ def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool 
     if timeline.stopped == "interrupted":
         log.warning("interrupted after %d edits: --resume continues", timeline.applied)
     timeline.checkpoint(counters())
-    result = {"run": name, **params, "method_config": config.method_config, "train_report": report, **timeline.summary(reader.quarantined)}
+    result = {"run": name, **params, "method_config": editor.config.model_dump(mode="json"),  # as run, state included
+              "train_report": report, **timeline.summary(reader.quarantined)}
     files.write_summary(result)
     for sink in sinks:
         sink.on_finish(result, out)

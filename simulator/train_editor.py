@@ -142,8 +142,10 @@ def _model(args: argparse.Namespace) -> LVLM:
     """The LVLM to train on, loaded as a run with the same settings would load it."""
     from simulator.run import RunError, load_model
 
-    # No stream: `default` is the embedded world's model, as for a run reading standard input.
-    settings = RunConfig(stream="-", model=args.model, device=args.device, dtype=args.dtype,
+    # `default` is the model of the world the train split belongs to (its world.json), as for a run
+    # on that world's stream; without --train, the embedded world's.
+    stream = str(Path(args.train)) if args.train else "-"
+    settings = RunConfig(stream=stream, model=args.model, device=args.device, dtype=args.dtype,
                          prompt_format=args.prompt_format, trust_remote_code=args.trust_remote_code)
     try:
         return load_model(settings)

@@ -54,20 +54,21 @@ def all_families() -> dict[type[PreTrainedConfig], Family]:
     return {**FAMILIES, **plugin_families()}
 
 
+def supported() -> str:
+    """The supported families for an error message: 'llava (LlavaConfig), ...' and how to add one."""
+    known = ", ".join(f"{f.name} ({c.__name__})" for c, f in all_families().items())
+    return f"Supported families: {known}; others can be registered through the '{ENTRY_POINT_GROUP}' entry-point group"
+
+
 def family_for(config: PreTrainedConfig) -> Family:
     """The family of a model config (declared or from a plugin), or an error naming the supported ones."""
-    families = all_families()
-    family = families.get(type(config))
+    family = all_families().get(type(config))
     if family is None:
-        known = ", ".join(f"{f.name} ({c.__name__})" for c, f in families.items())
-        raise UnsupportedModelError(
-            f"unsupported model config {type(config).__name__}. Supported families: {known}; "
-            f"others can be registered through the '{ENTRY_POINT_GROUP}' entry-point group"
-        )
+        raise UnsupportedModelError(f"unsupported model config {type(config).__name__}. {supported()}")
     return family
 
 
 __all__ = [
     "DECODERS", "ENTRY_POINT_GROUP", "FAMILIES", "Decoder", "Family", "UnsupportedModelError", "all_families",
-    "family_for", "plugin_families",
+    "family_for", "plugin_families", "supported",
 ]

@@ -91,6 +91,9 @@ class Family:
     placement: ClassVar[Literal["inline", "prefix"]]
     image_token: ClassVar[str]  # the placeholder token whose positions receive image features
     image_text: ClassVar[str]  # what a plain-format prompt writes where the image goes
+    # What the checkpoints' own chat templates write for an image when it is not `image_token`
+    # (Gemma 3 writes "<start_of_image>"): replaced by `image_text` in a chat-format prompt.
+    chat_image_marker: ClassVar[str | None] = None
     # What a VLKEB-format prompt writes before the question; None: the bare placeholder for inline
     # families (the image right after BOS, as VLKEB feeds LLaVA), nothing for prefix ones (BLIP-2's
     # image goes before BOS there too).

@@ -77,6 +77,7 @@ class Gemma3(Family):
     # Gemma3Processor's full image sequence is "\n\n<start_of_image>" + soft tokens + "<end_of_image>\n\n";
     # the placeholder stands for the soft tokens and `image_tokens` adds the boi/eoi around them.
     image_text = "\n\n<image_soft_token>\n\n"
+    chat_image_marker = "<start_of_image>"  # what Gemma 3's chat template writes (Gemma3Processor expands it)
     decoder_path = "model.language_model"
     vision_parts = _SIGLIP_PARTS
     default_vision_parts = ("projector",)

@@ -42,6 +42,8 @@ class Qwen2VL(Family):
     placement = "inline"
     image_token = "<|image_pad|>"
     image_text = "<|vision_start|><|image_pad|><|vision_end|>"
+    # VLKEB feeds Qwen-VL 'Picture 1: <img>{path}</img>\n{q} {a}' (coco_caption.py collate_fn).
+    vlkeb_image_text = "Picture 1: <|vision_start|><|image_pad|><|vision_end|>\n"
     decoder_path = "model.language_model"
     vision_parts = {
         "tower": ("model.visual.patch_embed", "model.visual.blocks"),

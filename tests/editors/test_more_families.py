@@ -152,6 +152,21 @@ def test_gemma3_soft_tokens_sit_between_boi_and_eoi_with_bidirectional_type_ids(
     assert batch.inputs["token_type_ids"][0].tolist() == [int(i == config.image_token_id) for i in ids]
 
 
+def test_gemma3_chat_template_image_marker_becomes_the_soft_token_sequence():
+    lvlm = tiny("gemma3")
+    config, tok = lvlm.model.config, lvlm.inputs.tokenizer
+    # Gemma 3's chat template writes <start_of_image> for an image (as its checkpoints ship it).
+    template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    chat = type(lvlm.inputs)(lvlm.family, config, tok, lvlm.inputs.image_processor, template, "chat")
+    ids = chat.encode(Query("what is the capital of France?", "Paris", random_image(1))).input_ids
+    boi = ids.index(config.boi_token_id)
+    assert ids[boi + 1 : boi + 5] == [config.image_token_id] * 4 and ids[boi + 5] == config.eoi_token_id
+    assert ids.count(config.boi_token_id) == 1
+    assert "<start_of_image>" not in chat.prompt_text(Query("what is it?"))  # text-only: no image marker
+
+
 # -- Idefics3 / SmolVLM --------------------------------------------------------------------------
 
 

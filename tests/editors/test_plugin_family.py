@@ -6,6 +6,7 @@ sys.path: entry points are found the way they are for any installed package.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,14 @@ def test_a_saved_plugin_model_loads_by_path(plugin, tmp_path):
     assert loaded.family.name == "tiny-owl"
     query = [Query("what is shown?", "a dog", random_image(2))]
     torch.testing.assert_close(loaded.score(query)[0].target_logprobs, lvlm.score(query)[0].target_logprobs)
+
+
+def test_a_saved_plugin_model_loads_by_path_in_a_fresh_process(plugin, tmp_path):
+    """Loading must find the plugin (and its AutoConfig registration) before reading the config."""
+    tiny_owl(plugin).save(tmp_path / "owl")
+    code = f"from editors import LVLM; print(LVLM.load({str(tmp_path / 'owl')!r}, prompt_format='plain').family.name)"
+    site = str(Path(plugin.__file__).parent.parent)
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": site},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "tiny-owl"

@@ -335,3 +335,10 @@ def test_metadata_no_format_reads_is_accepted_and_reported_once_per_stream(tmp_p
     data = vlkeb(source="wiki")
     del data["port_new"]
     assert parse_record(data, 1, "evqa").src == data["src"]
+
+
+def test_a_blank_answer_is_a_bad_record_not_a_failed_run(tmp_path):
+    record = {"src": "q?", "alt": "   ", "rephrase": "q2?", "image": "a.png", "image_rephrase": "a.png",
+              "loc": "l?", "loc_ans": "x", "m_loc": "a.png", "m_loc_q": "m?", "m_loc_a": "y"}
+    with pytest.raises(RecordsError, match="line 3, field 'alt': Value error, must not be blank"):
+        parse_record(record, 3)
