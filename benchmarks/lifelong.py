@@ -79,17 +79,20 @@ def report(folder: Path, gap: int) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     runs = {}
     for method in METHODS:
-        meta_file = folder / f"{method}.json"
-        if not meta_file.is_file():
+        if not (folder / method / "rounds.jsonl").is_file():
             continue
-        meta = json.loads(meta_file.read_text())
+        meta_file = folder / f"{method}.json"  # written when the run finished
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
         runs[method] = rounds(folder / method)
         reached = [edits for edits in CHECKPOINTS if row_at(runs[method], edits, gap)]
         for edits in reached:
             values = row_at(runs[method], edits, gap)
             cells = " | ".join("–" if values[k] is None else f"{values[k]:.3f}" for k in PER_EDIT + STATE)
-            # Speed and memory are of the whole run: shown once, on its last row.
-            whole = f"{meta['edits'] / meta['seconds']:.1f} | {meta['peak_rss_mib']:.0f} MiB"
+            # Speed and memory are of the whole run: shown once, on its last row (a run still going: its
+            # latest rate between probe rounds, and no peak yet).
+            latest = runs[method][-1]
+            whole = (f"{meta['edits'] / meta['seconds']:.1f} | {meta['peak_rss_mib']:.0f} MiB" if meta else
+                     f"{latest['edits_per_second'] or 0:.1f} (unfinished: {latest['edits_applied']:,} edits) | –")
             lines.append(f"| {method} | {edits:,} | {cells} | {whole if edits == reached[-1] else ' | '} |")
     plots = folder / "plots"
     plots.mkdir(exist_ok=True)
