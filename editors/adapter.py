@@ -276,14 +276,26 @@ class LVLM:
             return dict(self._vision_parameters(parts))
         raise ValueError(f"Unknown parameter group {group!r}. Available: {', '.join(GROUPS)}")
 
+    @property
+    def decoder_depth(self) -> int:
+        """Number of blocks of the text decoder."""
+        return len(self._decoder_blocks()[1])
+
+    def decoder_layer(self, index: int) -> int:
+        """A decoder block index (negative counts from the end) as 0..depth-1; ValueError when out of range."""
+        depth = self.decoder_depth
+        if not -depth <= index < depth:
+            raise ValueError(f"layer {index} out of range: the decoder has {depth} layers")
+        return index % depth
+
+    def _decoder_blocks(self) -> tuple[str, nn.ModuleList]:
+        path = f"{self.family.decoder_path}.{self.family.decoder(self.model.config).layers}"
+        return path, self.model.get_submodule(path)
+
     def _llm_parameters(self, layers: Sequence[int], modules: Sequence[str] | None) -> Iterator[tuple[str, nn.Parameter]]:
         decoder = self.family.decoder(self.model.config)
-        blocks_path = f"{self.family.decoder_path}.{decoder.layers}"
-        blocks = self.model.get_submodule(blocks_path)
-        for index in layers:
-            if not -len(blocks) <= index < len(blocks):
-                raise ValueError(f"layer {index} out of range: the decoder has {len(blocks)} layers")
-            index %= len(blocks)
+        blocks_path, blocks = self._decoder_blocks()
+        for index in map(self.decoder_layer, layers):
             for name in decoder.modules(modules):
                 yield f"{blocks_path}.{index}.{name}", blocks[index].get_parameter(name)
 

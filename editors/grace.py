@@ -246,20 +246,16 @@ class Grace(Editor):
         leaves the model as it found it, so several editors can be made on one model one after another.
         """
         _remove(self._handles)
-        family, config = self.lvlm.family, self.lvlm.model.config
-        decoder = family.decoder(config)
-        blocks = self.lvlm.model.get_submodule(f"{family.decoder_path}.{decoder.layers}")
-        n = len(blocks)
-        index = (2 * n) // 3 if self.config.layer is None else self.config.layer
-        if not -n <= index < n:
-            raise ValueError(f"layer {index} out of range: the decoder has {n} layers")
-        self.layer_index = index % n
-        down = decoder.modules(["down"])[0].removesuffix(".weight")  # declared by the family, not guessed
-        self.module_path = f"{family.decoder_path}.{decoder.layers}.{self.layer_index}.{down}"
+        n = self.lvlm.decoder_depth
+        self.layer_index = self.lvlm.decoder_layer((2 * n) // 3 if self.config.layer is None else self.config.layer)
+        # The family declares where the down projection is, not a guess from names.
+        (down,) = self.lvlm.parameter_group("llm", layers=[self.layer_index], modules=("down",))
+        self.module_path = down.removesuffix(".weight")
         module = self.lvlm.model.get_submodule(self.module_path)
         if not isinstance(module, nn.Linear):
             raise ValueError(f"{self.module_path} is a {type(module).__name__}, not the linear layer GRACE wraps")
         tops = {id(self.lvlm.model): self.lvlm.model}
+        family = self.lvlm.family
         if family.text_module:
             text = self.lvlm.model.get_submodule(family.text_module)
             tops[id(text)] = text

@@ -123,9 +123,7 @@ class LoRA(Editor):
 
     def _target_modules(self) -> tuple[str, ...]:
         """Paths of the adapted linear modules: the configured MLP roles of the configured layers."""
-        decoder = self.lvlm.family.decoder(self.lvlm.model.config)
-        blocks = self.lvlm.model.get_submodule(f"{self.lvlm.family.decoder_path}.{decoder.layers}")
-        layers = self.config.layers if self.config.layers is not None else range(len(blocks))
+        layers = self.config.layers if self.config.layers is not None else range(self.lvlm.decoder_depth)
         params = self.lvlm.parameter_group("llm", layers=layers, modules=self.config.target_modules)
         paths = []
         for name in params:

@@ -149,12 +149,8 @@ class Wise(Editor):
     # -- set-up ------------------------------------------------------------------------------
 
     def _configure(self) -> None:
-        decoder = self.lvlm.family.decoder(self.lvlm.model.config)
-        blocks_path = f"{self.lvlm.family.decoder_path}.{decoder.layers}"
-        depth = len(self.lvlm.model.get_submodule(blocks_path))
+        depth = self.lvlm.decoder_depth
         index = math.floor(0.85 * depth) if self.config.layer is None else self.config.layer
-        if not -depth <= index < depth:
-            raise ValueError(f"layer {index} out of range: the decoder has {depth} layers")
         (self.parameter_name,) = self.lvlm.parameter_group("llm", layers=[index], modules=("down",))
         self.module = self.lvlm.model.get_submodule(self.parameter_name.removesuffix(".weight"))
         self.main = self.module.weight  # the main memory: read, never written
