@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedModel
 
 from editors.families import Family, UnsupportedModelError, family_for, plugin_families, supported
-from editors.inputs import Batch, InputBuilder, InputError, Query
+from editors.inputs import Batch, InputBuilder, InputError, Query, image_index_groups
 from editors.prompts import PromptFormat
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -166,10 +166,7 @@ class LVLM:
         if gather is not None and len(gather) != len(queries):
             raise ValueError(f"gather has {len(gather)} entries for {len(queries)} queries")
         results: list[SpanScore | None] = [None] * len(queries)
-        for group in (
-            [i for i, q in enumerate(queries) if q.image is not None],
-            [i for i, q in enumerate(queries) if q.image is None],
-        ):
+        for group in image_index_groups(queries):
             for start in range(0, len(group), batch_size):
                 chunk = group[start : start + batch_size]
                 gathered = None if gather is None else [gather[i] for i in chunk]

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import weakref
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -202,6 +203,17 @@ def check_model(saved: dict[str, str] | None, current: dict[str, str]) -> None:
 
 def _described(identity: dict[str, str]) -> str:
     return f"{identity.get('name')!r} ({identity.get('config_class')}, config {identity.get('config_hash')})"
+
+
+def weak_hook(owner: object, method: str) -> Callable[..., Any]:
+    """A module hook calling `owner.<method>` without keeping the owner alive (a model outlives its editors)."""
+    ref = weakref.ref(owner)
+
+    def hook(*args: Any, **kwargs: Any) -> Any:
+        target = ref()
+        return None if target is None else getattr(target, method)(*args, **kwargs)
+
+    return hook
 
 
 def tensor_norms(changes: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -37,7 +37,7 @@ import logging
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -45,8 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from editors.adapter import LVLM, SpanScore
-from editors.editor import EditOutcome, Editor, EditRequest, Retrieval
-from editors.inputs import Query
+from editors.editor import EditOutcome, Editor, EditRequest, Retrieval, weak_hook
+from editors.inputs import Query, image_index_groups
 from editors.losses import answer_nll, fit_answer
 from editors.state import EditorState
 from memory import MemoryConfig, RetrievalStats, VectorMemory
@@ -259,10 +259,10 @@ class Grace(Editor):
         if family.text_module:
             text = self.lvlm.model.get_submodule(family.text_module)
             tops[id(text)] = text
-        handles = [module.register_forward_hook(_weak(self, "_replace"))]
+        handles = [module.register_forward_hook(weak_hook(self, "_replace"))]
         for top in tops.values():
-            handles.append(top.register_forward_pre_hook(_weak(self, "_enter"), with_kwargs=True))
-            handles.append(top.register_forward_hook(_weak(self, "_leave")))
+            handles.append(top.register_forward_pre_hook(weak_hook(self, "_enter"), with_kwargs=True))
+            handles.append(top.register_forward_hook(weak_hook(self, "_leave")))
         self._handles[:] = handles
         if not hasattr(self, "codebook"):
             self.codebook = Codebook(module.in_features, module.out_features, self.config.memory)
@@ -415,8 +415,7 @@ class Grace(Editor):
         out = [Retrieval(None, float("-inf"))] * len(queries)
         if not len(self.codebook):
             return out
-        with_image = [i for i, q in enumerate(queries) if q.image is not None]
-        for group in (with_image, sorted(set(range(len(queries))) - set(with_image))):
+        for group in image_index_groups(queries):
             for start in range(0, len(group), 16):
                 chunk = group[start : start + 16]
                 self._positions, self._captured = [], []
@@ -474,17 +473,6 @@ class Grace(Editor):
         """Empty the codebook (its statistics run on)."""
         book = self.codebook
         self.codebook = Codebook(book.key_dim, book.value_dim, self.config.memory, book.stats)
-
-
-def _weak(editor: Grace, method: str) -> Callable[..., Any]:
-    """A hook calling `editor.<method>` without keeping the editor alive."""
-    ref = weakref.ref(editor)
-
-    def hook(*args: Any) -> Any:
-        target = ref()
-        return None if target is None else getattr(target, method)(*args)
-
-    return hook
 
 
 def _remove(handles: list[torch.utils.hooks.RemovableHandle]) -> None:

@@ -197,6 +197,12 @@ class InputBuilder:
         return Batch(inputs, positions.to(device), targets.to(device), mask.to(device), lengths)
 
 
+def image_index_groups(queries: Sequence[Query]) -> list[list[int]]:
+    """Indices of the queries with an image, then of those without (a batch cannot mix them); empty groups dropped."""
+    groups = [[i for i, q in enumerate(queries) if q.image is not None], [i for i, q in enumerate(queries) if q.image is None]]
+    return [g for g in groups if g]
+
+
 def _answer_span(offsets: Sequence[tuple[int, int]], answer_char: int, query: Query) -> tuple[int, int]:
     """First index and length of the tokens whose characters overlap the answer."""
     hits = [i for i, (s, e) in enumerate(offsets) if e > answer_char and e > s]

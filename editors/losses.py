@@ -11,14 +11,13 @@ from typing import Sequence
 import torch
 
 from editors.adapter import LVLM, SpanLogits
-from editors.inputs import Query
+from editors.inputs import Query, image_index_groups
 from editors.weights import span_logits_with, trainable_only
 
 
 def image_groups(queries: Sequence[Query]) -> list[list[Query]]:
     """The queries split into (with image, without image), empty groups dropped."""
-    groups = [[q for q in queries if q.image is not None], [q for q in queries if q.image is None]]
-    return [g for g in groups if g]
+    return [[queries[i] for i in group] for group in image_index_groups(queries)]
 
 
 def span_logits(lvlm: LVLM, queries: Sequence[Query], weights: dict[str, torch.Tensor] | None = None) -> SpanLogits:

@@ -52,7 +52,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Sequence
@@ -66,8 +65,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from editors.adapter import LVLM
-from editors.editor import EditExample, EditOutcome, Editor, EditRequest, Retrieval
-from editors.inputs import Query
+from editors.editor import EditExample, EditOutcome, Editor, EditRequest, Retrieval, weak_hook
+from editors.inputs import Query, image_index_groups
 from editors.losses import answer_nll, image_groups
 from editors.state import EditorState
 from editors.weights import trainable_only
@@ -160,7 +159,7 @@ class Wise(Editor):
         self._act = ACT2FN[act]
         if self._hook_handle is not None:
             self._hook_handle.remove()
-        self._hook_handle = self.module.register_forward_hook(_weak_hook(self))
+        self._hook_handle = self.module.register_forward_hook(weak_hook(self, "_hook"))
         self._pass: _Pass | None = None
         self._bypass = False
         self._clear()
@@ -263,7 +262,7 @@ class Wise(Editor):
         gather = kwargs.pop("gather", None)
         batch_size = kwargs.pop("batch_size", 16)
         results: list = [None] * len(queries)
-        for group in _index_groups(queries):
+        for group in image_index_groups(queries):
             for start in range(0, len(group), batch_size):
                 chunk = group[start : start + batch_size]
                 chosen = [queries[i] for i in chunk]
@@ -285,7 +284,7 @@ class Wise(Editor):
             return [Retrieval(None, 0.0) for _ in queries]
         keys = F.normalize(self.key_vectors, dim=-1)
         with torch.no_grad():
-            for group in _index_groups(queries):
+            for group in image_index_groups(queries):
                 run = self._layer_pass([queries[i] for i in group])
                 nearest = (F.normalize(run.main_mean.cpu(), dim=-1) @ keys.T).argmax(1)
                 for row, i in enumerate(group):
@@ -484,18 +483,3 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
     return (base.float() + mixed.view(base.shape)).to(base.dtype)
 
 
-def _index_groups(queries: Sequence[Query]) -> list[list[int]]:
-    """Indices of the queries with images, then without (a batch cannot mix them); empty groups dropped."""
-    groups = [[i for i, q in enumerate(queries) if q.image is not None], [i for i, q in enumerate(queries) if q.image is None]]
-    return [g for g in groups if g]
-
-
-def _weak_hook(editor: Wise):
-    """A forward hook calling `editor._hook` without keeping the editor alive (models outlive editors in tests)."""
-    ref = weakref.ref(editor)
-
-    def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
-        target = ref()
-        return None if target is None else target._hook(module, args, output)
-
-    return hook
