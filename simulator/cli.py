@@ -6,41 +6,26 @@ import argparse
 import json
 import logging
 import sys
-import types
-from typing import TYPE_CHECKING, Any, Callable, Literal, NoReturn, Sequence, Union, get_args, get_origin
+from typing import Callable, Sequence
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from editors.registry import METHODS
+from simulator import compare, probe_job, train_editor
+from simulator.command import (
+    INTERRUPTED,
+    USAGE_ERROR,
+    ArgumentParser,
+    CommandError,
+    add_model_options,
+    exporters,
+    nested,
+    print_error,
+    validated,
+)
 from simulator.config import RunConfig, load_run_config
 
-if TYPE_CHECKING:
-    from monitor.sink import Sink
-
 log = logging.getLogger("simulate")
-
-USAGE_ERROR = 2
-INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-
-
-class CommandError(Exception):
-    """A user-facing failure: printed without a traceback, exit status 2."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """A parser whose errors are one line, `simulate: error: ...`, like every other user error."""
-
-    def error(self, message: str) -> NoReturn:
-        """Print the problem in one line (no usage block) and exit with status 2."""
-        command = self.prog.removeprefix("simulate").strip()
-        _print_error(f"{command}: {message}" if command else message)
-        sys.exit(USAGE_ERROR)
-
-
-def _print_error(message: str) -> None:
-    """`simulate: error: ...` on standard error, a multi-line message joined into one line."""
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    print(f"simulate: error: {'; '.join(lines)}", file=sys.stderr)
 
 
 def _user_error(error: Exception) -> bool:
@@ -50,58 +35,6 @@ def _user_error(error: Exception) -> bool:
     from editors.inputs import InputError
 
     return isinstance(error, (UnsupportedModelError, InputError, StateMismatchError))
-
-
-def _unwrap_optional(annotation: Any) -> Any:
-    if get_origin(annotation) in (Union, types.UnionType):
-        args = [a for a in get_args(annotation) if a is not type(None)]
-        return args[0] if len(args) == 1 else annotation
-    return annotation
-
-
-def _add_run_options(parser: argparse.ArgumentParser, model: type[BaseModel] = RunConfig, prefix: str = "") -> None:
-    """One flag per RunConfig field, so a scenario file and the command line share names.
-
-    A nested settings model (e.g. `collapse`) becomes flags `--collapse-<field>` whose dest
-    is the dotted path; `run_main` folds them back into a nested mapping.
-    """
-    for name, field in model.model_fields.items():
-        annotation = _unwrap_optional(field.annotation)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            _add_run_options(parser, annotation, f"{prefix}{name}.")
-            continue
-        default = None if field.is_required() else field.get_default(call_default_factory=True)
-        shown = f" (default: {default})" if default not in (None, False, {}) else ""
-        off = "; 'off' disables it" if prefix and field.default is not None and annotation is not bool else ""
-        kwargs: dict[str, Any] = {
-            "dest": prefix + name, "default": argparse.SUPPRESS, "help": f"{field.description}{shown}{off}"
-        }
-        if annotation is bool:
-            kwargs["action"] = "store_true"
-        elif get_origin(annotation) is list:
-            kwargs.update(nargs="+", type=int, metavar="N")
-        elif get_origin(annotation) is Literal:
-            kwargs["choices"] = get_args(annotation)
-        elif get_origin(annotation) is dict:
-            kwargs.update(type=json.loads, metavar="JSON")
-        elif prefix:
-            kwargs["type"] = lambda value: None if value.lower() in ("off", "none") else value
-        flags = ["--" + (prefix + name).replace("_", "-").replace(".", "-")]
-        if name == "record_format":
-            flags.append("--format")
-        parser.add_argument(*flags, **kwargs)
-
-
-def _nested(flat: dict[str, Any]) -> dict[str, Any]:
-    """{"collapse.ppl_ratio": 3} -> {"collapse": {"ppl_ratio": 3}}."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        head, _, rest = key.partition(".")
-        if rest:
-            out.setdefault(head, {})[rest] = value
-        else:
-            out[key] = value
-    return out
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -121,7 +54,7 @@ def run_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="FILE", help="YAML/JSON scenario file; flags given here override it")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    _add_run_options(parser)
+    add_model_options(parser, RunConfig, aliases={"record_format": "--format"})
     return parser
 
 
@@ -135,9 +68,6 @@ def _subcommands() -> dict[str, tuple[argparse.ArgumentParser, Callable[[argpars
     world.add_argument("--out", required=True, help="output folder")
     world.add_argument("--entities", type=int, default=400, help="number of creatures (default: 400, the embedded model's)")
     world.add_argument("--seed", type=int, default=0, help="generator seed (default: 0, the embedded model's)")
-
-    # imported here: they import this module's CommandError
-    from simulator import compare, probe_job, train_editor
 
     return {
         "world": (world, world_main),
@@ -173,8 +103,8 @@ def world_main(args: argparse.Namespace) -> int:
 
 def run_main(args: argparse.Namespace) -> int:
     """The main job."""
-    overrides = _nested({k: v for k, v in vars(args).items() if k not in ("config", "verbose")})
-    config = _validated(lambda: load_run_config(args.config, overrides))
+    overrides = nested({k: v for k, v in vars(args).items() if k not in ("config", "verbose")})
+    config = validated(lambda: load_run_config(args.config, overrides))
     log.debug("run config: %s", config.model_dump_json())
     from editors import UnknownMethodError
     from simulator.checkpoint import CheckpointError
@@ -194,32 +124,6 @@ def run_main(args: argparse.Namespace) -> int:
             sink.close()
     print(json.dumps({"results": summary["results"], "alarms": summary["alarms"]}, indent=2))
     return 0
-
-
-def exporters(config: RunConfig, kind: str = "simulate") -> list[Sink]:
-    """The run's exporters (MLflow, Prometheus, Pushgateway); a busy metrics port is a CommandError."""
-    from monitor.exporters import build_sinks
-
-    try:
-        return build_sinks(config, kind)
-    except OSError as error:
-        raise CommandError(
-            f"cannot serve Prometheus metrics on {config.prometheus_host}:{config.prometheus_port}: {error}"
-        ) from None
-
-
-def _validated(build: Callable[[], RunConfig]) -> RunConfig:
-    """Build settings, turning every validation problem into one readable CommandError."""
-    try:
-        return build()
-    except ValidationError as error:
-        problems = []
-        for item in error.errors():
-            flag = "--" + str(item["loc"][0]).replace("_", "-") if item["loc"] else "settings"
-            problems.append(f"{flag}: {item['msg']}")
-        raise CommandError("invalid settings: " + "; ".join(problems)) from None
-    except (OSError, ValueError) as error:
-        raise CommandError(str(error)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -243,14 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except CommandError as error:
-        _print_error(str(error))
+        print_error(str(error))
         return USAGE_ERROR
     except KeyboardInterrupt:
         return INTERRUPTED
     except Exception as error:
         if not _user_error(error):
             raise
-        _print_error(str(error))
+        print_error(str(error))
         return USAGE_ERROR
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Iterable, Sequence
 
-from simulator.cli import ArgumentParser, CommandError
+from simulator.command import ArgumentParser, CommandError
 
 if TYPE_CHECKING:
     from monitor.exporters.plots import Points

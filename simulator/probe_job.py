@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from monitor.schedule import IntervalSchedule, ScheduleError, parse_interval
-from simulator.cli import ArgumentParser, CommandError, exporters
+from simulator.command import ArgumentParser, CommandError, exporters
 from simulator.config import RunConfig
 
 if TYPE_CHECKING:

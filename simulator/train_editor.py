@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import ValidationError
 
-from simulator.cli import ArgumentParser, CommandError
+from simulator.command import ArgumentParser, CommandError
 from simulator.config import RunConfig
 from simulator.records import RECORD_FORMATS
 
