@@ -3,63 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from memory.files import current_folder, write_atomically
+
 TENSORS = "state.safetensors"
 META = "state.json"
-
-
-def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Write a file or folder through a temporary sibling and a rename.
-
-    A file is replaced in one rename. A folder cannot be: the old one is first renamed to
-    `.<name>.old`, then the new one into place, then the old one is deleted. A crash between
-    the two renames leaves the old folder at `.<name>.old`, where `current_folder` finds it,
-    so readers always see the previous version or the new one.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.is_dir():
-        shutil.rmtree(tmp)
-    write(tmp)
-    if not tmp.is_dir():
-        os.replace(tmp, path)
-        return
-    old = _old(path)
-    if old.exists():
-        shutil.rmtree(old)  # left by a crash; superseded by what is being written now
-    if path.is_dir():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def current_folder(path: str | Path) -> Path:
-    """The folder to read: `path`, or its previous version while `path` is missing between the two renames
-    of `write_atomically` (a crash there, or a writer right now). Reading never moves anything."""
-    path = Path(path)
-    return _old(path) if not path.exists() and _old(path).is_dir() else path
-
-
-def _old(path: Path) -> Path:
-    return path.with_name(f".{path.name}.old")
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make renames inside `folder` durable."""
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import faiss
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from memory.files import write_atomically, write_text_atomically
 from memory.index import IndexKind, IndexPlan, MemoryConfig, build, configure, contents, empty_flat, kind_of
 from memory.lock import ReadWriteLock
 from memory.stats import RetrievalStats, StatsSnapshot
@@ -168,13 +168,9 @@ class VectorMemory:
         directory.mkdir(parents=True, exist_ok=True)
         with self._lock.read():
             manifest = self._manifest()
-            tmp = directory / f".{INDEX_FILE}.tmp-{os.getpid()}"
-            faiss.write_index(self._index, str(tmp))
-        os.replace(tmp, directory / INDEX_FILE)
+            write_atomically(directory / INDEX_FILE, lambda tmp: faiss.write_index(self._index, str(tmp)))
         # The manifest goes last: a folder with a manifest always has the index it describes.
-        tmp = directory / f".{MANIFEST_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(manifest.model_dump_json(indent=2))
-        os.replace(tmp, directory / MANIFEST_FILE)
+        write_text_atomically(directory / MANIFEST_FILE, manifest.model_dump_json(indent=2))
 
     @classmethod
     def load(cls, directory: str | Path, stats: RetrievalStats | None = None) -> VectorMemory:

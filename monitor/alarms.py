@@ -1,4 +1,4 @@
-"""Collapse alarms: the thresholds a probe round is checked against (light: no torch, for the CLI)."""
+"""Alarms a probe round raises: collapse thresholds and significant forgetting (light: no torch, for the CLI)."""
 
 from __future__ import annotations
 
@@ -35,3 +35,16 @@ def collapse_alarms(values: dict[str, float], nonfinite: Sequence[str], limits: 
         if threshold is not None and value is not None and (math.isnan(value) or crossed(value, threshold)):
             reasons.append(message.format(v=value, t=threshold))
     return reasons
+
+
+def forgetting_significant(values: dict[str, float]) -> bool:
+    """The sampled edits are reliably worse now than right after they were applied.
+
+    The one definition of forgetting: `forgetting` > 0 and the upper end of the 95% interval of
+    `retention` below their reliability at edit time (retention + forgetting). The run flags it
+    in each round and exports it as `forgetting_significant`; the alert rule fires on that flag.
+    """
+    if "retention" not in values:
+        return False
+    at_edit = values["retention"] + values["forgetting"]
+    return values["forgetting"] > 0 and values["retention_ci_high"] < at_edit

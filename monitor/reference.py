@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from editors import SpanScore
-from editors.state import write_atomically
+from memory.files import write_atomically
 
 
 @dataclass

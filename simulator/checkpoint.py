@@ -9,7 +9,6 @@ resume, so nothing measured after the checkpoint is counted twice.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from editors import EditorState
-from editors.state import current_folder, write_atomically
+from memory.files import current_folder, fsync_tree, write_atomically
 
 FOLDER = "checkpoint"
 META = "checkpoint.json"
@@ -47,7 +46,7 @@ class Checkpoint:
             self.editor.save(tmp / EDITOR)
             save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp / TENSORS)
             (tmp / META).write_text(json.dumps({"version": VERSION, **self.progress}))
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
 
         write_atomically(out / FOLDER, write)
 
@@ -73,11 +72,3 @@ def truncate(path: Path, size: int) -> None:
         raise CheckpointError(f"{path} is shorter than the checkpoint recorded ({size} bytes)")
     with path.open("r+b") as handle:
         handle.truncate(size)
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file of a folder to disk before it is renamed into place (survives power loss)."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())

@@ -7,17 +7,16 @@ to the exporters — never into the run's own rounds.jsonl.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import signal
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from monitor.schedule import IntervalSchedule, ScheduleError, parse_interval
 from simulator.command import ArgumentParser, CommandError, exporters
 from simulator.config import RunConfig
+from simulator.signals import stopping_on_signals
 
 if TYPE_CHECKING:
     from monitor.sink import Sink
@@ -48,17 +47,6 @@ def parser() -> argparse.ArgumentParser:
     probe.add_argument("--pushgateway", help="Pushgateway URL (default: the run's)")
     probe.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return probe
-
-
-@contextlib.contextmanager
-def _stopping_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGTERM and Ctrl-C set `stop`: the round in progress finishes, then the job ends cleanly."""
-    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -117,7 +105,7 @@ def _run(args: argparse.Namespace, state: Path, out: Path, config: RunConfig, se
         if args.rounds is not None and job.rounds >= args.rounds:
             stop.set()
 
-    with _stopping_on_signals(stop):
+    with stopping_on_signals(stop):
         IntervalSchedule(scheduled, seconds, out / JOB_STORE).run(stop)
     summary = {"run": name, "state": settings["state"], "rounds": job.rounds, "edits_applied": job.timeline.applied,
                "last_round": job.last, "alarms": job.timeline.alarms,

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from editors import create_editor
-from editors.state import current_folder
+from memory.files import current_folder
 from monitor.sink import Sink
 from simulator.checkpoint import FOLDER, META, Checkpoint, CheckpointError
 from simulator.config import RunConfig, apply_protocol

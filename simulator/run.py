@@ -5,10 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import signal
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,7 +15,7 @@ from tqdm import tqdm
 
 from editors import LVLM, Editor, EditorState, create_editor, editor_class
 from editors.editor import StateMismatchError
-from editors.state import current_folder
+from memory.files import current_folder
 from monitor.sink import Sink
 from simulator.checkpoint import FOLDER, Checkpoint, truncate
 from simulator.config import RunConfig, apply_protocol
@@ -25,6 +23,7 @@ from simulator.outputs import QUARANTINE, RunFiles
 from simulator.records import EditRecord
 from simulator.requests import edit_example
 from simulator.settings import cache_root
+from simulator.signals import stopping_on_signals
 from simulator.stream import ImageRoot, StreamReader, is_json_array, load_records
 from simulator.timeline import Timeline
 from simulator.world.default import load_world_model
@@ -157,30 +156,6 @@ def _default(key: str) -> Any:
                                                                    default=str))
 
 
-@contextmanager
-def _graceful_stop(stop: threading.Event) -> Iterator[None]:
-    """The first Ctrl-C or SIGTERM sets `stop`: the run ends after the current record, checkpointed.
-
-    A second Ctrl-C stops at once (KeyboardInterrupt); the last periodic checkpoint stays valid.
-    """
-
-    def handler(signum: int, frame: Any) -> None:
-        if stop.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop.set()
-        log.warning("stopping after the current edit (checkpoint and summary follow); Ctrl-C again stops at once")
-
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be installed from the main thread
-        return
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def run_name(config: RunConfig) -> str:
     """`--run-name`, else the output folder's name."""
     return config.run_name or (config.out.name if config.out else f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -233,7 +208,8 @@ def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool 
     bar = tqdm(total=_expected_edits(config, stream_file), initial=timeline.edits_read, unit="edit", desc=name,
                disable=not progress)
     try:
-        with _graceful_stop(stop):
+        with stopping_on_signals(stop, "stopping after the current edit (checkpoint and summary follow); "
+                                 "Ctrl-C again stops at once"):
             timeline.run(_tracked(reader, bar, timeline, sinks), counters, stop)
     except KeyboardInterrupt:
         log.warning("stopped at once: outputs past the last checkpoint are incomplete; --resume continues from it")

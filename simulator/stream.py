@@ -22,6 +22,7 @@ import ijson
 from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
+from memory.files import append_jsonl
 from simulator.records import PORT_TAGS, RECORD_FORMATS, EditRecord, RecordFormat, foreign_fields, unknown_fields
 
 log = logging.getLogger(__name__)
@@ -234,8 +235,7 @@ class StreamReader:
         if self.quarantine is None:
             raise RecordsError([error], str(self.source))
         log.warning("quarantined %s", error)
-        with self.quarantine.open("a", encoding="utf-8") as out:
-            out.write(json.dumps({**asdict(error), "raw": raw}) + "\n")
+        append_jsonl(self.quarantine, {**asdict(error), "raw": raw})
         # A record with several bad fields gets one entry per field but counts once.
         if error.line != self._last_rejected:
             self.quarantined += 1

@@ -9,9 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -115,6 +112,7 @@ def _examples(args: argparse.Namespace) -> list[EditExample]:
 
 def _default_world() -> Path:
     """The embedded world's data, written once into the cache."""
+    from memory.files import publishing
     from simulator.settings import cache_root
     from simulator.world.export import write_world
     from simulator.world.graph import WorldConfig
@@ -124,17 +122,8 @@ def _default_world() -> Path:
     if (target / "train.jsonl").is_file():
         return target
     log.info("writing the embedded world's data into %s (once)", target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{config.digest()}-", dir=target.parent))
-    try:
+    with publishing(target, ready=lambda found: (found / "train.jsonl").is_file()) as tmp:
         write_world(config, tmp, progress=False)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "train.jsonl").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from editors.state import write_atomically
+from memory.files import append_jsonl, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,7 @@ class Journal:
         if not self._whole:
             self._cut_torn_tail()
             self._whole = True
-        with self.path.open("a", encoding="utf-8") as out:
-            out.write(json.dumps(op) + "\n")
+        append_jsonl(self.path, op)
 
     def state(self) -> dict[str, Any]:
         """What the sender knows: byte `offset` sent so far, the tracking `uri`, `run_id`, `experiment_id`."""
@@ -60,9 +59,8 @@ class Journal:
 
     def save_state(self, state: dict[str, Any]) -> None:
         """Replace state.json atomically."""
-        text = json.dumps(state, indent=2) + "\n"
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.state_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        write_text_atomically(self.state_path, json.dumps(state, indent=2) + "\n")
 
     def pending(self, offset: int) -> Iterator[tuple[int, dict[str, Any]]]:
         """(end offset, operation) of every complete line after byte `offset`."""

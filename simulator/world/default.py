@@ -12,12 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from editors import LVLM, InputError, PromptFormat
+from memory.files import publishing
 from simulator.settings import cache_root
 from simulator.world.graph import WorldConfig, build_world
 from simulator.world.model import ModelConfig, build_model
@@ -89,29 +87,14 @@ def world_model_path(
     if _record_key(target) == key:
         return target
     log.info("no model for world %s yet: training one into %s (once)", world_config.digest(), target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
-    try:
-        result = train_world_model(world_config, tmp / "model", model, training, progress=progress)
+    with publishing(target, ready=lambda found: _record_key(found) is not None) as tmp:
+        result = train_world_model(world_config, tmp, model, training, progress=progress)
         if not result.met:
             raise ModelNotReadyError(
                 f"the model of world {world_config.digest()} missed its accuracy bars after {result.steps} steps: "
                 f"{result.metrics}; raise TrainConfig.max_steps"
             )
-        publish(tmp / "model", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def publish(built: Path, target: Path) -> None:
-    """Move a finished model folder into place with one rename; if another run got there first, keep theirs."""
-    try:
-        os.rename(built, target)
-    except OSError:
-        if _record_key(target) is None:
-            raise
-        log.info("another run published %s first; using it", target)
 
 
 def load_world_model(

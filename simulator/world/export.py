@@ -9,7 +9,7 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
-from editors.state import write_atomically
+from memory.files import write_text_atomically
 from simulator.world.graph import World, WorldConfig, build_world
 from simulator.world.schema import IMAGE_RELATIONS, TEXT_RELATIONS
 
@@ -89,10 +89,10 @@ def write_world(config: WorldConfig, out: str | Path, progress: bool = True) -> 
         world.image(creature, variant).save(images / image_name(creature, variant))
     for split in ("train", "eval"):
         lines = "".join(json.dumps(r) + "\n" for r in edit_records(world, split))
-        write_atomically(out / f"{split}.jsonl", lambda tmp, text=lines: tmp.write_text(text))
+        write_text_atomically(out / f"{split}.jsonl", lines)
     manifest = {**config.model_dump(), "digest": config.digest(), "eval_edits": 4 * len(world.eval_ids),
                 "train_edits": 4 * len(world.train_ids)}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_text_atomically(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return out
 
 
