@@ -17,7 +17,10 @@ _EXPORTS = {
     "EditOutcome": "editors.editor",
     "EditRequest": "editors.editor",
     "Editor": "editors.editor",
+    "HasMemory": "editors.editor",
+    "HasWeightDelta": "editors.editor",
     "Retrieval": "editors.editor",
+    "capabilities": "editors.editor",
     "tensor_norms": "editors.editor",
     "FAMILIES": "editors.families",
     "Family": "editors.families",
@@ -36,7 +39,17 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from editors.adapter import LVLM, SpanLogits, SpanScore
-    from editors.editor import EditExample, EditOutcome, Editor, EditRequest, Retrieval, tensor_norms
+    from editors.editor import (
+        EditExample,
+        EditOutcome,
+        Editor,
+        EditRequest,
+        HasMemory,
+        HasWeightDelta,
+        Retrieval,
+        capabilities,
+        tensor_norms,
+    )
     from editors.families import FAMILIES, Family, UnsupportedModelError, family_for
     from editors.inputs import InputError, Query
     from editors.prompts import PromptFormat

@@ -36,11 +36,6 @@ class SpanScore:
     gathered_logprobs: torch.Tensor | None = None  # (T, j) log-probs at caller-given ids
     sequence_topk_ids: torch.Tensor | None = None  # (L, k') top ids at every sequence position
 
-    @property
-    def token_accuracy(self) -> float:
-        """Fraction of answer tokens the model predicts top-1."""
-        return (self.argmax_ids == self.target_ids).float().mean().item()
-
 
 @dataclass
 class SpanLogits:
@@ -272,6 +267,28 @@ class LVLM:
         if group == "vision":
             return dict(self._vision_parameters(parts))
         raise ValueError(f"Unknown parameter group {group!r}. Available: {', '.join(GROUPS)}")
+
+    def nonfinite_parameters(self, limit: int = 5) -> list[str]:
+        """Names of (up to `limit`) parameters holding NaN or Inf: the first sign of a collapsed model."""
+        bad = []
+        for name, param in self.model.named_parameters():
+            if not torch.isfinite(param).all():
+                bad.append(name)
+                if len(bad) == limit:
+                    break
+        return bad
+
+    def parameter_count(self) -> int:
+        """Number of the model's parameters."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters that require gradients (all of them, unless frozen), for training the whole model."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def set_training(self, on: bool) -> None:
+        """Switch the model to training (dropout on) or evaluation mode."""
+        self.model.train(on)
 
     @property
     def decoder_depth(self) -> int:

@@ -32,7 +32,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from editors.adapter import LVLM, SpanScore
-from editors.editor import EditOutcome, Editor, EditRequest, Retrieval
+from editors.editor import EditOutcome, Editor, EditRequest, HasMemory, Retrieval
 from editors.inputs import Query
 from editors.state import EditorState
 from memory import MemoryConfig, MultimodalKeys, TextEmbedder, VectorMemory
@@ -253,7 +253,7 @@ class EditMemory:
             raise ValueError("editor state is inconsistent: its edit list and its memory index hold different ids")
 
 
-class MemoryEditor(Editor):
+class MemoryEditor(Editor, HasMemory):
     """An editor that keeps edits in an `EditMemory` and rewrites prompts instead of weights.
 
     Subclasses say how a query is rewritten (`_prompted`) and what they learn (`_trained`).

@@ -113,22 +113,6 @@ class Editor(ABC):
         finally:
             self.load_state(saved)
 
-    def weight_change(self) -> float:
-        """Frobenius norm of the accumulated change to the model's weights (0 for methods that change none)."""
-        return 0.0
-
-    def retrieve(self, queries: Sequence[Query]) -> list[Retrieval] | None:
-        """Where a memory-based method routes each query; None for methods without a memory."""
-        return None
-
-    def memory_size(self) -> int | None:
-        """Number of edits held in the method's memory; None for methods without a memory."""
-        return None
-
-    def retrieval_stats(self) -> dict[str, float]:
-        """The memory's own statistics (search latency quantiles, hits, misses, rebuilds); empty without one."""
-        return {}
-
     @abstractmethod
     def state(self) -> EditorState:
         """Everything needed to rebuild the edited model from the unedited one."""
@@ -151,6 +135,40 @@ class Editor(ABC):
         if state.method != self.name:
             raise StateMismatchError(f"state was saved by method {state.method!r}, not {self.name!r}")
         check_model(state.meta.get("model"), self.model_identity)
+
+
+class HasMemory(ABC):
+    """Capability: the editor keeps edits in a memory that queries are routed through (SERAC, IKE, GRACE, WISE).
+
+    Declared by inheriting it; probe rounds measure retrieval health only of editors that do.
+    """
+
+    @abstractmethod
+    def retrieve(self, queries: Sequence[Query]) -> list[Retrieval]:
+        """Where each query is routed: the key of an edit in memory, or None (out of scope)."""
+
+    @abstractmethod
+    def memory_size(self) -> int:
+        """Number of edits held in the memory."""
+
+    @abstractmethod
+    def retrieval_stats(self) -> dict[str, float]:
+        """The memory's own statistics (search latency quantiles, hits, misses, rebuilds)."""
+
+
+class HasWeightDelta(ABC):
+    """Capability: the editor changes the model's weights (fine-tuning, hypernetworks, LoRA, WISE's side memory)."""
+
+    @abstractmethod
+    def weight_change(self) -> float:
+        """Frobenius norm of the accumulated change to the model's weights."""
+
+
+def capabilities(editor: Editor | type[Editor]) -> list[str]:
+    """The capabilities an editor (or editor class) declares, by name: "memory", "weight_delta"."""
+    cls = editor if isinstance(editor, type) else type(editor)
+    return [name for name, capability in (("memory", HasMemory), ("weight_delta", HasWeightDelta))
+            if issubclass(cls, capability)]
 
 
 class StateMismatchError(ValueError):

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from editors.adapter import LVLM, SpanScore
-from editors.editor import EditOutcome, Editor, EditRequest, Retrieval, weak_hook
+from editors.editor import EditOutcome, Editor, EditRequest, HasMemory, Retrieval, weak_hook
 from editors.inputs import Query, image_index_groups
 from editors.losses import answer_nll, fit_answer
 from editors.state import EditorState
@@ -219,7 +219,7 @@ class _Training:
     value: torch.Tensor
 
 
-class Grace(Editor):
+class Grace(Editor, HasMemory):
     """GRACE: replace one layer's output with a trained value when a query's key falls in an entry's radius."""
 
     name = "grace"

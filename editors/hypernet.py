@@ -184,7 +184,6 @@ class HyperEditor(ParameterEditor):
             "edit_loss": float(history[-1][1]),
             "loc_loss": float(history[-1][2]),
         }
-        self.report["train_edit_success"] = self._edit_success(examples)
         self.report["seconds"] = time.perf_counter() - start
         return dict(self.report)
 
@@ -216,14 +215,3 @@ class HyperEditor(ParameterEditor):
                     pre = self.lvlm.span_logits(group).logits
                 loc_loss = loc_loss + masked_kl(pre, span_logits(self.lvlm, group, edited)) * len(group)
         return edit_loss, loc_loss / max(len(example.locality), 1)
-
-    @torch.no_grad()
-    def _edit_success(self, examples: Sequence[EditExample]) -> float:
-        """Mean token accuracy of the new answer on each train edit right after its own update."""
-        self.net.eval()
-        hits = []
-        for example in examples:
-            edited = self._edited(self._updates(example.edit))
-            span = span_logits(self.lvlm, [example.edit.query], edited)
-            hits.append((span.logits.argmax(-1) == span.targets)[span.mask].float().mean().item())
-        return float(np.mean(hits))

@@ -38,7 +38,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from pydantic import BaseModel, ConfigDict, Field
 
 from editors.adapter import LVLM
-from editors.editor import EditOutcome, EditRequest, Editor, StateMismatchError
+from editors.editor import EditOutcome, EditRequest, Editor, HasWeightDelta, StateMismatchError
 from editors.losses import fit_answer
 from editors.state import EditorState
 from editors.weights import WeightTracker
@@ -84,7 +84,7 @@ class LoRAConfig(BaseModel):
     )
 
 
-class LoRA(Editor):
+class LoRA(Editor, HasWeightDelta):
     """One LoRA adapter on decoder MLP weights, trained edit after edit; base weights untouched."""
 
     name = "lora"

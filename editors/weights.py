@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from editors.adapter import LVLM, SpanLogits
-from editors.editor import EditOutcome, Editor, tensor_norms
+from editors.editor import EditOutcome, Editor, HasWeightDelta, tensor_norms
 from editors.inputs import Query
 from editors.state import EditorState
 
@@ -106,7 +106,7 @@ class WeightTracker:
             self.params[name].copy_(value)
 
 
-class ParameterEditor(Editor):
+class ParameterEditor(Editor, HasWeightDelta):
     """Base of the methods that change weights in place: state, reset and weight change live here.
 
     A subclass names the parameters it edits (`_parameters`) and may keep trained parts in the

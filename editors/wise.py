@@ -65,7 +65,16 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from editors.adapter import LVLM
-from editors.editor import EditExample, EditOutcome, Editor, EditRequest, Retrieval, weak_hook
+from editors.editor import (
+    EditExample,
+    EditOutcome,
+    Editor,
+    EditRequest,
+    HasMemory,
+    HasWeightDelta,
+    Retrieval,
+    weak_hook,
+)
 from editors.inputs import Query, image_index_groups
 from editors.losses import answer_nll, image_groups
 from editors.state import EditorState
@@ -132,7 +141,7 @@ class _Pass:
     main_mean: torch.Tensor | None = None  # (B, H) main memory's output, mean over prompt tokens
 
 
-class Wise(Editor):
+class Wise(Editor, HasMemory, HasWeightDelta):
     """Side memory with activation routing, random-mask shards and TIES merges; the main weights never change."""
 
     name = "wise"

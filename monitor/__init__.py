@@ -1,4 +1,4 @@
-"""Monitor: metric definitions, pre-edit references, probes, alarms and exporters.
+"""Monitor: metric definitions, the probe plan and round, pre-edit references, alarms and exporters.
 
 Public names resolve lazily (PEP 562), as in `editors`: the CLI reads the alarm thresholds
 to build its help without importing torch.
@@ -12,14 +12,11 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "CollapseThresholds": "monitor.alarms",
     "collapse_alarms": "monitor.alarms",
-    "LOCALITY": "monitor.metrics",
+    "forgetting_significant": "monitor.alarms",
     "METRICS": "monitor.metrics",
     "Metric": "monitor.metrics",
-    "Probe": "monitor.metrics",
     "RunningMeans": "monitor.metrics",
     "aggregate": "monitor.metrics",
-    "base_probes": "monitor.metrics",
-    "edit_probes": "monitor.metrics",
     "fill_references": "monitor.metrics",
     "get_metric": "monitor.metrics",
     "locality": "monitor.metrics",
@@ -28,30 +25,33 @@ _EXPORTS = {
     "token_accuracy": "monitor.metrics",
     "topk_kl": "monitor.metrics",
     "vlkeb_locality": "monitor.metrics",
+    "LOCALITY": "monitor.plan",
+    "Probe": "monitor.plan",
+    "base_probes": "monitor.plan",
+    "edit_probes": "monitor.plan",
+    "planned": "monitor.plan",
     "Estimate": "monitor.probes",
     "ReferenceSet": "monitor.probes",
     "RetainedEdit": "monitor.probes",
+    "edit_success": "monitor.probes",
     "estimate_mean": "monitor.probes",
-    "nonfinite_parameters": "monitor.probes",
     "reference_health": "monitor.probes",
     "retention": "monitor.probes",
     "retrieval_health": "monitor.probes",
     "Reference": "monitor.reference",
     "ReferenceStore": "monitor.reference",
+    "PoolEntry": "monitor.round",
+    "ProbeRound": "monitor.round",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from monitor.alarms import CollapseThresholds, collapse_alarms
+    from monitor.alarms import CollapseThresholds, collapse_alarms, forgetting_significant
     from monitor.metrics import (
-        LOCALITY,
         METRICS,
         Metric,
-        Probe,
         RunningMeans,
         aggregate,
-        base_probes,
-        edit_probes,
         fill_references,
         get_metric,
         locality,
@@ -61,17 +61,19 @@ if TYPE_CHECKING:
         topk_kl,
         vlkeb_locality,
     )
+    from monitor.plan import LOCALITY, Probe, base_probes, edit_probes, planned
     from monitor.probes import (
         Estimate,
         ReferenceSet,
         RetainedEdit,
+        edit_success,
         estimate_mean,
-        nonfinite_parameters,
         reference_health,
         retention,
         retrieval_health,
     )
     from monitor.reference import Reference, ReferenceStore
+    from monitor.round import PoolEntry, ProbeRound
 
 
 def __getattr__(name: str) -> Any:

@@ -4,7 +4,9 @@ All edit metrics are teacher-forced over the answer span (input = prompt + " " +
 answer tokens scored), after VLKEB (Huang et al., NeurIPS 2024) and MMEdit (Cheng et al., 2023):
 - reliability / t_gen / i_gen / port_khop: token accuracy of the expected answer;
 - t_loc / i_loc: top-1 agreement of the edited model with the unedited one on the answer
-  span, plus `*_kl`, the mean KL(pre || post) on that span;
+  span, plus `*_kl`: KL(pre || post) averaged over that span, computed on the pre-edit top-10
+  ids plus one bucket for the rest of the vocabulary — a lower bound on the full-vocabulary KL,
+  since references are cached as top-k only (DESIGN.md); see `topk_kl`;
 - `*_vlkeb` (with `vlkeb_compat`): VLKEB's own locality — top-k ids compared rank by rank at
   every position of the sequence, k = 1 for text and 10 for images.
 """
@@ -12,29 +14,44 @@ answer tokens scored), after VLKEB (Huang et al., NeurIPS 2024) and MMEdit (Chen
 from __future__ import annotations
 
 import difflib
-import hashlib
+import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Protocol
+from typing import Iterable, Literal, Sequence
 
 import torch
-from PIL import Image
 
-from editors import Editor, Query, SpanScore
+from editors import Editor, SpanScore
+from monitor.plan import HOP_RANGE, LOCALITY, Probe
 from monitor.reference import Reference, ReferenceStore
 
-LOCALITY = ("t_loc", "i_loc")
 VLKEB_TOP_K = {"t_loc": 1, "i_loc": 10}  # VLKEB: text locality top-1, image locality top-10
-HOP_RANGE = range(1, 5)
+Unit = Literal["ratio", "factor", "nats", "seconds", "count", "norm"]
 
 
 @dataclass(frozen=True)
 class Metric:
-    """One metric: its key everywhere (JSON, MLflow, Prometheus), meaning and direction."""
+    """One metric: its key everywhere (JSON, MLflow, Prometheus), meaning, direction, unit and aggregation.
+
+    Readers act on these: `simulate compare` reduces a run's values with `aggregation` and marks
+    the best method by `higher_is_better`; the exporters describe and group series by `unit`.
+    """
 
     key: str
     description: str
     higher_is_better: bool | None = True  # None: neither (a size, an entropy)
-    aggregation: Literal["mean", "last"] = "mean"  # over edits / rounds: mean, or the latest value
+    # How a run's values reduce to one number: the mean over edits (per-edit metrics, rounds of a
+    # health metric whose level matters throughout), the value after the last round, or the worst seen.
+    aggregation: Literal["mean", "last", "max"] = "mean"
+    unit: Unit = "ratio"  # ratio: a fraction in [0, 1]; factor: a ratio of two quantities, unbounded
+    scope: Literal["edit", "round"] = "edit"  # measured per edit (per setting), or per probe round
+
+
+KL_BOUND = "a lower bound on the full-vocabulary KL: pre-edit top-10 ids plus one bucket for the rest (topk_kl)"
+
+
+def _round(key: str, description: str, **kwargs: object) -> Metric:
+    """A probe-round metric: by default its value after the last round is the run's."""
+    return Metric(key, description, scope="round", **{"aggregation": "last", **kwargs})  # type: ignore[arg-type]
 
 
 _DEFINED = [
@@ -43,40 +60,48 @@ _DEFINED = [
     Metric("i_gen", "token accuracy of `alt` given `image_rephrase` + `src`"),
     Metric("t_loc", "top-1 agreement with the unedited model on the `loc_ans` span of `loc` (no image)"),
     Metric("i_loc", "top-1 agreement with the unedited model on the `m_loc_a` span of `m_loc` + `m_loc_q`"),
-    Metric("t_loc_kl", "mean KL(pre || post) over the `loc_ans` span, nats", higher_is_better=False),
-    Metric("i_loc_kl", "mean KL(pre || post) over the `m_loc_a` span, nats", higher_is_better=False),
+    Metric("t_loc_kl", f"KL(pre || post) over the `loc_ans` span, nats; {KL_BOUND}", higher_is_better=False,
+           unit="nats"),
+    Metric("i_loc_kl", f"KL(pre || post) over the `m_loc_a` span, nats; {KL_BOUND}", higher_is_better=False,
+           unit="nats"),
     Metric("t_loc_vlkeb", "VLKEB's text locality: top-1 agreement at every sequence position"),
     Metric("i_loc_vlkeb", "VLKEB's image locality: top-10 ids agreeing rank by rank at every position"),
     *[Metric(f"port_{k}hop", f"token accuracy of the {k}-hop answer given `image` + the hop question") for k in HOP_RANGE],
     Metric("port_onehop", "token accuracy of `port_a` given `image` + `port_q` after also editing the one-hop fact"),
-    # Probe rounds (monitor/probes.py): health of the long-lived model.
-    Metric("retention", "reliability of earlier edits re-measured later in the stream (random sample)"),
-    Metric("retention_ci_low", "lower end of the 95% confidence interval of `retention`"),
-    Metric("retention_ci_high", "upper end of the 95% confidence interval of `retention`"),
-    Metric("retention_sample", "number of earlier edits re-measured for `retention`", aggregation="last"),
-    Metric("forgetting", "reliability right after each sampled edit minus its reliability now", higher_is_better=False),
-    Metric("ref_ppl_ratio", "perplexity of the fixed reference set, edited / unedited", higher_is_better=False),
-    Metric("ref_agreement", "top-1 agreement with the unedited model on the fixed reference set's answer spans"),
-    Metric("ref_kl", "mean KL(pre || post) on the fixed reference set's answer spans, nats", higher_is_better=False),
-    Metric("ref_accuracy", "token accuracy of the reference set's original answers"),
-    Metric("generation_entropy", "mean entropy of the next-token distribution on the reference set, nats",
-           higher_is_better=None),
-    Metric("weight_change_norm", "Frobenius norm of the accumulated weight change", higher_is_better=False,
-           aggregation="last"),
-    Metric("collapse_alarm", "1 when a collapse threshold is crossed in the round, else 0", higher_is_better=False),
-    Metric("retrieval_recall_at_1", "fraction of in-scope queries whose top memory hit is their own edit"),
-    Metric("retrieval_false_hit_rate", "fraction of out-of-scope queries that hit any memory", higher_is_better=False),
-    Metric("retrieval_latency_seconds", "mean time to route one query: embedding it plus the memory search, seconds",
-           higher_is_better=False),
-    Metric("memory_search_seconds_p50", "median memory search time (the index alone), seconds",
-           higher_is_better=False, aggregation="last"),
-    Metric("memory_search_seconds_p99", "99th percentile memory search time (the index alone), seconds",
-           higher_is_better=False, aggregation="last"),
-    Metric("memory_hits", "queries routed to a memory entry so far", higher_is_better=None, aggregation="last"),
-    Metric("memory_misses", "queries routed to the base model so far", higher_is_better=None, aggregation="last"),
-    Metric("memory_rebuilds", "index rebuilds so far (flat to approximate, growth)", higher_is_better=None,
-           aggregation="last"),
-    Metric("memory_size", "edits held in the editor's memory", higher_is_better=None, aggregation="last"),
+    # Probe rounds (monitor/round.py): health of the long-lived model.
+    _round("retention", "reliability of earlier edits re-measured later in the stream (random sample)"),
+    _round("retention_ci_low", "lower end of the 95% confidence interval of `retention`"),
+    _round("retention_ci_high", "upper end of the 95% confidence interval of `retention`"),
+    _round("retention_sample", "number of earlier edits re-measured for `retention`", higher_is_better=None,
+           unit="count"),
+    _round("forgetting", "reliability right after each sampled edit minus its reliability now", higher_is_better=False),
+    _round("forgetting_significant", "1 when the retention interval lies below reliability at edit time "
+           "(monitor.alarms.forgetting_significant), else 0", higher_is_better=False, aggregation="max"),
+    _round("ref_ppl_ratio", "perplexity of the fixed reference set, edited / unedited", higher_is_better=False,
+           unit="factor"),
+    _round("ref_agreement", "top-1 agreement with the unedited model on the fixed reference set's answer spans"),
+    _round("ref_kl", f"KL(pre || post) on the fixed reference set's answer spans, nats; {KL_BOUND}",
+           higher_is_better=False, unit="nats"),
+    _round("ref_accuracy", "token accuracy of the reference set's original answers"),
+    _round("generation_entropy", "mean entropy of the next-token distribution on the reference set, nats",
+           higher_is_better=None, unit="nats"),
+    _round("weight_change_norm", "Frobenius norm of the accumulated weight change", higher_is_better=False,
+           unit="norm"),
+    _round("collapse_alarm", "1 when a collapse threshold is crossed in the round, else 0", higher_is_better=False,
+           aggregation="max"),
+    _round("retrieval_recall_at_1", "fraction of in-scope queries whose top memory hit is their own edit"),
+    _round("retrieval_false_hit_rate", "fraction of out-of-scope queries that hit any memory", higher_is_better=False),
+    _round("retrieval_latency_seconds", "mean time to route one query: embedding it plus the memory search, seconds",
+           higher_is_better=False, aggregation="mean", unit="seconds"),
+    _round("memory_search_seconds_p50", "median memory search time (the index alone), seconds",
+           higher_is_better=False, unit="seconds"),
+    _round("memory_search_seconds_p99", "99th percentile memory search time (the index alone), seconds",
+           higher_is_better=False, unit="seconds"),
+    _round("memory_hits", "queries routed to a memory entry so far", higher_is_better=None, unit="count"),
+    _round("memory_misses", "queries routed to the base model so far", higher_is_better=None, unit="count"),
+    _round("memory_rebuilds", "index rebuilds so far (flat to approximate, growth)", higher_is_better=None,
+           unit="count"),
+    _round("memory_size", "edits held in the editor's memory", higher_is_better=None, unit="count"),
 ]
 METRICS: dict[str, Metric] = {m.key: m for m in _DEFINED}
 
@@ -90,92 +115,29 @@ def get_metric(key: str) -> Metric:
     return METRICS[key]
 
 
-class HopFacts(Protocol):
-    """A portability question and answer."""
-
-    question: str
-    answer: str
-
-
-class EditFacts(Protocol):
-    """The fields of an edit record that the metrics read (the schema itself is simulator's)."""
-
-    src: str
-    alt: str
-    pred: str | None
-    rephrase: str
-    image: str
-    image_rephrase: str
-    loc: str
-    loc_ans: str
-    m_loc: str
-    m_loc_q: str
-    m_loc_a: str
-
-    def hop(self, hops: int) -> HopFacts | None: ...
-
-    def one_hop(self) -> HopFacts | None: ...
-
-    def base_hop(self, hops: int) -> HopFacts | None: ...
+def reduce(key: str, values: Sequence[float]) -> float:
+    """A run's values of metric `key` (in time order) as one number, by the metric's aggregation."""
+    if not values:
+        raise ValueError(f"no values of {key} to reduce")
+    aggregation = get_metric(key).aggregation
+    if aggregation == "last":
+        return values[-1]
+    if aggregation == "max":
+        return max(values)
+    return math.fsum(values) / len(values)
 
 
-ImageOpener = Callable[[str], Image.Image]
-
-
-@dataclass(frozen=True)
-class Probe:
-    """One query feeding one metric; `key` identifies its content for caching references."""
-
-    metric: str
-    query: Query
-    key: str
-
-
-def _probe(metric: str, prompt: str, answer: str, image: str | None, open_image: ImageOpener) -> Probe:
-    key = hashlib.sha1("\x1f".join([image or "", prompt, answer]).encode()).hexdigest()
-    return Probe(metric, Query(prompt, answer, open_image(image) if image else None), key)
-
-
-def edit_probes(edit: EditFacts, open_image: ImageOpener, one_hop: bool = False) -> list[Probe]:
-    """The queries of every post-edit metric of one edit; `one_hop` adds VLKEB Table 3's `port_onehop`."""
-    probes = [
-        _probe("reliability", edit.src, edit.alt, edit.image, open_image),
-        _probe("t_gen", edit.rephrase, edit.alt, edit.image, open_image),
-        _probe("i_gen", edit.src, edit.alt, edit.image_rephrase, open_image),
-        _probe("t_loc", edit.loc, edit.loc_ans, None, open_image),
-        _probe("i_loc", edit.m_loc_q, edit.m_loc_a, edit.m_loc, open_image),
-    ]
-    for k in HOP_RANGE:
-        if (qa := edit.hop(k)) is not None:
-            probes.append(_probe(f"port_{k}hop", qa.question, qa.answer, edit.image, open_image))
-    if one_hop and (qa := edit.one_hop()) is not None:
-        probes.append(_probe("port_onehop", qa.question, qa.answer, edit.image, open_image))
-    return probes
-
-
-def base_probes(edit: EditFacts, open_image: ImageOpener) -> list[Probe]:
-    """What the unedited model knows: `pred` on src / rephrase / image_rephrase, loc, m_loc, and
-    the hop questions answered with the original facts (`base_hop`)."""
-    probes = []
-    if edit.pred:
-        probes += [
-            _probe("pred_src", edit.src, edit.pred, edit.image, open_image),
-            _probe("pred_rephrase", edit.rephrase, edit.pred, edit.image, open_image),
-            _probe("pred_image_rephrase", edit.src, edit.pred, edit.image_rephrase, open_image),
-        ]
-    probes += [
-        _probe("loc", edit.loc, edit.loc_ans, None, open_image),
-        _probe("m_loc", edit.m_loc_q, edit.m_loc_a, edit.m_loc, open_image),
-    ]
-    for k in HOP_RANGE:
-        if (qa := edit.base_hop(k)) is not None:
-            probes.append(_probe(f"port_{k}hop", qa.question, qa.answer, edit.image, open_image))
-    return probes
+def best(key: str, values: Sequence[float]) -> float | None:
+    """The best of several values of metric `key` by its direction; None for a metric without one."""
+    direction = get_metric(key).higher_is_better
+    if direction is None or not values:
+        return None
+    return max(values) if direction else min(values)
 
 
 def token_accuracy(score: SpanScore) -> float:
     """Fraction of answer tokens predicted top-1 (reliability, generality, portability)."""
-    return score.token_accuracy
+    return (score.argmax_ids == score.target_ids).float().mean().item()
 
 
 def topk_kl(pre_logprobs: torch.Tensor, post_logprobs: torch.Tensor) -> torch.Tensor:

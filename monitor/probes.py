@@ -15,8 +15,9 @@ from typing import Sequence
 
 import torch
 
-from editors import Editor, Query
-from monitor.metrics import LOCALITY, Probe, fill_references, locality, token_accuracy
+from editors import Editor, EditRequest, HasMemory, Query
+from monitor.metrics import fill_references, locality, token_accuracy
+from monitor.plan import LOCALITY, Probe
 from monitor.reference import ReferenceStore
 
 Z_95 = 1.959964  # two-sided 95% normal quantile
@@ -106,6 +107,21 @@ class ReferenceSet:
         return new
 
 
+def edit_success(editor: Editor, edits: Sequence[EditRequest]) -> float:
+    """Mean reliability of each edit applied alone to the unedited model (a trained editor's report).
+
+    Each edit is applied, its own query scored, and the editor reset, so `editor` must be unedited.
+    """
+    if not edits:
+        raise ValueError("edit success needs at least one edit")
+    hits = []
+    for edit in edits:
+        editor.apply(edit)
+        hits.append(token_accuracy(editor.score([edit.query], top_k=1)[0]))
+        editor.reset()
+    return sum(hits) / len(hits)
+
+
 def _nll(scores) -> float:
     """Summed negative log-likelihood of the answer tokens of all scores, nats."""
     return sum(float(-s.target_logprobs.sum()) for s in scores)
@@ -129,32 +145,16 @@ def reference_health(editor: Editor, refset: ReferenceSet) -> dict[str, float]:
     }
 
 
-def nonfinite_parameters(model: torch.nn.Module, limit: int = 5) -> list[str]:
-    """Names of (up to `limit`) parameters holding NaN or Inf."""
-    bad = []
-    for name, param in model.named_parameters():
-        if not torch.isfinite(param).all():
-            bad.append(name)
-            if len(bad) == limit:
-                break
-    return bad
-
-
 def retrieval_health(
-    editor: Editor, in_scope: Sequence[tuple[Query, str]], out_of_scope: Sequence[Query]
+    editor: HasMemory, in_scope: Sequence[tuple[Query, str]], out_of_scope: Sequence[Query]
 ) -> dict[str, float]:
-    """Recall@1 of the right memory on in-scope queries, false-hit rate out of scope, and latency.
-
-    Empty for editors without a memory (`retrieve` returns None).
-    """
+    """Recall@1 of the right memory on in-scope queries, false-hit rate out of scope, and latency."""
     queries = [q for q, _ in in_scope] + list(out_of_scope)
     if not queries:
         return {}
     start = time.perf_counter()
     routes = editor.retrieve(queries)
     seconds = time.perf_counter() - start
-    if routes is None:
-        return {}
     values = {"retrieval_latency_seconds": seconds / len(queries)}
     if in_scope:
         hits = [route.key == key for route, (_, key) in zip(routes, in_scope)]

@@ -8,15 +8,23 @@ resume, so nothing measured after the checkpoint is counted twice.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from editors import EditorState
+from monitor.metrics import RunningMeans
+from monitor.plan import make_probe
+from monitor.probes import ReferenceSet
+from monitor.reference import ReferenceStore
+from monitor.round import AlarmLog, PoolEntry
+from simulator.records import RECORD_FORMATS
+from simulator.timeline import Pending, Timeline
 from memory.files import current_folder, fsync_tree, write_atomically
 
 FOLDER = "checkpoint"
@@ -72,3 +80,70 @@ def truncate(path: Path, size: int) -> None:
         raise CheckpointError(f"{path} is shorter than the checkpoint recorded ({size} bytes)")
     with path.open("r+b") as handle:
         handle.truncate(size)
+
+
+def save_timeline(timeline: Timeline, extra: dict[str, Any]) -> None:
+    """Checkpoint everything `timeline` needs to continue after its current record, plus the reader's `extra`."""
+    tensors: dict[str, torch.Tensor] = {"torch_rng": torch.get_rng_state()}
+    pending = []
+    for item in timeline.pending:
+        tensors.update(item.references.to_tensors(prefix=f"pending/{item.index}/"))
+        pending.append({"index": item.index, "record": item.record.model_dump(mode="json", by_alias=True)})
+    refset, refset_tensors = _refset_saved(timeline.refset)
+    tensors.update(refset_tensors)
+    progress = {
+        "line": timeline.line, "edits_read": timeline.edits_read, "applied": timeline.applied,
+        "failed": timeline.failed, "rounds": timeline.rounds, "last_round": timeline.last_round,
+        "alarms": timeline.alarms.as_dict(), "results": {k: m.data for k, m in timeline.results.items()},
+        "base": timeline.base.data, "pending": pending, "pool": len(timeline.pool),
+        "rng": timeline.rng.bit_generator.state, "refset": {**refset, "records": timeline.refset_records},
+        "files": timeline.files.sizes(), **extra,
+    }
+    Checkpoint(progress, timeline.editor.state(), tensors).save(timeline.files.folder)
+
+
+def restore_timeline(timeline: Timeline, checkpoint: Checkpoint, pool: Iterable[dict[str, Any]]) -> None:
+    """Continue `timeline` from a checkpoint: editor state, counters, pending edits, pool, RNG, reference set.
+
+    `pool` is the run's pool file; its first rows (as many as the checkpoint counted) are the pool.
+    """
+    p, tensors = checkpoint.progress, checkpoint.tensors
+    timeline.editor.load_state(checkpoint.editor)
+    torch.set_rng_state(tensors["torch_rng"])
+    timeline.line, timeline.edits_read, timeline.applied = p["line"], p["edits_read"], p["applied"]
+    timeline.failed, timeline.rounds, timeline.last_round = p["failed"], p["rounds"], p["last_round"]
+    timeline.alarms = AlarmLog(**p["alarms"])
+    timeline.results = {k: RunningMeans(v) for k, v in p["results"].items()}
+    timeline.base = RunningMeans(p["base"])
+    timeline.rng.bit_generator.state = p["rng"]
+    record_class = RECORD_FORMATS[timeline.config.record_format]
+    timeline.pending = [
+        Pending(item["index"], record_class.model_validate(item["record"]),
+                ReferenceStore.from_tensors(tensors, prefix=f"pending/{item['index']}/"))
+        for item in p["pending"]
+    ]
+    timeline.pool = read_pool(pool, p["pool"])
+    timeline.refset = restored_refset(checkpoint, timeline.images.open)
+    timeline.refset_records = p["refset"]["records"]
+
+
+def read_pool(rows: Iterable[dict[str, Any]], count: int) -> list[PoolEntry]:
+    """The first `count` rows of a pool file as pool entries."""
+    return [PoolEntry(**row) for row in itertools.islice(rows, count)]
+
+
+def restored_refset(checkpoint: Checkpoint, open_image: Callable[[str], Any]) -> ReferenceSet:
+    """The reference set a checkpoint saved, its images opened again from their names."""
+    saved = checkpoint.progress["refset"]
+    probes = [make_probe(item["metric"], item["prompt"], item["answer"], item["image"], open_image)
+              for item in saved["items"]]
+    references = ReferenceStore.from_tensors(checkpoint.tensors, prefix="refset/")
+    return ReferenceSet(probes, references, saved["base_nll"], saved["tokens"])
+
+
+def _refset_saved(refset: ReferenceSet) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A reference set as JSON (its questions by image name) and tensors (the unedited model's references)."""
+    items = [{"metric": p.metric, "prompt": p.query.prompt, "answer": p.query.answer, "image": p.image, "key": p.key}
+             for p in refset.probes]
+    return ({"items": items, "base_nll": refset.base_nll, "tokens": refset.tokens},
+            refset.references.to_tensors(prefix="refset/"))

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 from pydantic import ValidationError
 
 from editors.registry import METHODS
-from simulator import compare, probe_job, train_editor
+from simulator import compare, probe_job, sweep, train_editor
 from simulator.command import (
     INTERRUPTED,
     USAGE_ERROR,
@@ -48,6 +48,7 @@ def run_parser() -> argparse.ArgumentParser:
             "  simulate train-editor --method NAME ...              train MEND / KE / SERAC on a train split\n"
             "  simulate probe --state DIR --every 10m ...           scheduled regression probes\n"
             "  simulate compare [--experiment NAME] [--runs ...]    tables and plots across MLflow runs\n"
+            "  simulate sweep SWEEP.yaml [--address HOST:PORT]      a grid of runs on Ray (see sweeps/)\n"
             f"\nmethods: {', '.join(sorted(METHODS))}"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -74,6 +75,7 @@ def _subcommands() -> dict[str, tuple[argparse.ArgumentParser, Callable[[argpars
         "train-editor": (train_editor.parser(), train_editor.main),
         "probe": (probe_job.parser(), probe_job.main),
         "compare": (compare.parser(), compare.main),
+        "sweep": (sweep.parser(), sweep.main),
     }
 
 

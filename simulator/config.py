@@ -64,6 +64,7 @@ class RunConfig(BaseModel):
     one_hop_edit: bool = Field(False, description="VLKEB Table 3: also edit the one-hop fact, then test portability")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: MLflow's local default)")
     mlflow_experiment: str = Field("editwatch", description="MLflow experiment the run is logged to")
+    mlflow_tags: dict[str, str] = Field(default_factory=dict, description="extra tags of the run's MLflow run")
     mlflow_flush_seconds: float = Field(
         30.0, ge=0, description="at the end, how long to wait for an unreachable MLflow server; what is still "
         "unsent stays in OUT/mlflow for `simulate compare --sync OUT`"

@@ -94,10 +94,9 @@ def _run(args: argparse.Namespace, state: Path, out: Path, config: RunConfig, se
     files = RunFiles(out)
     settings = {"state": str(state.resolve()), "every": args.every, "seed": seed, "run": config.model_dump(mode="json")}
     (out / CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-    params = {"method": config.method, "model": job.timeline.editor.lvlm.name, "mode": config.mode,
-              "gaps": job.timeline.gaps, "seed": seed, "state": settings["state"], "every": args.every}
+    params = {"method": config.method, "model": job.editor.lvlm.name, "mode": config.mode, "gaps": job.gaps, "seed": seed, "state": settings["state"], "every": args.every}
     for sink in sinks:
-        sink.on_start(name, params, out, job.timeline.applied)
+        sink.on_start(name, params, out, job.applied)
     stop = threading.Event()
 
     def scheduled() -> None:
@@ -107,8 +106,8 @@ def _run(args: argparse.Namespace, state: Path, out: Path, config: RunConfig, se
 
     with stopping_on_signals(stop):
         IntervalSchedule(scheduled, seconds, out / JOB_STORE).run(stop)
-    summary = {"run": name, "state": settings["state"], "rounds": job.rounds, "edits_applied": job.timeline.applied,
-               "last_round": job.last, "alarms": job.timeline.alarms,
+    summary = {"run": name, "state": settings["state"], "rounds": job.rounds, "edits_applied": job.applied,
+               "last_round": job.last, "alarms": job.alarms.as_dict(),
                "stopped": "rounds" if args.rounds is not None and job.rounds >= args.rounds else "stopped"}
     files.write_summary(summary)
     for sink in sinks:

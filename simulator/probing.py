@@ -1,7 +1,7 @@
 """A run's model and editor restored from its checkpoint, probed one round at a time (`simulate probe`).
 
 Each round reloads the checkpoint when it changed (a `--follow` run keeps checkpointing) and
-runs the run's own probe round (`Timeline.probe_round`) with a fixed seed, so every round asks
+runs monitor's probe round (the same one `simulate` runs) with a fixed seed, so every round asks
 the same questions of the same edits; rounds are written to the probe job's folder.
 """
 
@@ -10,18 +10,19 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from editors import create_editor
 from memory.files import current_folder
+from monitor.probes import ReferenceSet
+from monitor.round import AlarmLog, PoolEntry, ProbeRound, announce
 from monitor.sink import Sink
-from simulator.checkpoint import FOLDER, META, Checkpoint, CheckpointError
+from simulator.checkpoint import FOLDER, META, Checkpoint, CheckpointError, read_pool, restored_refset
 from simulator.config import RunConfig, apply_protocol
-from simulator.outputs import RunFiles
+from simulator.outputs import POOL, ROUNDS, RunFiles
 from simulator.run import image_root, load_model
-from simulator.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +31,6 @@ LOAD_ATTEMPTS = 5  # a checkpoint replaced while it is read is read again
 
 class ProbeError(RuntimeError):
     """A run that cannot be probed; the message says why."""
-
-
-class ProbeFiles(RunFiles):
-    """Reads what the run wrote (the pool of applied edits retention samples from); writes into `out`."""
-
-    def __init__(self, run: Path, out: Path) -> None:
-        super().__init__(out)
-        self.run = RunFiles(run)
-
-    def rows(self, name: str) -> Iterator[dict[str, Any]]:
-        """The rows of one of the run's JSONL outputs."""
-        return self.run.rows(name)
 
 
 class ProbeJob:
@@ -55,13 +44,21 @@ class ProbeJob:
                              "at its end")
         self.state = state
         self.seed = seed
-        images = image_root(config)
+        self.sinks = sinks
+        self.files = RunFiles(out)
+        self.images = image_root(config)
         lvlm = load_model(apply_protocol(config))
         config = apply_protocol(config, lvlm.family)
-        editor = create_editor(config.method, lvlm, config.method_config)
-        self.timeline = Timeline(editor, config, images, ProbeFiles(state, out), sinks)
+        self.editor = create_editor(config.method, lvlm, config.method_config)
+        self.prober = ProbeRound(self.editor, self.images.open, config.collapse, config.retention_sample)
+        self.gaps = sorted(set(config.gap))
+        self.alarms = AlarmLog()
         self.rounds = 0
         self.last: dict[str, Any] = {}
+        self.applied = 0
+        self.results: dict[str, dict[str, float]] = {}
+        self.pool: list[PoolEntry] = []
+        self.refset = ReferenceSet()
         self._loaded: tuple[int, int] | None = None
         self.reload()
 
@@ -79,22 +76,36 @@ class ProbeJob:
                 last_error = error
             else:
                 if _stamp(meta) == stamp:  # not replaced while it was read
-                    self.timeline.restore(checkpoint)
+                    self._restore(checkpoint)
                     self._loaded = stamp
-                    log.info("probing the state of %s after %d edits", self.state, self.timeline.applied)
+                    log.info("probing the state of %s after %d edits", self.state, self.applied)
                     return
                 last_error = CheckpointError("the checkpoint was replaced while it was read")
             time.sleep(0.2)
         raise CheckpointError(f"cannot load the checkpoint of {self.state}: {last_error}")
 
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        """The editor, pool, reference set and running means as the checkpoint holds them."""
+        progress = checkpoint.progress
+        self.editor.load_state(checkpoint.editor)
+        self.applied = progress["applied"]
+        self.results = {key: {k: total / count for k, (total, count) in data.items()}
+                        for key, data in progress["results"].items()}
+        self.pool = read_pool(RunFiles(self.state).rows(POOL), progress["pool"])
+        self.refset = restored_refset(checkpoint, self.images.open)
+
     def round(self) -> dict[str, Any]:
         """One probe round on the latest state, with the fixed sample."""
         self.reload()
-        self.timeline.rng = np.random.default_rng(self.seed)
-        self.last = self.timeline.probe_round()
+        result = self.prober(self.pool, self.refset, np.random.default_rng(self.seed))
         self.rounds += 1
-        log.info("probe round %d after %d edits: retention %s, collapse alarm %s", self.rounds,
-                 self.timeline.applied, self.last.get("retention"), self.last.get("collapse_alarm"))
+        self.alarms.update(result, self.applied)
+        self.last = {"round": self.rounds, "edits_applied": self.applied, **result.values, "alarms": result.reasons,
+                     "results": self.results, "probe_seconds": result.seconds}
+        self.files.append(ROUNDS, self.last)
+        announce(self.sinks, self.applied, result, self.results)
+        log.info("probe round %d after %d edits: retention %s, collapse alarm %s", self.rounds, self.applied,
+                 self.last.get("retention"), self.last.get("collapse_alarm"))
         return self.last
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from editors import EditExample, EditRequest, Query
+from editors import EditExample, EditRequest
+from monitor.plan import GENERALITY, LOCALITY, planned
 from simulator.records import EditRecord, VLKEBRecord
 from simulator.stream import ImageRoot
 
@@ -20,14 +21,8 @@ def one_hop_request(record: VLKEBRecord, images: ImageRoot) -> EditRequest | Non
 
 
 def edit_example(record: EditRecord, images: ImageRoot) -> EditExample:
-    """A training example: the edit, its rephrasings (must change) and its locality queries (must not)."""
-    edit = edit_request(record, images)
-    generality = (
-        Query(record.rephrase, record.alt, edit.image),
-        Query(record.src, record.alt, images.open(record.image_rephrase)),
-    )
-    locality = (
-        Query(record.loc, record.loc_ans),
-        Query(record.m_loc_q, record.m_loc_a, images.open(record.m_loc)),
-    )
-    return EditExample(edit, generality, locality)
+    """A training example: the edit, its generality queries (must change) and its locality queries (must not),
+    as the probe plan asks them."""
+    generality = tuple(planned(record, metric, images.open).query for metric in GENERALITY)
+    locality = tuple(planned(record, metric, images.open).query for metric in LOCALITY)
+    return EditExample(edit_request(record, images), generality, locality)

@@ -13,13 +13,14 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
-from editors import LVLM, Editor, EditorState, create_editor, editor_class
+from editors import LVLM, EditExample, Editor, EditorState, create_editor, editor_class
 from editors.editor import StateMismatchError
 from memory.files import current_folder
+from monitor.probes import edit_success
 from monitor.sink import Sink
-from simulator.checkpoint import FOLDER, Checkpoint, truncate
+from simulator.checkpoint import FOLDER, Checkpoint, restore_timeline, save_timeline, truncate
 from simulator.config import RunConfig, apply_protocol
-from simulator.outputs import QUARANTINE, RunFiles
+from simulator.outputs import POOL, QUARANTINE, RunFiles
 from simulator.records import EditRecord
 from simulator.requests import edit_example
 from simulator.settings import cache_root
@@ -124,16 +125,27 @@ def prepare_editor(config: RunConfig, lvlm: LVLM, images: ImageRoot) -> tuple[Ed
         return editor, json.loads((cached / "report.json").read_text())
     log.info("training the %s editor on %s (once; cached in %s)", config.method, split, cached)
     examples = [edit_example(record, images) for record in load_records(split, config.record_format, images)]
-    report = editor.train(examples)
+    report = train(editor, examples)
     editor.state().save(cached / "state")
     (cached / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return editor, report
 
 
+EDIT_SUCCESS_SAMPLE = 32  # train edits re-applied one by one for the report's `train_edit_success`
+
+
+def train(editor: Editor, examples: list[EditExample], progress: bool = True) -> dict[str, float]:
+    """Train `editor` on `examples`; its report gains `train_edit_success`, the mean reliability of the first
+    train edits, each applied alone right after training (monitor's definition, for every trainable method)."""
+    report = editor.train(examples, progress=progress)
+    report["train_edit_success"] = edit_success(editor, [example.edit for example in examples[:EDIT_SUCCESS_SAMPLE]])
+    return report
+
+
 # Settings a resumed run may change: how it runs and reports, not what it measures.
 RESUMABLE = frozenset({
     "resume", "limit", "follow", "checkpoint_every", "stop_on_collapse", "device", "run_name", "mlflow_uri",
-    "mlflow_experiment", "mlflow_flush_seconds", "no_mlflow", "prometheus_port", "prometheus_host", "pushgateway",
+    "mlflow_experiment", "mlflow_tags", "mlflow_flush_seconds", "no_mlflow", "prometheus_port", "prometheus_host", "pushgateway",
     "trust_remote_code",
 })
 
@@ -183,7 +195,7 @@ def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool 
     if checkpoint is not None:
         for file_name, size in checkpoint.progress["files"].items():
             truncate(files.path(file_name), size)
-        timeline.restore(checkpoint)
+        restore_timeline(timeline, checkpoint, files.rows(POOL))
         start_line, quarantined = checkpoint.progress["line"], checkpoint.progress["quarantined"]
         log.info("resuming %s after line %d (%d edits applied)", name, start_line, timeline.applied)
     else:
@@ -210,7 +222,7 @@ def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool 
     try:
         with stopping_on_signals(stop, "stopping after the current edit (checkpoint and summary follow); "
                                  "Ctrl-C again stops at once"):
-            timeline.run(_tracked(reader, bar, timeline, sinks), counters, stop)
+            timeline.run(_tracked(reader, bar, timeline, sinks), lambda: save_timeline(timeline, counters()), stop)
     except KeyboardInterrupt:
         log.warning("stopped at once: outputs past the last checkpoint are incomplete; --resume continues from it")
         raise
@@ -218,7 +230,7 @@ def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool 
         bar.close()
     if timeline.stopped == "interrupted":
         log.warning("interrupted after %d edits: --resume continues", timeline.applied)
-    timeline.checkpoint(counters())
+    save_timeline(timeline, counters())
     result = {"run": name, **params, "method_config": editor.config.model_dump(mode="json"),  # as run, state included
               "train_report": report, **timeline.summary(reader.quarantined)}
     files.write_summary(result)

@@ -56,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     """Train `--method` on the records of `--train` and save its state to `--out`."""
     from editors.registry import METHODS, UnknownMethodError, editor_class
+    from simulator.run import train
 
     try:
         cls = editor_class(args.method)
@@ -82,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
     log.info("training %s on %d edits of %s (model %s, %s, prompt format %s)", args.method, len(examples),
              args.train or "the embedded world", editor.lvlm.name, editor.model_identity["dtype"],
              editor.model_identity["prompt_format"])
-    report = editor.train(examples, progress=not args.quiet)
+    report = train(editor, examples, progress=not args.quiet)
     editor.state().save(args.out)  # its meta["model"] records the model, dtype and prompt format
     log.info("trained %s: %s; state written to %s", args.method,
              " ".join(f"{k}={v:.4g}" for k, v in report.items()), args.out)

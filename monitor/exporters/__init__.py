@@ -18,6 +18,7 @@ class ExportSettings(Protocol):
     mlflow_uri: str | None
     mlflow_experiment: str
     mlflow_flush_seconds: float
+    mlflow_tags: dict[str, str]
     prometheus_port: int | None
     prometheus_host: str
     pushgateway: str | None
@@ -34,5 +35,6 @@ def build_sinks(settings: ExportSettings, kind: str = "simulate") -> list[Sink]:
         sinks.append(PrometheusSink(port=settings.prometheus_port, host=settings.prometheus_host,
                                     pushgateway=settings.pushgateway, job=job))
     if not settings.no_mlflow:
-        sinks.append(MlflowSink(settings.mlflow_uri, settings.mlflow_experiment, kind, settings.mlflow_flush_seconds))
+        sinks.append(MlflowSink(settings.mlflow_uri, settings.mlflow_experiment, kind, settings.mlflow_flush_seconds,
+                                settings.mlflow_tags))
     return sinks

@@ -64,12 +64,14 @@ class MlflowSink(Sink):
     """Journals a run's parameters, probe-round metrics, summary and artifacts; a thread sends them."""
 
     def __init__(
-        self, uri: str | None = None, experiment: str = "editwatch", kind: str = "simulate", flush_seconds: float = 30.0
+        self, uri: str | None = None, experiment: str = "editwatch", kind: str = "simulate", flush_seconds: float = 30.0,
+        tags: dict[str, str] | None = None,
     ) -> None:
         self.uri = uri  # None: MLflow's own default (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)
         self.experiment = experiment
         self.kind = kind
         self.flush_seconds = flush_seconds
+        self.tags = tags or {}  # extra tags of the new run, e.g. mlflow.parentRunId of a sweep's cell
         self.journal: Journal | None = None
         self._sender: _Sender | None = None
 
@@ -85,7 +87,7 @@ class MlflowSink(Sink):
             if self.journal.exists():
                 log.info("a new run in %s: the previous MLflow journal moved to %s", folder, self.journal.archive())
             self.journal.save_state({"offset": 0, "uri": self.uri})
-            tags = {"editwatch.kind": self.kind, "editwatch.folder": str(folder.resolve()),
+            tags = {**self.tags, "editwatch.kind": self.kind, "editwatch.folder": str(folder.resolve()),
                     JOURNAL_TAG: uuid.uuid4().hex}
             self.journal.append({"op": "create", "experiment": self.experiment, "run": run, "time": now_ms(),
                                  "tags": tags})

@@ -65,7 +65,7 @@ def train_world_model(
         "steps": result.steps,
         "seconds": round(result.seconds, 1),
         "bars_met": result.met,
-        "parameters": sum(p.numel() for p in lvlm.model.parameters()),
+        "parameters": lvlm.parameter_count(),
         "evaluation": {k: round(v, 4) for k, v in full.items()},
     }
     (Path(out) / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from editors import LVLM, Query
+from monitor.metrics import token_accuracy
 from editors.prompts import in_context_prompt
 from simulator.world.graph import World
 from simulator.world.schema import IMAGE_RELATIONS, RENDERS, TEXT_RELATIONS, TRAINED_RENDERS, TRAINED_TEMPLATES
@@ -197,7 +198,7 @@ def evaluate(lvlm: LVLM, sets: dict[str, list[Query]], batch_size: int = 128) ->
     for name, queries in sets.items():
         if queries:
             scores = lvlm.score(queries, top_k=1, batch_size=batch_size)
-            out[name] = float(np.mean([s.token_accuracy for s in scores]))
+            out[name] = float(np.mean([token_accuracy(s) for s in scores]))
     return out
 
 
@@ -220,14 +221,14 @@ def train(
     torch.manual_seed(config.seed)
     sampler = ExampleSampler(world, config.seed)
     bar_sets = {k: v for k, v in eval_sets(world, eval_sample).items() if k in config.bars}
-    params = [p for p in lvlm.model.parameters() if p.requires_grad]
+    params = lvlm.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
     first = sampler.batches(config.icl_phase_mix, config.batch_size)
     main = sampler.batches(config.mix, config.batch_size)
     start, metrics, step = time.monotonic(), {}, 0
     bar = tqdm(total=config.max_steps, desc="training", unit="step", disable=not progress)
-    lvlm.model.train()
+    lvlm.set_training(True)
     try:
         for step in range(1, config.max_steps + 1):
             batch = next(first if step <= config.icl_phase else main)
@@ -242,9 +243,9 @@ def train(
             if step % 25 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             if step % config.eval_every == 0 or step == config.max_steps:
-                lvlm.model.eval()
+                lvlm.set_training(False)
                 metrics = evaluate(lvlm, bar_sets)
-                lvlm.model.train()
+                lvlm.set_training(True)
                 log.info("step %d: %s", step, " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
                 if on_eval is not None:
                     on_eval(step, metrics)
@@ -252,6 +253,6 @@ def train(
                     break
     finally:
         bar.close()
-        lvlm.model.eval()
+        lvlm.set_training(False)
     met = all(metrics.get(k, 0.0) >= v for k, v in config.bars.items())
     return TrainResult(step, time.monotonic() - start, metrics, met)

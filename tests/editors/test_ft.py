@@ -7,6 +7,7 @@ from editors import EditorState, EditRequest, Query, create_editor
 from editors.families import FAMILIES as DECLARED_FAMILIES
 from simulator.requests import edit_request
 from tests.tiny_models import BUILDERS, random_image
+from monitor.metrics import token_accuracy
 
 EDIT = EditRequest("which animal is shown in the picture?", "a brown dog", random_image(21), "a cat", key="e1")
 OTHER = EditRequest("what is the capital of France?", "Paris", random_image(22), "Lyon", key="e2")
@@ -34,9 +35,9 @@ def test_ft_llm_tunes_only_the_last_decoder_mlp_and_resets_bit_exactly(family):
     lvlm = BUILDERS[family]()
     editor = create_editor("ft-llm", lvlm)
     before = snapshot(lvlm)
-    assert editor.score([EDIT.query])[0].token_accuracy < 1
+    assert token_accuracy(editor.score([EDIT.query])[0]) < 1
     outcome = editor.apply(EDIT)
-    assert outcome.applied and editor.score([EDIT.query])[0].token_accuracy == 1.0
+    assert outcome.applied and token_accuracy(editor.score([EDIT.query])[0]) == 1.0
     group = lvlm.parameter_group("llm", layers=(-1,))
     assert moved(lvlm, before) == set(group) == set(outcome.changed)
     for name, norm in outcome.changed.items():
@@ -90,7 +91,7 @@ def test_an_exploding_edit_is_rolled_back_and_the_stream_goes_on():
     assert moved(lvlm, after_first) == set()  # only the failed edit was undone
     editor.config = editor.config.model_copy(update={"lr": 1e-2})
     assert editor.apply(OTHER).applied
-    assert editor.score([EDIT.query, OTHER.query])[1].token_accuracy == 1.0
+    assert token_accuracy(editor.score([EDIT.query, OTHER.query])[1]) == 1.0
 
 
 def test_sequential_edits_accumulate_and_a_state_adopts_its_config(tmp_path):
@@ -120,7 +121,7 @@ def test_sequential_ft_llm_forgets_its_earliest_edits(default_world):
     requests = [edit_request(r, root) for r in records]
 
     def reliability(indices):
-        return sum(editor.score([requests[i].query])[0].token_accuracy for i in indices) / len(indices)
+        return sum(token_accuracy(editor.score([requests[i].query])[0]) for i in indices) / len(indices)
 
     single = []
     for i in range(early):

@@ -8,6 +8,7 @@ from editors import EditorState, EditRequest, Query, create_editor
 from editors.grace import Codebook, GraceConfig
 from memory import MemoryConfig
 from tests.tiny_models import random_image, tiny_llava
+from monitor.metrics import token_accuracy
 
 L2 = MemoryConfig(normalize=False, metric="l2")
 # One-token answers: a random tiny model cannot be taught a multi-token answer by one value vector.
@@ -96,11 +97,11 @@ def test_edit_is_answered_and_its_rephrase_only_within_the_radius(lvlm):
     editor = create_editor("grace", lvlm, {"epsilon_init": (d_in + d_out) / 2})
     queries = [DOG.query, REPHRASE, OTHER_IMAGE, UNRELATED]
     before = editor.score(queries)
-    assert before[0].token_accuracy < 1
+    assert token_accuracy(before[0]) < 1
     outcome = editor.apply(DOG)
     assert outcome.applied and outcome.message.startswith("add entry 0 of 1")
     after = editor.score(queries)
-    assert after[0].token_accuracy == 1.0 and after[1].token_accuracy == 1.0
+    assert token_accuracy(after[0]) == 1.0 and token_accuracy(after[1]) == 1.0
     for i in (2, 3):  # outside the radius: exactly the unedited scores
         assert torch.equal(after[i].target_logprobs, before[i].target_logprobs)
     routes = editor.retrieve(queries)

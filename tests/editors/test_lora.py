@@ -7,6 +7,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from editors import EditorState, EditRequest, Query, create_editor
 from simulator.requests import edit_request
 from tests.tiny_models import BUILDERS, random_image
+from monitor.metrics import token_accuracy
 
 EDITS = [
     EditRequest("which animal is shown in the picture?", "a brown dog", random_image(31), "a cat", key="e1"),
@@ -80,7 +81,7 @@ def test_an_edit_of_the_default_world_makes_its_answer_certain(default_world):
         after = editor.score([edit.query])[0]
         # Measured: 5.5 - 14 nats gained, the answer at log-prob > -0.02 and every token top-1.
         assert float(after.target_logprobs.sum()) > float(before.target_logprobs.sum()) + 5.0
-        assert float(after.target_logprobs.sum()) > -0.1 and after.token_accuracy == 1.0
+        assert float(after.target_logprobs.sum()) > -0.1 and token_accuracy(after) == 1.0
         editor.reset()
 
 

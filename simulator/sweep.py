@@ -1,0 +1,302 @@
+"""`simulate sweep SWEEP.yaml`: a grid of `simulate` runs on Ray Tune, resumable cell by cell.
+
+Ray Tune schedules the cells (resources per cell, retries, restore of an interrupted sweep); each
+cell is one editwatch run in its own folder, run in-process by the Ray worker, so killing the
+worker kills the run. Fault tolerance is the run's own: a retried cell whose folder holds a
+checkpoint continues from it (`--resume` semantics), and a finished cell is never run again.
+Ray is an optional extra (`editwatch[sweep]`), imported only inside what this command runs.
+
+The sweep folder holds:
+    config.json    the cells and their settings (what `--resume` checks)
+    summary.json   each cell's outcome
+    cells/<cell>/  each cell's run folder (summary.json, rounds.jsonl, checkpoint/, mlflow/ ...)
+    compare/       `simulate compare`'s table and plots of the cells
+    mlflow/        the journal of the sweep's parent MLflow run
+    ray/           Ray Tune's experiment state (Tuner.restore)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from memory.files import jsonable, write_text_atomically
+from monitor.sink import Sink
+from simulator import compare
+from simulator.command import INTERRUPTED, ArgumentParser, CommandError, add_model_options, options
+from simulator.config import RunConfig
+from simulator.outputs import SUMMARY
+from simulator.sweep_config import Sweep, SweepOptions, load_sweep
+
+if TYPE_CHECKING:
+    from ray.tune import ResultGrid
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+CELLS = "cells"
+RAY = "ray"
+CELL_ERROR = "cell_error"  # the metric a cell that failed for a reason of its own reports, with the message
+FAILED_CELLS = 1  # exit status when a cell failed
+
+
+def parser() -> argparse.ArgumentParser:
+    """Options of `simulate sweep` (flags from SweepOptions)."""
+    sweep = ArgumentParser(
+        prog="simulate sweep",
+        description="Run a grid of simulations (a base scenario x grid values) on Ray: this machine by default, "
+        "a Ray cluster with --address. One run folder, checkpoints and MLflow child run per cell.",
+    )
+    sweep.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file: name, base, grid, resources, max_failures")
+    add_model_options(sweep, SweepOptions)
+    sweep.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return sweep
+
+
+def main(args: argparse.Namespace) -> int:
+    """`simulate sweep`."""
+    settings = options(args, SweepOptions, skip=("verbose", "sweep"))
+    sweep = load_sweep(Path(args.sweep))
+    out = (settings.out or Path("runs") / sweep.name).resolve()
+    configs = _cell_configs(sweep, out, settings.resume)
+    first = next(iter(configs.values()))
+    if not first.no_mlflow:
+        parent, uri = _start_parent(sweep, out, first, settings.resume)
+        configs = {cell.name: configs[cell.name].model_copy(update={"mlflow_uri": uri, "mlflow_tags": {
+            "mlflow.parentRunId": parent, "editwatch.sweep": sweep.name,
+            **{key: value if isinstance(value, str) else json.dumps(value) for key, value in cell.values.items()},
+        }}) for cell in sweep.cells}
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(out / CONFIG, json.dumps(jsonable({"sweep": sweep.name, "cells": {
+        cell.name: {"values": cell.values, "config": configs[cell.name].model_dump(mode="json")}
+        for cell in sweep.cells}}), indent=2) + "\n")
+    outcomes = _outcomes(_run(sweep, configs, out, settings), configs)
+    unfinished = [name for name, outcome in outcomes.items() if outcome["status"] == "unfinished"]
+    failed = {name: outcome["error"] for name, outcome in outcomes.items() if outcome["status"] == "failed"}
+    for name, error in failed.items():
+        log.error("cell %s failed: %s", name, error)
+    finished = [name for name, outcome in outcomes.items() if outcome["status"] == "finished"]
+    summary = {"sweep": sweep.name, "stopped": "interrupted" if unfinished else "end of grid", "cells": outcomes}
+    write_text_atomically(out / SUMMARY, json.dumps(jsonable(summary), indent=2) + "\n")
+    if not first.no_mlflow:
+        if finished and not unfinished:
+            _compare(out, [configs[name] for name in finished], first)
+        _finish_parent(sweep, out, first, summary)
+    log.info("sweep %s: %d cells finished, %d failed, %d unfinished; outputs in %s", sweep.name, len(finished),
+             len(failed), len(unfinished), out)
+    if unfinished:
+        log.warning("interrupted: `simulate sweep %s --out %s --resume` continues", args.sweep, out)
+        return INTERRUPTED
+    return FAILED_CELLS if failed else 0
+
+
+def _cell_configs(sweep: Sweep, out: Path, resume: bool) -> dict[str, RunConfig]:
+    """Each cell's settings in its folder under `out`; on --resume, checked against those the sweep started with."""
+    configs = {cell.name: cell.config.model_copy(update={"out": out / CELLS / cell.name, "run_name": cell.name})
+               for cell in sweep.cells}
+    if not resume:
+        if (out / CONFIG).exists():
+            raise CommandError(f"{out} already holds a sweep: pass --resume to continue it, or choose another --out")
+        return configs
+    if not (out / CONFIG).is_file():
+        raise CommandError(f"no sweep in {out} to resume (run without --resume to start it)")
+    from simulator.run import RunError, check_resumable
+
+    saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))["cells"]
+    if set(saved) != set(configs):
+        added, removed = sorted(set(configs) - set(saved)), sorted(set(saved) - set(configs))
+        raise CommandError(f"the grid of {sweep.name} changed since the sweep started (cells added: {added}, "
+                           f"removed: {removed}): start it in another --out")
+    problems = []
+    for name, config in configs.items():
+        try:
+            check_resumable(saved[name]["config"], config)
+        except RunError as error:
+            problems.append(f"cell {name}: {error}")
+    if problems:
+        raise CommandError("\n".join(problems))
+    return configs
+
+
+def _start_parent(sweep: Sweep, out: Path, settings: RunConfig, resume: bool) -> tuple[str, str]:
+    """Create (or, resuming, reopen) the sweep's parent MLflow run now; its id and the tracking URI the cells use.
+
+    The cells need the parent's id before they start, so the parent is sent at once rather than
+    in the background like a run's own operations.
+    """
+    from monitor.exporters import MlflowSink
+
+    sink = MlflowSink(settings.mlflow_uri, settings.mlflow_experiment, "sweep", settings.mlflow_flush_seconds)
+    # step > 0 continues the run the folder's journal holds (MlflowSink.on_start)
+    sink.on_start(sweep.name, {"cells": len(sweep.cells), "grid": sweep.spec.grid}, out, int(resume))
+    sink.close()
+    assert sink.journal is not None  # set by on_start
+    state = sink.journal.state()
+    if "run_id" not in state:
+        raise CommandError(f"cannot create the sweep's MLflow run at {state.get('uri') or 'the default tracking URI'} "
+                           "(see the warning above): start the tracking server, or set no_mlflow: true in the base")
+    return state["run_id"], state["uri"]
+
+
+def _finish_parent(sweep: Sweep, out: Path, settings: RunConfig, summary: dict[str, Any]) -> None:
+    """End the parent run: the sweep's config.json and summary.json as artifacts, KILLED when interrupted."""
+    from monitor.exporters import MlflowSink
+
+    sink = MlflowSink(settings.mlflow_uri, settings.mlflow_experiment, "sweep", settings.mlflow_flush_seconds)
+    sink.on_start(sweep.name, {}, out, 1)
+    sink.on_finish(summary, out)
+    sink.close()
+
+
+def _run(sweep: Sweep, configs: dict[str, RunConfig], out: Path, settings: SweepOptions) -> ResultGrid:
+    """The grid on Ray Tune: a new experiment, or the interrupted one restored from `out/ray`."""
+    import ray
+    from ray import tune
+
+    try:
+        ray.init(address=settings.address)  # None: a local instance with this machine's cores
+    except ConnectionError as error:
+        raise CommandError(f"cannot reach the Ray cluster at {settings.address}: {error}") from None
+    cells = {name: config.model_dump_json() for name, config in configs.items()}
+    trainable = tune.with_resources(tune.with_parameters(run_cell, cells=cells),
+                                    {"cpu": sweep.spec.resources.cpu, "gpu": sweep.spec.resources.gpu})
+    try:
+        if settings.resume and tune.Tuner.can_restore(out / RAY):
+            # Finished trials stay finished; running and pending ones, and those that failed, run again.
+            tuner = tune.Tuner.restore(str(out / RAY), trainable, resume_unfinished=True, restart_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"cell": tune.grid_search(list(cells))},
+                tune_config=tune.TuneConfig(max_concurrent_trials=settings.max_concurrent,
+                                            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+                run_config=tune.RunConfig(name=RAY, storage_path=str(out),
+                                          failure_config=tune.FailureConfig(max_failures=sweep.spec.max_failures)),
+            )
+        return tuner.fit()
+    finally:
+        ray.shutdown()
+
+
+def _trial_name(trial: Any) -> str:
+    """Ray's name (and folder) of a trial: its cell's."""
+    return trial.config["cell"]
+
+
+def _outcomes(results: ResultGrid, configs: dict[str, RunConfig]) -> dict[str, dict[str, Any]]:
+    """Each cell's status (finished, failed with its message, or unfinished), in grid order."""
+    by_cell = {result.config["cell"]: result for result in results if result.config}
+    outcomes: dict[str, dict[str, Any]] = {}
+    for name, config in configs.items():
+        result = by_cell.get(name)
+        if finished_summary(config) is not None:
+            outcomes[name] = {"status": "finished"}
+        elif result is not None and result.metrics.get(CELL_ERROR):
+            outcomes[name] = {"status": "failed", "error": result.metrics[CELL_ERROR]}
+        elif result is not None and result.error is not None:
+            lines = [line.strip() for line in str(result.error).splitlines() if line.strip()]
+            outcomes[name] = {"status": "failed", "error": f"{type(result.error).__name__}: "
+                                                           f"{lines[0] if lines else 'no message'}"}
+        else:
+            outcomes[name] = {"status": "unfinished"}
+    return outcomes
+
+
+def _compare(out: Path, finished: list[RunConfig], settings: RunConfig) -> None:
+    """`simulate compare` over the finished cells' MLflow runs, into `out/compare` (their unsent operations first)."""
+    from monitor.exporters.journal import Journal, JournalError
+    from monitor.exporters.tracking import FOLDER, TrackingUnavailable, sync
+
+    runs = []
+    for config in finished:
+        assert config.out is not None  # every cell has its folder
+        try:
+            sync(config.out)
+        except (TrackingUnavailable, JournalError) as error:
+            log.warning("no compare table: cell %s is not all in MLflow (%s); `simulate compare --sync` sends it later",
+                        config.run_name, error)
+            return
+        runs.append(Journal(config.out / FOLDER).state()["run_id"])
+    compare.main(compare.parser().parse_args(["--experiment", settings.mlflow_experiment, "--out",
+                                              str(out / "compare"), "--runs", *runs]))
+
+
+def finished_summary(config: RunConfig) -> dict[str, Any] | None:
+    """A cell's summary if its run ended normally: not interrupted, not stopped short of a larger --limit."""
+    assert config.out is not None  # every cell has its folder
+    path = config.out / SUMMARY
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    if summary.get("stopped") == "interrupted":
+        return None
+    if summary.get("stopped") == "limit" and (config.limit is None or summary["edits_read"] < config.limit):
+        return None
+    return summary
+
+
+def run_cell(params: dict[str, Any], cells: dict[str, str]) -> None:
+    """Ray Tune trainable: one cell's run, continued from its checkpoint when its folder holds one."""
+    from pydantic import ValidationError
+    from ray import tune
+
+    from editors.editor import StateMismatchError
+    from editors.families import UnsupportedModelError
+    from editors.inputs import InputError
+    from editors.registry import UnknownMethodError
+    from editors.state import current_folder
+    from monitor.exporters import build_sinks
+    from simulator.checkpoint import FOLDER, CheckpointError
+    from simulator.run import RunError, simulate
+    from simulator.stream import RecordsError
+
+    # What `simulate` reports as the user's to fix: the cell failed for a reason of its own, and
+    # running it again would fail the same way, so it is reported, not retried.
+    own_errors = (RunError, CheckpointError, RecordsError, UnknownMethodError, FileNotFoundError, ValidationError,
+                  UnsupportedModelError, InputError, StateMismatchError)
+    # The run's own messages (resuming ... after line N) go to the worker's log, which Ray shows the driver.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = RunConfig.model_validate_json(cells[params["cell"]])
+    done = finished_summary(config)
+    if done is not None:
+        log.info("cell %s finished before: kept as it is", config.run_name)
+        TuneReport().on_finish(done, config.out or Path())
+        return
+    assert config.out is not None  # every cell has its folder
+    config = config.model_copy(update={"resume": current_folder(config.out / FOLDER).exists()})
+    sinks = [*build_sinks(config), TuneReport()]
+    try:
+        simulate(config, sinks, progress=False)
+    except own_errors as error:
+        tune.report({CELL_ERROR: " ".join(str(error).split())})
+    finally:
+        for sink in sinks:
+            sink.close()
+
+
+class TuneReport(Sink):
+    """Sends a cell's probe rounds and final numbers to Ray Tune (progress view, result files); `edits` is the step."""
+
+    def on_round(
+        self, step: int, values: dict[str, float], seconds: float, results: dict[str, dict[str, float]]
+    ) -> None:
+        """Report the round's values and the running means per setting (`gap_10/reliability`)."""
+        self._report(step, {**values, **_per_setting(results)})
+
+    def on_finish(self, summary: dict[str, Any], folder: Path) -> None:
+        """Report the final means per setting."""
+        self._report(summary["edits_applied"], _per_setting(summary["results"]))
+
+    @staticmethod
+    def _report(step: int, metrics: dict[str, Any]) -> None:
+        from ray import tune
+
+        tune.report({"edits": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+
+
+def _per_setting(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """{"gap_10": {"reliability": 0.5}} -> {"gap_10/reliability": 0.5}, as MLflow logs them."""
+    return {f"{setting}/{key}": value for setting, row in results.items() for key, value in row.items()}
