@@ -20,10 +20,12 @@ from simulator.command import (
     add_model_options,
     exporters,
     nested,
+    options,
     print_error,
     validated,
 )
 from simulator.config import RunConfig, load_run_config
+from simulator.world.graph import WorldConfig
 
 log = logging.getLogger("simulate")
 
@@ -67,8 +69,7 @@ def _subcommands() -> dict[str, tuple[argparse.ArgumentParser, Callable[[argpars
     )
     world.add_argument("action", nargs="?", choices=["train"], help="train the world's model into --out")
     world.add_argument("--out", required=True, help="output folder")
-    world.add_argument("--entities", type=int, default=400, help="number of creatures (default: 400, the embedded model's)")
-    world.add_argument("--seed", type=int, default=0, help="generator seed (default: 0, the embedded model's)")
+    add_model_options(world, WorldConfig)
 
     return {
         "world": (world, world_main),
@@ -81,12 +82,7 @@ def _subcommands() -> dict[str, tuple[argparse.ArgumentParser, Callable[[argpars
 
 def world_main(args: argparse.Namespace) -> int:
     """`simulate world`: write a world's data, or train its model."""
-    from simulator.world.graph import WorldConfig
-
-    try:
-        config = WorldConfig(entities=args.entities, seed=args.seed)
-    except ValidationError as error:
-        raise CommandError(f"invalid world: {error.errors()[0]['loc'][0]}: {error.errors()[0]['msg']}") from None
+    config = options(args, WorldConfig, skip=("verbose", "action", "out"))
     if args.action == "train":
         from simulator.world.default import train_world_model
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Iterable, Sequence
 
-from simulator.command import ArgumentParser, CommandError
+from pydantic import BaseModel, ConfigDict, Field
+
+from simulator.command import ArgumentParser, CommandError, add_model_options, options
 
 if TYPE_CHECKING:
     from monitor.exporters.plots import Points
@@ -27,6 +29,19 @@ KEY_COLUMNS = ("model", "setting", "method", "runs", "edits")
 _SETTING = re.compile(r"single|gap_(\d+)")
 
 
+class CompareOptions(BaseModel):
+    """Settings of `simulate compare` (its flags are generated from these fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: str = Field("editwatch", description="MLflow experiment")
+    runs: list[str] | None = Field(None, description="only these MLflow run ids")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: MLflow's local default)")
+    out: Path = Field(Path("compare"), description="folder for table.csv, table.md and plots/")
+    sync: list[Path] = Field(default_factory=list, description="first send what these run folders left unsent to "
+                             "MLflow (their mlflow/ journals)")
+
+
 def parser() -> argparse.ArgumentParser:
     """Options of `simulate compare`."""
     compare = ArgumentParser(
@@ -34,13 +49,7 @@ def parser() -> argparse.ArgumentParser:
         description="Compare MLflow runs of `simulate`: a table of methods x metrics per model and setting "
         "(CSV and Markdown) and plots of each metric against edits applied, one line per run.",
     )
-    compare.add_argument("--experiment", default="editwatch", help="MLflow experiment (default: editwatch)")
-    compare.add_argument("--runs", nargs="+", metavar="ID", help="only these MLflow run ids")
-    compare.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLflow's local default)")
-    compare.add_argument("--out", default="compare",
-                         help="folder for table.csv, table.md and plots/ (default: compare)")
-    compare.add_argument("--sync", nargs="+", metavar="DIR", default=[],
-                         help="first send what these run folders left unsent to MLflow (their mlflow/ journals)")
+    add_model_options(compare, CompareOptions)
     compare.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return compare
 
@@ -159,8 +168,9 @@ def histories(client: Any, runs: list[RunView], metrics: Collection[str]) -> dic
     return out
 
 
-def main(args: argparse.Namespace) -> int:
+def main(namespace: argparse.Namespace) -> int:
     """`simulate compare`."""
+    args = options(namespace, CompareOptions)
     # imported here: MLflow and torch (under the metric definitions) take seconds, not needed for --help
     from mlflow import MlflowClient
 

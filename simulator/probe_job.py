@@ -13,8 +13,10 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
 from monitor.schedule import IntervalSchedule, ScheduleError, parse_interval
-from simulator.command import ArgumentParser, CommandError, exporters
+from simulator.command import ArgumentParser, CommandError, add_model_options, exporters, options
 from simulator.config import RunConfig
 from simulator.signals import stopping_on_signals
 
@@ -26,6 +28,29 @@ log = logging.getLogger(__name__)
 JOB_STORE = "jobs.sqlite"
 
 
+_RUN = RunConfig.model_fields  # settings shared with `simulate`: same names, types and help
+
+
+class ProbeOptions(BaseModel):
+    """Settings of `simulate probe` (its flags are generated from these fields); unset ones follow the run's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state: Path = Field(description="the run's folder (its --out): config.json and checkpoint/")
+    every: str = Field("10m", description="interval, e.g. 30s, 10m, 1h")
+    out: Path | None = Field(None, description="folder for rounds.jsonl, summary.json and the job store "
+                             "(default: STATE/probes)")
+    rounds: PositiveInt | None = Field(None, description="stop after this many rounds (default: run until stopped)")
+    seed: int | None = Field(None, description="seed of the fixed retention sample (default: the run's)")
+    run_name: str | None = Field(None, description="name in the exporters (default: the run's name + '-probe')")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: the run's)")
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment (default: the run's)")
+    no_mlflow: bool = _RUN["no_mlflow"]
+    prometheus_port: int | None = _RUN["prometheus_port"]
+    prometheus_host: str = _RUN["prometheus_host"]
+    pushgateway: str | None = Field(None, description="Pushgateway URL (default: the run's)")
+
+
 def parser() -> argparse.ArgumentParser:
     """Options of `simulate probe`."""
     probe = ArgumentParser(
@@ -33,32 +58,20 @@ def parser() -> argparse.ArgumentParser:
         description="Run a run's probe suite (retention, reference set, collapse, retrieval) on a schedule "
         "against its latest checkpoint; results go to --out, Prometheus/Pushgateway and MLflow.",
     )
-    probe.add_argument("--state", required=True, help="the run's folder (its --out): config.json and checkpoint/")
-    probe.add_argument("--every", default="10m", help="interval, e.g. 30s, 10m, 1h (default: 10m)")
-    probe.add_argument("--out", help="folder for rounds.jsonl, summary.json and the job store (default: STATE/probes)")
-    probe.add_argument("--rounds", type=int, help="stop after this many rounds (default: run until stopped)")
-    probe.add_argument("--seed", type=int, help="seed of the fixed retention sample (default: the run's)")
-    probe.add_argument("--run-name", help="name in the exporters (default: the run's name + '-probe')")
-    probe.add_argument("--mlflow-uri", help="MLflow tracking URI (default: the run's)")
-    probe.add_argument("--mlflow-experiment", help="MLflow experiment (default: the run's)")
-    probe.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    probe.add_argument("--prometheus-port", type=int, help="serve live Prometheus metrics on this port")
-    probe.add_argument("--prometheus-host", default="127.0.0.1", help="address to serve them on (default: 127.0.0.1)")
-    probe.add_argument("--pushgateway", help="Pushgateway URL (default: the run's)")
+    add_model_options(probe, ProbeOptions)
     probe.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return probe
 
 
-def main(args: argparse.Namespace) -> int:
+def main(namespace: argparse.Namespace) -> int:
     """`simulate probe`."""
+    args = options(namespace, ProbeOptions)
     from simulator.run import CONFIG  # imported here, as the rest: torch is not needed for --help
 
     try:
         seconds = parse_interval(args.every)
     except ScheduleError as error:
         raise CommandError(str(error)) from None
-    if args.rounds is not None and args.rounds < 1:
-        raise CommandError(f"--rounds must be at least 1, got {args.rounds}")
     state = Path(args.state)
     if not (state / CONFIG).is_file():
         raise CommandError(f"{state} holds no run (missing {CONFIG}): give the --out folder of a `simulate` run")
@@ -77,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
             sink.close()
 
 
-def _run(args: argparse.Namespace, state: Path, out: Path, config: RunConfig, seconds: float,
+def _run(args: ProbeOptions, state: Path, out: Path, config: RunConfig, seconds: float,
          sinks: list[Sink]) -> int:
     """Restore the run, announce the probe job to the exporters, probe on schedule, then summarise."""
     from simulator.checkpoint import CheckpointError

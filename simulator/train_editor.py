@@ -7,16 +7,16 @@ restores the trained hypernetwork, and its `meta.report` holds the training repo
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
-from simulator.command import ArgumentParser, CommandError
+from editors.prompts import PromptFormat
+from simulator.command import ArgumentParser, CommandError, add_model_options, options
 from simulator.config import RunConfig
-from simulator.records import RECORD_FORMATS
+from simulator.records import RecordFormat
 
 if TYPE_CHECKING:
     from editors import LVLM, EditExample
@@ -24,37 +24,47 @@ if TYPE_CHECKING:
 log = logging.getLogger("simulate.train-editor")
 
 
+_RUN = RunConfig.model_fields  # settings shared with `simulate`: same names, types, defaults and help
+
+
+class TrainEditorOptions(BaseModel):
+    """Settings of `simulate train-editor` (its flags are generated from these fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(description="a method that learns (trainable), e.g. mend or ke")
+    out: Path = Field(description="folder for the trained editor state")
+    train: Path | None = Field(None, description="train split (JSON array or JSONL of records); default: the "
+                               "embedded world's")
+    images: Path | None = Field(None, description="image root of --train (default: the folder 'images' beside it)")
+    record_format: RecordFormat = _RUN["record_format"]
+    model: str = _RUN["model"]
+    # The same choices and defaults as a run's, so a state trains on the model the run will use.
+    device: str = _RUN["device"]
+    dtype: Literal["float32", "float16", "bfloat16"] = _RUN["dtype"]
+    prompt_format: PromptFormat = _RUN["prompt_format"]
+    trust_remote_code: bool = _RUN["trust_remote_code"]
+    method_config: dict[str, Any] = _RUN["method_config"]
+    seed: int | None = Field(None, description="training seed (overrides the method setting)")
+    limit: PositiveInt | None = Field(None, description="train on the first N records only")
+    quiet: bool = Field(False, description="no progress bar")
+
+
 def parser() -> argparse.ArgumentParser:
     """Arguments of `simulate train-editor`."""
     p = ArgumentParser(
         prog="simulate train-editor",
-        description="Train a learning editor (e.g. mend, ke) on a train split and save its state to --out.",
+        description="Train a learning editor (e.g. mend, ke) on a train split and save its state to --out. "
+        "Runs using the state must use the same --prompt-format.",
     )
-    p.add_argument("--method", required=True, help="a method that learns (trainable), e.g. mend or ke")
-    p.add_argument("--out", required=True, help="folder for the trained editor state")
-    p.add_argument("--train", help="train split (JSON array or JSONL of records); default: the embedded world's")
-    p.add_argument("--images", help="image root of --train (default: the folder 'images' beside it)")
-    p.add_argument("--format", dest="record_format", default="vlkeb", choices=sorted(RECORD_FORMATS),
-                   help="record format of --train (default: vlkeb)")
-    p.add_argument("--model", default="default", help="'default' (the embedded model), a hub id or a folder")
-    # The same choices and defaults as a run's (RunConfig), so a state trains on the model the run will use.
-    for name, note in (("device", ""), ("dtype", ""), ("prompt_format", "; runs using the state must use the same")):
-        field = RunConfig.model_fields[name]
-        p.add_argument("--" + name.replace("_", "-"), default=field.default, choices=get_args(field.annotation) or None,
-                       help=f"{field.description} (default: {field.default}){note}")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help=RunConfig.model_fields["trust_remote_code"].description)
-    p.add_argument("--config", type=json.loads, default={}, metavar="JSON",
-                   help='method settings as JSON, e.g. \'{"epochs": 5}\'')
-    p.add_argument("--seed", type=int, help="training seed (overrides the method setting)")
-    p.add_argument("--limit", type=int, help="train on the first N records only")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_model_options(p, TrainEditorOptions, aliases={"record_format": "--format"})
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
-def main(args: argparse.Namespace) -> int:
+def main(namespace: argparse.Namespace) -> int:
     """Train `--method` on the records of `--train` and save its state to `--out`."""
+    args = options(namespace, TrainEditorOptions)
     from editors.registry import METHODS, UnknownMethodError, editor_class
     from simulator.run import train
 
@@ -65,18 +75,14 @@ def main(args: argparse.Namespace) -> int:
     if not cls.trainable:
         learners = sorted(m for m in METHODS if editor_class(m).trainable)
         raise CommandError(f"method {args.method!r} learns nothing to train. Trainable methods: {', '.join(learners)}")
-    if args.limit is not None and args.limit < 1:
-        raise CommandError(f"--limit must be at least 1, got {args.limit}")
-    if not isinstance(args.config, dict):
-        raise CommandError(f"--config must be a JSON object, got {json.dumps(args.config)}")
-    settings: dict[str, Any] = dict(args.config)
+    settings: dict[str, Any] = dict(args.method_config)
     if args.seed is not None:
         settings["seed"] = args.seed
     try:
         config = cls.Config.model_validate(settings)
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise CommandError(f"invalid --config for {args.method}: {problems}") from None
+        raise CommandError(f"invalid --method-config for {args.method}: {problems}") from None
 
     examples = _examples(args)
     editor = cls(_model(args), config)
@@ -84,13 +90,15 @@ def main(args: argparse.Namespace) -> int:
              args.train or "the embedded world", editor.lvlm.name, editor.model_identity["dtype"],
              editor.model_identity["prompt_format"])
     report = train(editor, examples, progress=not args.quiet)
-    editor.state().save(args.out)  # its meta["model"] records the model, dtype and prompt format
+    state = editor.state()  # its meta["model"] records the model, dtype and prompt format
+    state.meta["report"] = report  # the whole report, train_edit_success included
+    state.save(args.out)
     log.info("trained %s: %s; state written to %s", args.method,
              " ".join(f"{k}={v:.4g}" for k, v in report.items()), args.out)
     return 0
 
 
-def _examples(args: argparse.Namespace) -> list[EditExample]:
+def _examples(args: TrainEditorOptions) -> list[EditExample]:
     """The train records of `--train` (or the embedded world's) as editor training examples."""
     from simulator.requests import edit_example
     from simulator.stream import ImageRoot, RecordsError, load_records
@@ -128,7 +136,7 @@ def _default_world() -> Path:
     return target
 
 
-def _model(args: argparse.Namespace) -> LVLM:
+def _model(args: TrainEditorOptions) -> LVLM:
     """The LVLM to train on, loaded as a run with the same settings would load it."""
     from simulator.run import RunError, load_model
 

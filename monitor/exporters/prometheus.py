@@ -1,10 +1,11 @@
 """Prometheus exporter: live metrics over HTTP (127.0.0.1 by default) and pushes to a Pushgateway.
 
 Names follow DESIGN.md (prefix `editwatch_`, base units, `_total` counters) and carry only
-the labels `run`, `method`, `model` and, on the value gauges, `metric`:
-- `editwatch_probe_metric{metric=KEY}`: the latest probe round's value of each METRICS key;
-- `editwatch_edit_metric{metric=SETTING/KEY}`: running mean of a per-edit metric in one
-  setting, e.g. `gap_10/reliability` or `single/t_loc` — bounded by gaps x METRICS;
+the labels `run`, `method`, `model` and, on the value gauges, `setting` and `metric`:
+- `editwatch_probe_metric{metric=KEY}`: the latest probe round's value of each METRICS key
+  (`forgetting_significant` is the run's own forgetting flag, which the alert rule reads);
+- `editwatch_edit_metric{setting=SETTING, metric=KEY}`: running mean of a per-edit metric in
+  one setting (`single`, `gap_10`, ...), so PromQL can aggregate over settings or metrics;
 - `editwatch_collapse_alarm`: 1 when the latest round raised the collapse alarm;
 - counters of edits applied / failed / quarantined and probe rounds; histograms of edit and
   probe-round durations in seconds.
@@ -58,8 +59,8 @@ class PrometheusSink(Sink):
                                        buckets=BUCKETS, registry=r)
         self.probe_metric = Gauge("editwatch_probe_metric", "Latest probe-round value of a metric (monitor.metrics).",
                                   (*LABELS, "metric"), registry=r)
-        self.edit_metric = Gauge("editwatch_edit_metric", "Running mean of a per-edit metric; metric=SETTING/KEY.",
-                                 (*LABELS, "metric"), registry=r)
+        self.edit_metric = Gauge("editwatch_edit_metric", "Running mean of a per-edit metric in one setting.",
+                                 (*LABELS, "setting", "metric"), registry=r)
         self.collapse = Gauge("editwatch_collapse_alarm", "1 when the latest probe round raised the collapse alarm.",
                               LABELS, registry=r)
         self.labels: dict[str, str] = {}
@@ -125,7 +126,7 @@ class PrometheusSink(Sink):
         for setting, means in results.items():
             for key, value in means.items():
                 if key in METRICS and value is not None:
-                    self.edit_metric.labels(**self.labels, metric=f"{setting}/{key}").set(value)
+                    self.edit_metric.labels(**self.labels, setting=setting, metric=key).set(value)
 
     def _push(self, force: bool = False) -> None:
         """Push to the Pushgateway (grouped by job and run); a failure warns once and the run goes on."""

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2] / "dashboards"
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 RULES = ROOT / "prometheus" / "rules"
 # What Grafana puts in for the variables when the test asks Prometheus directly.
-SUBSTITUTES = {"__rate_interval": "1m", "run": ".*", "method": ".*", "model": ".*"}
+SUBSTITUTES = {"__rate_interval": "1m", "run": ".*", "method": ".*", "model": ".*", "setting": ".*"}
 
 
 def load_dashboard(path: Path) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def test_every_panel_and_rule_expression_returns_data(small_world, small_model, 
         wait_until(lambda: all(value(f'editwatch_probe_rounds_total{{run="{name}"}}') == EDITS // 4 for name in RUNS),
                    30, "Prometheus to scrape the last round")
         assert value('editwatch_edits_applied_total{run="ft"}') == EDITS
-        assert value('editwatch_edit_metric{run="ft", metric="gap_3/reliability"}') == pytest.approx(
+        assert value('editwatch_edit_metric{run="ft", setting="gap_3", metric="reliability"}') == pytest.approx(
             last["ft"]["results"]["gap_3"]["reliability"])
         assert value('editwatch_probe_metric{run="ft", metric="weight_change_norm"}') == pytest.approx(
             last["ft"]["weight_change_norm"]) and last["ft"]["weight_change_norm"] > 0

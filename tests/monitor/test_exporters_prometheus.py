@@ -47,16 +47,18 @@ def test_values_names_and_labels(tmp_path):
     for key, expected in ROUND.items():
         assert value("editwatch_probe_metric", {**LABELS, "metric": key}) == expected
     assert value("editwatch_collapse_alarm", LABELS) == 1
-    # Per-gap running means under metric="<setting>/<key>"; the final summary overrides the round's.
-    assert value("editwatch_edit_metric", {**LABELS, "metric": "gap_1/reliability"}) == 0.625
-    assert value("editwatch_edit_metric", {**LABELS, "metric": "gap_10/reliability"}) == 0.25
-    assert math.isnan(value("editwatch_edit_metric", {**LABELS, "metric": "gap_10/t_loc"}))
-    assert value("editwatch_edit_metric", {**LABELS, "metric": "gap_1/edits_measured"}) is None  # not a metric
+    # Per-gap running means with the setting in its own label; the final summary overrides the round's.
+    assert value("editwatch_edit_metric", {**LABELS, "setting": "gap_1", "metric": "reliability"}) == 0.625
+    assert value("editwatch_edit_metric", {**LABELS, "setting": "gap_10", "metric": "reliability"}) == 0.25
+    assert math.isnan(value("editwatch_edit_metric", {**LABELS, "setting": "gap_10", "metric": "t_loc"}))
+    assert value("editwatch_edit_metric", {**LABELS, "setting": "gap_1", "metric": "edits_measured"}) is None
+    assert not any("/" in sample.labels.get("metric", "") for metric in registry.collect()
+                   for sample in metric.samples)  # never two dimensions packed into one label
     names = {metric.name for metric in registry.collect()}
     assert all(name.startswith("editwatch_") for name in names)
     for metric in registry.collect():
         for sample in metric.samples:
-            assert set(sample.labels) <= {"run", "method", "model", "metric", "le"}, sample
+            assert set(sample.labels) <= {"run", "method", "model", "setting", "metric", "le"}, sample
 
 
 def test_live_endpoint_on_localhost_passes_promtool(tmp_path):
@@ -93,7 +95,7 @@ def test_pushgateway_holds_the_pushed_run(pushgateway, tmp_path):  # noqa: F811
         return next(s.value for s in families[family].samples if s.name == name and s.labels == {**pushed, **labels})
 
     assert sample("editwatch_edits_applied", "editwatch_edits_applied_total") == 2
-    assert sample("editwatch_edit_metric", "editwatch_edit_metric", metric="gap_1/reliability") == 0.625
+    assert sample("editwatch_edit_metric", "editwatch_edit_metric", setting="gap_1", metric="reliability") == 0.625
     assert sample("editwatch_probe_metric", "editwatch_probe_metric", metric="ref_ppl_ratio") == 1.5
     assert sample("editwatch_edit_duration_seconds", "editwatch_edit_duration_seconds_count") == 3
 

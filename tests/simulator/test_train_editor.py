@@ -20,7 +20,7 @@ def train(small_world, small_model, out, *extra):
 def test_trains_saves_and_the_state_edits_in_a_fresh_editor(method, small_world, small_model, tmp_path, capsys):
     out = tmp_path / "state"
     code = train(small_world, small_model, out, "--method", method, "--limit", "5", "--seed", "3",
-                 "--config", '{"epochs": 2, "batch_size": 2}')
+                 "--method-config", '{"epochs": 2, "batch_size": 2}')
     assert code == 0
     assert f"train {method}" in capsys.readouterr().err  # the progress bar
     state = EditorState.load(out)
@@ -29,7 +29,7 @@ def test_trains_saves_and_the_state_edits_in_a_fresh_editor(method, small_world,
     assert (model["name"], model["config_class"], model["dtype"], model["prompt_format"]) == (
         str(small_model), "LlavaConfig", "float32", "plain")
     report = state.meta["report"]
-    assert report["examples"] == 5 and 0.0 <= report["train_edit_success"] <= 1.0
+    assert (report["examples"], report["epochs"]) == (5, 2)
     assert all(key.startswith("trained.") for key in state.tensors)  # no edits yet, only the network
 
     root = ImageRoot(small_world / "images")
@@ -37,7 +37,22 @@ def test_trains_saves_and_the_state_edits_in_a_fresh_editor(method, small_world,
     editor = create_editor(method, LVLM.load(small_model, prompt_format="plain"))
     editor.load_state(state)
     assert editor.report == report
-    assert editor.apply(edit_request(record, root)).applied and editor.weight_change() > 0
+    # train_edit_success, recomputed from the saved network: each of the 5 train edits applied alone,
+    # the fraction of its answer tokens predicted top-1, averaged.
+    hits = []
+    for train_record in load_records(small_world / "train.jsonl", images=root)[:5]:
+        edit = edit_request(train_record, root)
+        assert editor.apply(edit).applied
+        score = editor.score([edit.query])[0]
+        hits.append((score.argmax_ids == score.target_ids).float().mean().item())
+        editor.reset()
+    assert report["train_edit_success"] == pytest.approx(sum(hits) / 5, abs=1e-12)
+    assert 0 < report["train_edit_success"] < 1  # the recomputation is not trivially 0 or 1 here
+    # weight_change is the Frobenius norm of what the edit did to the model's parameters.
+    before = {name: p.detach().clone() for name, p in editor.lvlm.model.named_parameters()}
+    assert editor.apply(edit_request(record, root)).applied
+    moved = sum(float((p.detach() - before[name]).pow(2).sum()) for name, p in editor.lvlm.model.named_parameters())
+    assert moved > 0 and editor.weight_change() == pytest.approx(moved**0.5, rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -45,10 +60,10 @@ def test_trains_saves_and_the_state_edits_in_a_fresh_editor(method, small_world,
     [
         (["--method", "ft-llm"], "method 'ft-llm' learns nothing to train. Trainable methods: "),
         (["--method", "mnd"], "Unknown method 'mnd'. Did you mean 'mend'"),
-        (["--method", "mend", "--config", '{"epochs": 0}'], "invalid --config for mend: epochs: Input should be"),
-        (["--method", "mend", "--config", '{"rnk": 3}'], "rnk: Extra inputs are not permitted"),
-        (["--method", "mend", "--config", "[1]"], "--config must be a JSON object, got [1]"),
-        (["--method", "mend", "--limit", "0"], "--limit must be at least 1, got 0"),
+        (["--method", "mend", "--method-config", '{"epochs": 0}'], "invalid --method-config for mend: epochs: Input should be"),
+        (["--method", "mend", "--method-config", '{"rnk": 3}'], "rnk: Extra inputs are not permitted"),
+        (["--method", "mend", "--method-config", "[1]"], "--method-config: Input should be a valid dictionary"),
+        (["--method", "mend", "--limit", "0"], "--limit: Input should be greater than 0"),
     ],
 )
 def test_bad_arguments_say_what_is_wrong(args, message, small_world, small_model, tmp_path, capsys):
@@ -75,7 +90,7 @@ def test_without_train_it_uses_the_embedded_world_written_once_into_the_cache(tm
     from simulator.settings import cache_root
     from simulator.world.graph import WorldConfig
 
-    args = ["train-editor", "--method", "mend", "--limit", "3", "--config", '{"epochs": 1}', "--quiet"]
+    args = ["train-editor", "--method", "mend", "--limit", "3", "--method-config", '{"epochs": 1}', "--quiet"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     world = cache_root() / "worlds" / WorldConfig().digest()
     assert (world / "train.jsonl").is_file() and len(list((world / "images").iterdir())) == 1200
@@ -94,7 +109,7 @@ def test_it_loads_with_the_runs_device_dtype_and_prompt_format(small_world, smal
     assert train(small_world, small_model, tmp_path / "s", "--method", "mend", "--device", "gpu") == 2
     assert "--device 'gpu' is not a torch device" in capsys.readouterr().err
     code = train(small_world, small_model, tmp_path / "s", "--method", "ke", "--limit", "2", "--quiet",
-                 "--dtype", "bfloat16", "--config", '{"epochs": 1, "batch_size": 2}')
+                 "--dtype", "bfloat16", "--method-config", '{"epochs": 1, "batch_size": 2}')
     assert code == 0
     assert EditorState.load(tmp_path / "s").meta["model"]["dtype"] == "bfloat16"
 

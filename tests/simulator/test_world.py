@@ -73,14 +73,27 @@ def test_simulate_world_command(tmp_path, capsys):
     assert read_manifest(tmp_path / "w") == WorldConfig(entities=12, seed=1)
     assert (tmp_path / "w" / "images" / "c00011_r2.png").is_file()
     assert main(["world", "--out", str(tmp_path / "x"), "--entities", "3"]) == 2
-    assert "invalid world" in capsys.readouterr().err
+    assert "--entities: Input should be greater than or equal to 8" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("entities", [8, 400, 3000])
-def test_pool_sizes_scale(entities):
-    sizes = WorldConfig(entities=entities).pool_sizes()
-    assert all(n >= 2 for n in sizes.values())
-    world_names = build_world(WorldConfig(entities=entities)).names if entities <= 400 else None
-    if world_names:
+@pytest.mark.parametrize(
+    ("entities", "expected"),
+    [
+        # 8 creatures: every pool at its floor (unclamped, n // 20 = 0 countries and n // 7 = 1 city).
+        (8, {"city": 6, "country": 4, "language": 3, "script": 2, "era": 3, "food": 5, "person": 5, "toy": 5}),
+        # 100: city, country, food, person, toy scale (n // 7, n // 20, ...); language and script at their floor.
+        (100, {"city": 14, "country": 5, "language": 3, "script": 2, "era": 3, "food": 8, "person": 10, "toy": 8}),
+        # 400 (the default world): everything scales; person and script sit exactly at their ceilings.
+        (400, {"city": 57, "country": 20, "language": 10, "script": 5, "era": 3, "food": 33, "person": 40, "toy": 33}),
+        # 3000: every pool at its ceiling (unclamped: 428 cities, 150 countries, 300 persons ...).
+        (3000, {"city": 64, "country": 24, "language": 10, "script": 5, "era": 3, "food": 36, "person": 40, "toy": 36}),
+    ],
+)
+def test_pool_sizes_scale_between_a_floor_and_a_ceiling(entities, expected):
+    """Exact pool sizes at both clamps and between them; names stay unique across pools."""
+    assert WorldConfig(entities=entities).pool_sizes() == expected
+    if entities <= 400:
+        world_names = build_world(WorldConfig(entities=entities)).names
+        assert {kind: len(names) for kind, names in world_names.items()} == expected
         all_names = [n for names in world_names.values() for n in names]
         assert len(all_names) == len(set(all_names))
