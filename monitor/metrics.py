@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import torch
 
@@ -125,6 +125,16 @@ def reduce(key: str, values: Sequence[float]) -> float:
     if aggregation == "max":
         return max(values)
     return math.fsum(values) / len(values)
+
+
+def reduce_rounds(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """The run-level value of every probe-round metric over a run's rounds (rounds.jsonl rows), by its aggregation."""
+    series: dict[str, list[float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key in METRICS and METRICS[key].scope == "round" and isinstance(value, (int, float)):
+                series.setdefault(key, []).append(float(value))
+    return {key: reduce(key, values) for key, values in series.items()}
 
 
 def best(key: str, values: Sequence[float]) -> float | None:

@@ -1,9 +1,13 @@
 """`simulate compare`: runs side by side, from MLflow.
 
 A table like VLKEB's Table 2 (Huang et al., NeurIPS 2024): one row per model, setting (`single`
-or `gap_N`) and method, one column per metric — the mean over the runs in the group (seeds),
-from each run's final numbers — printed as Markdown and saved as CSV and Markdown; and one PNG
-per metric against edits applied, one line per run.
+or `gap_N`) and method, one column per metric — the mean over the runs in the group (seeds) —
+printed as Markdown and saved as CSV and Markdown; and one PNG per metric against edits applied,
+one line per run. The metric registry drives it: per-edit metrics are each run's mean over its
+edits in that setting; probe-round metrics (retention, perplexity ratio, retrieval ...) are each
+run's value reduced by the metric's aggregation (`run/<key>`, or from the history for runs that
+have not finished); in the Markdown table the best value of a column within a model and setting
+is bold, by the metric's direction.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ class RunView:
     name: str
     method: str
     model: str
-    metrics: dict[str, float]  # latest value of every metric key
+    metrics: dict[str, float]  # latest value of every metric key; `run/<key>`: a probe-round metric's run value
 
     @property
     def label(self) -> str:
@@ -79,7 +83,7 @@ def split_key(key: str, metrics: Collection[str]) -> tuple[str, str] | None:
 
 
 def find_runs(client: Any, experiment: str, run_ids: list[str] | None) -> list[RunView]:
-    """The given runs, else every `simulate` run of the experiment."""
+    """The given runs, else every `simulate` run of the experiment, each with its probe-round metrics' run values."""
     if run_ids:
         runs = [client.get_run(run_id) for run_id in run_ids]
     else:
@@ -87,8 +91,22 @@ def find_runs(client: Any, experiment: str, run_ids: list[str] | None) -> list[R
         if found is None:
             raise CommandError(f"no MLflow experiment {experiment!r} (give --experiment or --mlflow-uri)")
         runs = client.search_runs([found.experiment_id], "tags.`editwatch.kind` = 'simulate'", max_results=10_000)
-    return [RunView(run.info.run_id, run.info.run_name or run.info.run_id, run.data.params.get("method", "?"),
-                    run.data.params.get("model", "?"), dict(run.data.metrics)) for run in runs]
+    views = [RunView(run.info.run_id, run.info.run_name or run.info.run_id, run.data.params.get("method", "?"),
+                     run.data.params.get("model", "?"), dict(run.data.metrics)) for run in runs]
+    for view in views:
+        _add_run_values(client, view)
+    return views
+
+
+def _add_run_values(client: Any, run: RunView) -> None:
+    """`run/<key>` for every probe-round metric the run logged but has no run value of yet (it has not finished)."""
+    from monitor.exporters.tracking import RUN_PREFIX
+    from monitor.metrics import METRICS, reduce
+
+    for key in [k for k in run.metrics if k in METRICS and METRICS[k].scope == "round"]:
+        if RUN_PREFIX + key not in run.metrics:
+            history = latest_per_step(client.get_metric_history(run.run_id, key))
+            run.metrics[RUN_PREFIX + key] = reduce(key, [value for _, value in history])
 
 
 def _setting_order(setting: str) -> tuple[int, int]:
@@ -100,6 +118,7 @@ def table(runs: list[RunView], metrics: Sequence[str]) -> tuple[list[str], list[
     """Columns and rows: per (model, setting, method), the mean of each metric over the group's runs.
 
     `metrics` are the metric keys in column order (monitor.metrics.METRICS); absent ones are left out.
+    A run's probe-round metrics (`run/<key>`) go into each of its settings' rows.
     """
     groups: dict[tuple[str, str, str], list[dict[str, float]]] = {}
     for run in runs:
@@ -107,7 +126,10 @@ def table(runs: list[RunView], metrics: Sequence[str]) -> tuple[list[str], list[
         for key, value in run.metrics.items():
             if (parts := split_key(key, metrics)) is not None:
                 by_setting.setdefault(parts[0], {})[parts[1]] = value
+        health = {key.removeprefix("run/"): value for key, value in run.metrics.items()
+                  if key.startswith("run/") and key.removeprefix("run/") in metrics}
         for setting, values in by_setting.items():
+            values.update(health)
             groups.setdefault((run.model, setting, run.method), []).append(values)
     present = {key for group in groups.values() for values in group for key in values}
     columns = [key for key in metrics if key in present]
@@ -123,7 +145,13 @@ def table(runs: list[RunView], metrics: Sequence[str]) -> tuple[list[str], list[
 
 
 def write_table(columns: list[str], rows: list[dict[str, Any]], out: Path) -> tuple[Path, Path, str]:
-    """table.csv and table.md in `out`; returns their paths and the Markdown text."""
+    """table.csv and table.md in `out`; returns their paths and the Markdown text.
+
+    In the Markdown, each column's best value among the methods of one model and setting is bold
+    (by the metric's direction; metrics without one, such as sizes, are never bold).
+    """
+    from monitor.metrics import METRICS, best
+
     out.mkdir(parents=True, exist_ok=True)
     with (out / "table.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, columns)
@@ -137,8 +165,20 @@ def write_table(columns: list[str], rows: list[dict[str, Any]], out: Path) -> tu
             return f"{value:g}"
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
+    winners: dict[tuple[str, str, str], float | None] = {}
+    for key in (k for k in columns if k in METRICS):
+        for model, setting in {(row["model"], row["setting"]) for row in rows}:
+            values = [row[key] for row in rows if (row["model"], row["setting"]) == (model, setting)
+                      and row.get(key) is not None]
+            winners[model, setting, key] = best(key, values) if len(values) > 1 else None
+
+    def shown(row: dict[str, Any], key: str) -> str:
+        text = cell(key, row.get(key))
+        won = winners.get((row["model"], row["setting"], key))
+        return f"**{text}**" if won is not None and row.get(key) == won else text
+
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(key, row.get(key)) for key in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(shown(row, key) for key in columns) + " |" for row in rows]
     markdown = "\n".join(lines) + "\n"
     (out / "table.md").write_text(markdown, encoding="utf-8")
     return out / "table.csv", out / "table.md", markdown

@@ -16,11 +16,12 @@ from tqdm import tqdm
 from editors import LVLM, EditExample, Editor, EditorState, create_editor, editor_class
 from editors.editor import StateMismatchError
 from memory.files import current_folder
+from monitor.metrics import reduce_rounds
 from monitor.probes import edit_success
 from monitor.sink import Sink
 from simulator.checkpoint import FOLDER, Checkpoint, restore_timeline, save_timeline, truncate
 from simulator.config import RunConfig, apply_protocol
-from simulator.outputs import POOL, QUARANTINE, RunFiles
+from simulator.outputs import POOL, QUARANTINE, ROUNDS, RunFiles
 from simulator.records import EditRecord
 from simulator.requests import edit_example
 from simulator.settings import cache_root
@@ -232,7 +233,8 @@ def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool 
         log.warning("interrupted after %d edits: --resume continues", timeline.applied)
     save_timeline(timeline, counters())
     result = {"run": name, **params, "method_config": editor.config.model_dump(mode="json"),  # as run, state included
-              "train_report": report, **timeline.summary(reader.quarantined)}
+              "train_report": report, **timeline.summary(reader.quarantined),
+              "health": reduce_rounds(files.rows(ROUNDS))}  # probe-round metrics, each by its aggregation
     files.write_summary(result)
     for sink in sinks:
         sink.on_finish(result, out)

@@ -6,6 +6,8 @@ the labels `run`, `method`, `model` and, on the value gauges, `setting` and `met
   (`forgetting_significant` is the run's own forgetting flag, which the alert rule reads);
 - `editwatch_edit_metric{setting=SETTING, metric=KEY}`: running mean of a per-edit metric in
   one setting (`single`, `gap_10`, ...), so PromQL can aggregate over settings or metrics;
+- `editwatch_run_metric{metric=KEY}`: at the end, a probe-round metric's run value, reduced over
+  the rounds by the metric's aggregation (mean, last or max; monitor.metrics.reduce_rounds);
 - `editwatch_collapse_alarm`: 1 when the latest round raised the collapse alarm;
 - counters of edits applied / failed / quarantined and probe rounds; histograms of edit and
   probe-round durations in seconds.
@@ -61,6 +63,8 @@ class PrometheusSink(Sink):
                                   (*LABELS, "metric"), registry=r)
         self.edit_metric = Gauge("editwatch_edit_metric", "Running mean of a per-edit metric in one setting.",
                                  (*LABELS, "setting", "metric"), registry=r)
+        self.run_metric = Gauge("editwatch_run_metric", "A probe-round metric's value over the whole run, reduced "
+                                "by its aggregation (monitor.metrics).", (*LABELS, "metric"), registry=r)
         self.collapse = Gauge("editwatch_collapse_alarm", "1 when the latest probe round raised the collapse alarm.",
                               LABELS, registry=r)
         self.labels: dict[str, str] = {}
@@ -113,6 +117,8 @@ class PrometheusSink(Sink):
     def on_finish(self, summary: dict[str, Any], folder: Path) -> None:
         """Publish the final means (single mode has no probe rounds) and push the end state."""
         self._results(summary.get("results", {}))
+        for key, value in summary.get("health", {}).items():
+            self.run_metric.labels(**self.labels, metric=key).set(value)
         self._push(force=True)
 
     def close(self) -> None:

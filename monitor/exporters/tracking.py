@@ -42,6 +42,7 @@ _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_T
 RETRY_SECONDS = (1.0, 30.0)  # backoff from, up to, while the server is unreachable
 CLOSING_RETRY_SECONDS = 2.0  # backoff cap while the run waits to flush at its end
 STOP_SECONDS = 30.0  # at close, how long to wait for an operation in flight (HTTP timeout 10 s by default)
+RUN_PREFIX = "run/"  # run-level value of a probe-round metric (monitor.metrics.reduce_rounds)
 BATCH = 1000  # MLflow's log_batch limit on metrics per call
 TOO_MANY_REQUESTS = 429
 
@@ -113,6 +114,8 @@ class MlflowSink(Sink):
         metrics = {f"{setting}/{key}": value for setting, row in summary.get("results", {}).items()
                    for key, value in row.items()}
         metrics.update({f"base/{key}": value for key, value in summary.get("base", {}).items()})
+        # Probe-round metrics reduced to one number each by the registry's aggregation (what compare reads).
+        metrics.update({f"{RUN_PREFIX}{key}": value for key, value in summary.get("health", {}).items()})
         metrics.update({key: summary[key] for key in ("edits_read", "edits_applied", "failed", "quarantined",
                                                       "rounds") if isinstance(summary.get(key), (int, float))})
         self._log_metrics(metrics, summary.get("edits_applied", 0))

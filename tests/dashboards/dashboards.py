@@ -58,3 +58,17 @@ def substitute(expr: str) -> str:
         return SUBSTITUTES[name]
 
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", value, expr)
+
+
+_SELECTOR = re.compile(r'editwatch_(?:probe|edit)_metric\{[^}]*?metric(=~?)"([^"]+)"')
+GRAFANA_UNITS = {"ratio": "percentunit", "seconds": "s", "factor": "none", "nats": "none", "norm": "none",
+                 "count": "none"}  # monitor.metrics units -> Grafana's unit ids
+
+
+def panel_metric_keys(panel: dict[str, Any], keys: list[str]) -> set[str]:
+    """The registered metric keys a panel's queries select by the `metric` label (exact or regex)."""
+    found: set[str] = set()
+    for target in panel.get("targets", []):
+        for operator, value in _SELECTOR.findall(target.get("expr", "")):
+            found |= {value} if operator == "=" else {k for k in keys if re.fullmatch(value, k)}
+    return found

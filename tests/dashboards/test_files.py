@@ -9,7 +9,17 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from monitor.exporters import PrometheusSink
-from tests.dashboards.dashboards import DASHBOARDS, ROOT, RULES, load_dashboard, panel_queries, panels, rule_queries
+from tests.dashboards.dashboards import (
+    DASHBOARDS,
+    GRAFANA_UNITS,
+    ROOT,
+    RULES,
+    load_dashboard,
+    panel_metric_keys,
+    panel_queries,
+    panels,
+    rule_queries,
+)
 from tests.services import require_binary
 
 PANEL_TYPES = {"row", "timeseries", "stat", "table"}
@@ -103,3 +113,32 @@ def test_promtool_accepts_the_config_and_the_rules_and_their_unit_tests_pass():
         result = subprocess.run([promtool, *args], cwd=prometheus, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}{result.stderr}"
     assert "SUCCESS" in result.stdout
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_panels_follow_the_metric_registry(path):
+    """A panel showing registered metrics uses their unit and states their direction (monitor.metrics)."""
+    from monitor.metrics import METRICS
+
+    checked = 0
+    for panel in panels(load_dashboard(path)):
+        keys = panel_metric_keys(panel, list(METRICS))
+        if not keys:
+            continue
+        checked += 1
+        units = {METRICS[k].unit for k in keys}
+        assert len(units) == 1, f"{panel['title']}: metrics of several units {units} in one panel"
+        defaults = panel["fieldConfig"]["defaults"]
+        assert defaults["unit"] == GRAFANA_UNITS[units.pop()], panel["title"]
+        directions = {METRICS[k].higher_is_better for k in keys}
+        words = {True: "Higher is better.", False: "Lower is better.", None: None}[directions.pop()]
+        if len(directions) == 0 and words:
+            assert panel["description"].endswith(words), panel["title"]
+    assert checked >= 4
+
+
+def test_panel_metric_keys_reads_exact_and_regex_selectors():
+    panel = {"targets": [{"expr": 'editwatch_edit_metric{run=~"$run", metric=~"port_[1-4]hop"}'},
+                         {"expr": 'max(editwatch_probe_metric{metric="retention"})'}]}
+    keys = ["port_1hop", "port_2hop", "port_3hop", "port_4hop", "port_onehop", "retention", "reliability"]
+    assert panel_metric_keys(panel, keys) == {"port_1hop", "port_2hop", "port_3hop", "port_4hop", "retention"}

@@ -25,7 +25,8 @@ def feed(sink, tmp_path):
     sink.on_quarantine(1)
     sink.on_quarantine(2)
     sink.on_round(2, ROUND, 0.07, RESULTS)
-    sink.on_finish({"results": {"gap_1": {"reliability": 0.625, "edits_measured": 8}}}, tmp_path)
+    sink.on_finish({"results": {"gap_1": {"reliability": 0.625, "edits_measured": 8}},
+                    "health": {"retention": 0.5, "collapse_alarm": 1.0}}, tmp_path)
 
 
 def test_values_names_and_labels(tmp_path):
@@ -47,6 +48,7 @@ def test_values_names_and_labels(tmp_path):
     for key, expected in ROUND.items():
         assert value("editwatch_probe_metric", {**LABELS, "metric": key}) == expected
     assert value("editwatch_collapse_alarm", LABELS) == 1
+    assert value("editwatch_run_metric", {**LABELS, "metric": "retention"}) == 0.5
     # Per-gap running means with the setting in its own label; the final summary overrides the round's.
     assert value("editwatch_edit_metric", {**LABELS, "setting": "gap_1", "metric": "reliability"}) == 0.625
     assert value("editwatch_edit_metric", {**LABELS, "setting": "gap_10", "metric": "reliability"}) == 0.25

@@ -8,10 +8,10 @@ import subprocess
 
 import pytest
 
-from simulator.compare import RunView, find_runs, histories, latest_per_step, table
+from simulator.compare import RunView, find_runs, histories, latest_per_step, table, write_table
 from tests.services import SIMULATE, mlflow_service, url_of, wait_until
 
-METRICS = ["reliability", "t_gen", "t_loc", "retention"]
+METRICS = ["reliability", "t_gen", "t_loc", "retention", "ref_ppl_ratio", "memory_size"]
 
 
 def rows(path):
@@ -21,18 +21,37 @@ def rows(path):
 def test_the_table_averages_seeds_per_model_setting_and_method():
     runs = [
         RunView("1", "a", "ft-llm", "tiny", {"gap_10/reliability": 0.5, "gap_10/edits_measured": 30, "gap_1/t_loc": 1.0,
-                                             "retention": 0.25}),
-        RunView("2", "b", "ft-llm", "tiny", {"gap_10/reliability": 0.75, "gap_10/edits_measured": 30}),
-        RunView("3", "c", "ike", "tiny", {"gap_10/reliability": 1.0, "gap_10/t_gen": 0.5}),
+                                             "retention": 0.25, "run/retention": 0.5, "run/ref_ppl_ratio": 3.0}),
+        RunView("2", "b", "ft-llm", "tiny", {"gap_10/reliability": 0.75, "gap_10/edits_measured": 30,
+                                             "run/retention": 0.25, "run/ref_ppl_ratio": 5.0}),
+        RunView("3", "c", "ike", "tiny", {"gap_10/reliability": 1.0, "gap_10/t_gen": 0.5, "run/retention": 1.0,
+                                          "run/ref_ppl_ratio": 1.0, "run/memory_size": 40.0}),
         RunView("4", "d", "none", "big", {"single/reliability": 0.125, "single/t_loc": 1.0}),
     ]
     columns, table_rows = table(runs, METRICS)
-    assert columns == ["model", "setting", "method", "runs", "edits", "reliability", "t_gen", "t_loc"]
+    assert columns == ["model", "setting", "method", "runs", "edits", "reliability", "t_gen", "t_loc", "retention",
+                       "ref_ppl_ratio", "memory_size"]
     assert [(r["model"], r["setting"], r["method"], r["runs"]) for r in table_rows] == [
         ("big", "single", "none", 1), ("tiny", "gap_1", "ft-llm", 1), ("tiny", "gap_10", "ft-llm", 2),
         ("tiny", "gap_10", "ike", 1)]
     ft = table_rows[2]
     assert ft["reliability"] == 0.625 and ft["edits"] == 30 and ft["t_gen"] is None
+    # Probe-round metrics: each run's run value (not its latest round), averaged over seeds, in every setting row.
+    assert ft["retention"] == 0.375 and ft["ref_ppl_ratio"] == 4.0 and table_rows[1]["retention"] == 0.5
+
+
+def test_the_markdown_marks_the_best_method_by_each_metrics_direction(tmp_path):
+    runs = [RunView("1", "a", "ft-llm", "tiny", {"gap_10/reliability": 0.5, "run/ref_ppl_ratio": 3.0,
+                                                 "run/memory_size": 10.0}),
+            RunView("2", "b", "ike", "tiny", {"gap_10/reliability": 1.0, "run/ref_ppl_ratio": 1.5,
+                                              "run/memory_size": 40.0})]
+    columns, table_rows = table(runs, METRICS)
+    _, _, markdown = write_table(columns, table_rows, tmp_path)
+    ft, ike = markdown.splitlines()[2:]
+    # Higher reliability wins, lower perplexity ratio wins; a size has no direction and is never bold.
+    assert "| 0.500 |" in ft and "| **1.000** |" in ike
+    assert "| **1.500** |" in ike and "| 3.000 |" in ft
+    assert "**10" not in ft and "**40" not in ike
 
 
 def test_one_value_per_step_the_latest_logged():
