@@ -9,7 +9,19 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from editors import METHODS, EditExample, EditorState, EditRequest, Query, UnknownMethodError, create_editor, editor_class
+from editors import (
+    METHODS,
+    EditExample,
+    EditorState,
+    EditRequest,
+    HasMemory,
+    HasWeightDelta,
+    Query,
+    UnknownMethodError,
+    capabilities,
+    create_editor,
+    editor_class,
+)
 from tests.tiny_models import BUILDERS, random_image, tiny_llava
 
 EDITS = [
@@ -67,8 +79,31 @@ def run_contract(method, build, tmp_path):
     fresh.load_state(EditorState.load(tmp_path / "state"))
     assert_same(edited, scores(fresh))
 
+    # Declared capabilities hold their promise on every family (no sentinel values to fall back on).
+    if isinstance(editor, HasWeightDelta):
+        assert editor.weight_change() > 0 or method == "ft-vis"  # FT-Vis may move a tiny model's weights by ~0
+    if isinstance(editor, HasMemory):
+        assert editor.memory_size() == len(EDITS)
+        assert len(editor.retrieve(queries)) == len(queries)
+
     editor.reset()
     assert_same(before, scores(editor))
+    if isinstance(editor, HasWeightDelta):
+        assert editor.weight_change() == 0.0
+    if isinstance(editor, HasMemory):
+        assert editor.memory_size() == 0
+
+
+# What each method declares; a new method must be added here on purpose.
+CAPABILITIES = {"none": [], "ike": ["memory"], "serac": ["memory"], "grace": ["memory"], "wise": ["memory", "weight_delta"],
+                "ft-llm": ["weight_delta"], "ft-vis": ["weight_delta"], "mend": ["weight_delta"],
+                "ke": ["weight_delta"], "lora": ["weight_delta"]}
+
+
+def test_every_method_declares_its_capabilities():
+    assert {method: capabilities(editor_class(method)) for method in METHODS} == CAPABILITIES
+    editor = create_editor("none", tiny_llava())
+    assert not hasattr(editor, "retrieve") and not hasattr(editor, "weight_change")  # no sentinel methods left
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
