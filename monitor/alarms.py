@@ -21,20 +21,28 @@ class CollapseThresholds(BaseModel):
     retention: float | None = Field(None, ge=0, le=1, description="alarm when retention of earlier edits falls below")
 
 
-def collapse_alarms(values: dict[str, float], nonfinite: Sequence[str], limits: CollapseThresholds) -> list[str]:
-    """Why a round counts as collapsed: one reason a crossed threshold, empty when healthy."""
-    reasons = [f"NaN/Inf in {', '.join(nonfinite)}"] if nonfinite else []
+NONFINITE = "nonfinite_parameters"  # the indicator of NaN/Inf weights, beside the metric keys
+
+
+def crossed_checks(values: dict[str, float], nonfinite: Sequence[str], limits: CollapseThresholds) -> dict[str, str]:
+    """The collapse indicators a round crossed, indicator (a metric key, or NONFINITE) -> reason; empty when healthy."""
+    crossed = {NONFINITE: f"NaN/Inf in {', '.join(nonfinite)}"} if nonfinite else {}
     checks = [
         ("ref_ppl_ratio", limits.ppl_ratio, lambda v, t: v > t, "reference perplexity ratio {v:.3g} > {t}"),
         ("ref_agreement", limits.agreement, lambda v, t: v < t, "reference agreement {v:.3f} < {t}"),
         ("weight_change_norm", limits.weight_change, lambda v, t: v > t, "weight change norm {v:.3g} > {t}"),
         ("retention", limits.retention, lambda v, t: v < t, "retention {v:.3f} < {t}"),
     ]
-    for key, threshold, crossed, message in checks:
+    for key, threshold, above, message in checks:
         value = values.get(key)
-        if threshold is not None and value is not None and (math.isnan(value) or crossed(value, threshold)):
-            reasons.append(message.format(v=value, t=threshold))
-    return reasons
+        if threshold is not None and value is not None and (math.isnan(value) or above(value, threshold)):
+            crossed[key] = message.format(v=value, t=threshold)
+    return crossed
+
+
+def collapse_alarms(values: dict[str, float], nonfinite: Sequence[str], limits: CollapseThresholds) -> list[str]:
+    """Why a round counts as collapsed: one reason a crossed threshold, empty when healthy."""
+    return list(crossed_checks(values, nonfinite, limits).values())
 
 
 def forgetting_significant(values: dict[str, float]) -> bool:

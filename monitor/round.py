@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from editors import Editor, HasMemory, HasWeightDelta
-from monitor.alarms import CollapseThresholds, collapse_alarms, forgetting_significant
+from monitor.alarms import CollapseThresholds, crossed_checks, forgetting_significant
 from monitor.metrics import METRICS, token_accuracy
 from monitor.plan import GENERALITY, ImageOpener, planned
 from monitor.probes import ReferenceSet, RetainedEdit, reference_health, retention, retrieval_health
@@ -52,8 +52,13 @@ class RoundResult:
     """What one round measured: metric values (METRICS keys), why it counts as collapsed, its cost."""
 
     values: dict[str, float]
-    reasons: list[str]
+    crossed: dict[str, str]  # collapse indicator -> reason (monitor.alarms.crossed_checks)
     seconds: float
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why the round counts as collapsed (empty when healthy)."""
+        return list(self.crossed.values())
 
 
 @dataclass
@@ -110,13 +115,13 @@ class ProbeRound:
             values["memory_size"] = float(editor.memory_size())
             values.update(editor.retrieval_stats())
         values["forgetting_significant"] = float(forgetting_significant(values))
-        reasons = collapse_alarms(values, editor.lvlm.nonfinite_parameters(), self.thresholds)
-        values["collapse_alarm"] = float(bool(reasons))
-        return RoundResult(values, reasons, time.perf_counter() - start)
+        crossed = crossed_checks(values, editor.lvlm.nonfinite_parameters(), self.thresholds)
+        values["collapse_alarm"] = float(bool(crossed))
+        return RoundResult(values, crossed, time.perf_counter() - start)
 
 
 def announce(sinks: Iterable[Sink], step: int, result: RoundResult, results: dict[str, dict[str, float]]) -> None:
     """Send a round's registered metrics to the exporters."""
     metrics = {k: v for k, v in result.values.items() if k in METRICS}
     for sink in sinks:
-        sink.on_round(step, metrics, result.seconds, results)
+        sink.on_round(step, metrics, result.seconds, results, result.crossed)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 
 class Sink:
@@ -22,11 +23,13 @@ class Sink:
         """The count of quarantined stream lines is now `total`."""
 
     def on_round(
-        self, step: int, values: dict[str, float], seconds: float, results: dict[str, dict[str, float]]
+        self, step: int, values: dict[str, float], seconds: float, results: dict[str, dict[str, float]],
+        crossed: Mapping[str, str] = MappingProxyType({}),
     ) -> None:
         """A probe round measured `values` (metric key -> value) in `seconds`.
 
-        `results` holds the running means of the per-edit metrics by setting (`gap_10`, ..., or `single`).
+        `results` holds the running means of the per-edit metrics by setting (`gap_10`, ..., or `single`);
+        `crossed` the collapse indicators the round crossed, with their reasons (monitor.alarms.crossed_checks).
         """
 
     def on_finish(self, summary: dict[str, Any], folder: Path) -> None:

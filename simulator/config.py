@@ -73,6 +73,10 @@ class RunConfig(BaseModel):
     prometheus_port: int | None = Field(None, ge=1, le=65535, description="serve live Prometheus metrics on this port")
     prometheus_host: str = Field("127.0.0.1", description="address the metrics are served on (0.0.0.0 in a container)")
     pushgateway: str | None = Field(None, description="Pushgateway URL for batch metrics")
+    prometheus_linger: float = Field(
+        30.0, ge=0, description="after the run, how long to keep serving metrics until Prometheus has scraped its "
+        "end (only when it scraped the run before), so alerts resolve because the run ended"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

@@ -146,8 +146,8 @@ def train(editor: Editor, examples: list[EditExample], progress: bool = True) ->
 # Settings a resumed run may change: how it runs and reports, not what it measures.
 RESUMABLE = frozenset({
     "resume", "limit", "follow", "checkpoint_every", "stop_on_collapse", "device", "run_name", "mlflow_uri",
-    "mlflow_experiment", "mlflow_tags", "mlflow_flush_seconds", "no_mlflow", "prometheus_port", "prometheus_host", "pushgateway",
-    "trust_remote_code",
+    "mlflow_experiment", "mlflow_tags", "mlflow_flush_seconds", "no_mlflow", "prometheus_port", "prometheus_host",
+    "pushgateway", "prometheus_linger", "trust_remote_code",
 })
 
 
@@ -211,7 +211,10 @@ def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool 
     params = {"method": config.method, "model": lvlm.name, "protocol": config.protocol, "mode": config.mode,
               "gaps": timeline.gaps,
               "seed": config.seed, "stream": config.stream,
-              "data_hash": file_digest(stream_file) if stream_file and not config.follow else None}
+              "data_hash": file_digest(stream_file) if stream_file and not config.follow else None,
+              # resolved by the protocol and the method (config.json holds them as given): exporters log these
+              "prompt_format": config.prompt_format, "vlkeb_compat": config.vlkeb_compat,
+              "method_config": editor.config.model_dump(mode="json")}
     for sink in sinks:
         sink.on_start(name, params, out, timeline.applied)
 

@@ -30,7 +30,8 @@ def require_binary(name: str) -> str:
     """Path of an executable; skips the test without it, except under CI where it must exist."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (apt-get install prometheus prometheus-pushgateway)"
+        message = (f"{name} is not installed (apt-get install prometheus prometheus-pushgateway "
+                   "prometheus-alertmanager chromium-headless-shell)")
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message + " — CI must install it")
         pytest.skip(message)

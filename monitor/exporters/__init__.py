@@ -22,6 +22,7 @@ class ExportSettings(Protocol):
     prometheus_port: int | None
     prometheus_host: str
     pushgateway: str | None
+    prometheus_linger: float
 
 
 def build_sinks(settings: ExportSettings, kind: str = "simulate") -> list[Sink]:
@@ -33,7 +34,8 @@ def build_sinks(settings: ExportSettings, kind: str = "simulate") -> list[Sink]:
     if settings.prometheus_port is not None or settings.pushgateway is not None:
         job = "editwatch" if kind == "simulate" else f"editwatch-{kind}"
         sinks.append(PrometheusSink(port=settings.prometheus_port, host=settings.prometheus_host,
-                                    pushgateway=settings.pushgateway, job=job))
+                                    pushgateway=settings.pushgateway, job=job,
+                                    linger_seconds=settings.prometheus_linger))
     if not settings.no_mlflow:
         sinks.append(MlflowSink(settings.mlflow_uri, settings.mlflow_experiment, kind, settings.mlflow_flush_seconds,
                                 settings.mlflow_tags))

@@ -1,24 +1,36 @@
 """Prometheus exporter: live metrics over HTTP (127.0.0.1 by default) and pushes to a Pushgateway.
 
-Names follow DESIGN.md (prefix `editwatch_`, base units, `_total` counters) and carry only
-the labels `run`, `method`, `model` and, on the value gauges, `setting` and `metric`:
-- `editwatch_probe_metric{metric=KEY}`: the latest probe round's value of each METRICS key
-  (`forgetting_significant` is the run's own forgetting flag, which the alert rule reads);
-- `editwatch_edit_metric{setting=SETTING, metric=KEY}`: running mean of a per-edit metric in
-  one setting (`single`, `gap_10`, ...), so PromQL can aggregate over settings or metrics;
-- `editwatch_run_metric{metric=KEY}`: at the end, a probe-round metric's run value, reduced over
-  the rounds by the metric's aggregation (mean, last or max; monitor.metrics.reduce_rounds);
-- `editwatch_collapse_alarm`: 1 when the latest round raised the collapse alarm;
+Names follow DESIGN.md (prefix `editwatch_`, base units, `_total` counters) and carry only the
+labels `run`, `method`, `model` and, on value gauges, `setting` and `metric`. Values are grouped by
+the metric registry's unit, so one graph never mixes a 0-1 ratio with a count or a norm:
+- `editwatch_probe_<unit>{metric=KEY}`: the latest probe round's value of each METRICS key, e.g.
+  `editwatch_probe_ratio{metric="retention"}`, `editwatch_probe_factor{metric="ref_ppl_ratio"}`,
+  `editwatch_probe_seconds`, `editwatch_probe_nats`, `editwatch_probe_norm`, `editwatch_probe_number`
+  (counts and sizes);
+- `editwatch_edit_<unit>{setting=SETTING, metric=KEY}`: running mean of a per-edit metric in one
+  setting (`single`, `gap_10`, ...);
+- `editwatch_run_<unit>{metric=KEY}`: at the end, a probe-round metric's value over the whole
+  run, reduced by its aggregation (monitor.metrics.reduce_rounds);
+- the run's lifecycle, which the alert rules follow: `editwatch_run_running` (1 from start to its
+  end), `editwatch_run_failed` (1 when it ended on an error), `editwatch_last_progress_timestamp_seconds`
+  (the last edit or round); `editwatch_collapse_alarm` (1 when the latest round raised the collapse
+  alarm) and `editwatch_collapse_check{metric=INDICATOR}` (1 for each indicator that crossed its
+  threshold: the alarm's reason, as a label);
 - counters of edits applied / failed / quarantined and probe rounds; histograms of edit and
   probe-round durations in seconds.
+A served run that Prometheus has scraped before keeps serving after its end until one more
+scrape has seen the final state (at most `linger_seconds`), so an alert resolves because the run
+ended, and a run that vanishes while running is told apart.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping
 from urllib.error import URLError
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway, start_http_server
@@ -33,6 +45,35 @@ LABELS = ("run", "method", "model")
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 PUSH_EVERY_SECONDS = 15.0  # pushes between probe rounds, so counters move in single mode too
 PUSH_TIMEOUT_SECONDS = 5.0
+# Prometheus name suffix of each registry unit (base units; counts and sizes are plain numbers).
+SUFFIX = {"ratio": "ratio", "factor": "factor", "nats": "nats", "seconds": "seconds", "count": "number",
+          "norm": "norm"}
+
+
+def series_name(scope: str, key: str) -> str:
+    """The gauge holding metric `key` per probe round ("probe"), per edit and setting ("edit") or per run ("run")."""
+    return f"editwatch_{scope}_{SUFFIX[METRICS[key].unit]}"
+
+
+def model_label(name: str) -> str:
+    """A short, stable model name for labels: a hub id as it is, a local folder by its own name."""
+    if name.startswith(("/", ".", "~")) or "\\" in name:
+        return Path(name).expanduser().name or name
+    return name
+
+
+class _ScrapeClock:
+    """A collector that only notes when the registry was last collected (scraped or pushed)."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+        self.scraped = threading.Event()
+
+    def collect(self) -> Iterable[Any]:
+        """Note the time; add no metrics."""
+        self.last = time.monotonic()
+        self.scraped.set()
+        return []
 
 
 class PrometheusSink(Sink):
@@ -45,10 +86,12 @@ class PrometheusSink(Sink):
         host: str = "127.0.0.1",
         pushgateway: str | None = None,
         job: str = "editwatch",
+        linger_seconds: float = 30.0,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.pushgateway = pushgateway
         self.job = job
+        self.linger_seconds = linger_seconds
         r = self.registry
         self.applied = Counter("editwatch_edits_applied", "Edits applied to the model.", LABELS, registry=r)
         self.failed = Counter("editwatch_edits_failed", "Edits that failed and were rolled back.", LABELS, registry=r)
@@ -59,15 +102,28 @@ class PrometheusSink(Sink):
                                       buckets=BUCKETS, registry=r)
         self.probe_seconds = Histogram("editwatch_probe_duration_seconds", "Time of one probe round.", LABELS,
                                        buckets=BUCKETS, registry=r)
-        self.probe_metric = Gauge("editwatch_probe_metric", "Latest probe-round value of a metric (monitor.metrics).",
-                                  (*LABELS, "metric"), registry=r)
-        self.edit_metric = Gauge("editwatch_edit_metric", "Running mean of a per-edit metric in one setting.",
-                                 (*LABELS, "setting", "metric"), registry=r)
-        self.run_metric = Gauge("editwatch_run_metric", "A probe-round metric's value over the whole run, reduced "
-                                "by its aggregation (monitor.metrics).", (*LABELS, "metric"), registry=r)
+        self.running = Gauge("editwatch_run_running", "1 while the run is running, 0 once it ended.", LABELS,
+                             registry=r)
+        self.run_failed = Gauge("editwatch_run_failed", "1 when the run ended on an error.", LABELS, registry=r)
+        self.progress = Gauge("editwatch_last_progress_timestamp_seconds", "Unix time of the run's last edit or "
+                              "probe round.", LABELS, registry=r)
         self.collapse = Gauge("editwatch_collapse_alarm", "1 when the latest probe round raised the collapse alarm.",
                               LABELS, registry=r)
+        self.collapse_check = Gauge("editwatch_collapse_check", "1 when the latest probe round crossed this "
+                                    "indicator's collapse threshold.", (*LABELS, "metric"), registry=r)
+        self.values: dict[str, Gauge] = {}
+        for scope, labels, what in (("probe", ("metric",), "Latest probe-round value of a metric"),
+                                    ("edit", ("setting", "metric"), "Running mean of a per-edit metric in one setting"),
+                                    ("run", ("metric",), "A probe-round metric over the whole run, by its aggregation")):
+            for unit, suffix in SUFFIX.items():
+                name = f"editwatch_{scope}_{suffix}"
+                self.values[name] = Gauge(name, f"{what} (unit: {unit}; monitor.metrics).", (*LABELS, *labels),
+                                          registry=r)
+        self.clock = _ScrapeClock()
+        r.register(self.clock)  # type: ignore[arg-type]
         self.labels: dict[str, str] = {}
+        self._crossed: set[str] = set()
+        self._finished = False
         self._seen_quarantined = 0
         self._last_push = 0.0
         self._push_failing = False
@@ -76,6 +132,7 @@ class PrometheusSink(Sink):
             # Started now, before any model loads, so a busy port fails the run at once.
             self._server, _ = start_http_server(port, addr=host, registry=self.registry)
             log.info("Prometheus metrics on http://%s:%d/metrics", host, self._server.server_port)
+        self.clock.scraped.clear()  # registering collected once; only real scrapes count
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -84,16 +141,20 @@ class PrometheusSink(Sink):
 
     def on_start(self, run: str, params: dict[str, Any], folder: Path, step: int) -> None:
         """Label every series with the run; create the counters at 0 so dashboards see them at once."""
-        self.labels = {"run": run, "method": str(params.get("method")), "model": str(params.get("model"))}
+        self.labels = {"run": run, "method": str(params.get("method")), "model": model_label(str(params.get("model")))}
         for counter in (self.applied, self.failed, self.quarantined, self.rounds):
             counter.labels(**self.labels)
         self.collapse.labels(**self.labels).set(0)
+        self.running.labels(**self.labels).set(1)
+        self.run_failed.labels(**self.labels).set(0)
+        self.progress.labels(**self.labels).set_to_current_time()
         self._push(force=True)
 
     def on_edit(self, applied: bool, seconds: float, step: int) -> None:
         """Count the edit and its duration."""
         (self.applied if applied else self.failed).labels(**self.labels).inc()
         self.edit_seconds.labels(**self.labels).observe(seconds)
+        self.progress.labels(**self.labels).set_to_current_time()
         self._push()
 
     def on_quarantine(self, total: int) -> None:
@@ -102,37 +163,61 @@ class PrometheusSink(Sink):
         self._seen_quarantined = total
 
     def on_round(
-        self, step: int, values: dict[str, float], seconds: float, results: dict[str, dict[str, float]]
+        self, step: int, values: dict[str, float], seconds: float, results: dict[str, dict[str, float]],
+        crossed: Mapping[str, str] = MappingProxyType({}),
     ) -> None:
-        """Publish the round's values, the running means per setting and the collapse alarm."""
+        """Publish the round's values, the running means per setting and the collapse alarm with its indicators."""
         self.rounds.labels(**self.labels).inc()
         self.probe_seconds.labels(**self.labels).observe(seconds)
         for key, value in values.items():
-            self.probe_metric.labels(**self.labels, metric=key).set(value)
+            self.values[series_name("probe", key)].labels(**self.labels, metric=key).set(value)
         self._results(results)
         if "collapse_alarm" in values:
             self.collapse.labels(**self.labels).set(values["collapse_alarm"])
+        self._crossed |= set(crossed)
+        for indicator in self._crossed:
+            self.collapse_check.labels(**self.labels, metric=indicator).set(float(indicator in crossed))
+        self.progress.labels(**self.labels).set_to_current_time()
         self._push(force=True)
 
     def on_finish(self, summary: dict[str, Any], folder: Path) -> None:
-        """Publish the final means (single mode has no probe rounds) and push the end state."""
+        """Publish the final means (single mode has no probe rounds), the run's values, and that it ended."""
         self._results(summary.get("results", {}))
         for key, value in summary.get("health", {}).items():
-            self.run_metric.labels(**self.labels, metric=key).set(value)
-        self._push(force=True)
+            if key in METRICS:
+                self.values[series_name("run", key)].labels(**self.labels, metric=key).set(value)
+        self._end(failed=False)
 
     def close(self) -> None:
-        """Stop serving."""
+        """Mark a run that did not finish as failed, let Prometheus see the end, stop serving."""
+        if self.labels and not self._finished:
+            self._end(failed=True)
         if self._server is not None:
+            self._linger()
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+    def _end(self, failed: bool) -> None:
+        self._finished = True
+        self.running.labels(**self.labels).set(0)
+        self.run_failed.labels(**self.labels).set(float(failed))
+        self._ended_at = time.monotonic()
+        self._push(force=True)
+
+    def _linger(self) -> None:
+        """Keep serving until a scrape after the end, if Prometheus scrapes this run at all (bounded wait)."""
+        if not self.clock.scraped.is_set() or not self._finished:
+            return
+        deadline = time.monotonic() + self.linger_seconds
+        while self.clock.last <= self._ended_at and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _results(self, results: dict[str, dict[str, float]]) -> None:
         for setting, means in results.items():
             for key, value in means.items():
                 if key in METRICS and value is not None:
-                    self.edit_metric.labels(**self.labels, setting=setting, metric=key).set(value)
+                    self.values[series_name("edit", key)].labels(**self.labels, setting=setting, metric=key).set(value)
 
     def _push(self, force: bool = False) -> None:
         """Push to the Pushgateway (grouped by job and run); a failure warns once and the run goes on."""

@@ -60,7 +60,7 @@ def substitute(expr: str) -> str:
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", value, expr)
 
 
-_SELECTOR = re.compile(r'editwatch_(?:probe|edit)_metric\{[^}]*?metric(=~?)"([^"]+)"')
+_SELECTOR = re.compile(r'editwatch_(?:probe|edit|run)_[a-z]+\{[^}]*?metric(=~?)"([^"]+)"')
 GRAFANA_UNITS = {"ratio": "percentunit", "seconds": "s", "factor": "none", "nats": "none", "norm": "none",
                  "count": "none"}  # monitor.metrics units -> Grafana's unit ids
 

@@ -70,7 +70,7 @@ def test_every_metric_name_in_panels_and_rules_exists():
     exported = {family.name + suffix for family in registry.collect() for suffix in suffixes[family.type]}
     recorded = {rule["record"] for path in RULES.glob("*.yml") for group in yaml.safe_load(path.read_text())["groups"]
                 for rule in group["rules"] if "record" in rule}
-    assert len(exported) == 13 and len(recorded) == 4
+    assert len(exported) == 33 and len(recorded) == 4  # 18 value gauges: 3 scopes x 6 units
     for where, expr in panel_queries() + rule_queries():
         for name in re.findall(r"\b(editwatch[a-z0-9_:]*)", expr):
             assert name in exported | recorded, f"{where}: unknown metric {name}"
@@ -138,7 +138,7 @@ def test_panels_follow_the_metric_registry(path):
 
 
 def test_panel_metric_keys_reads_exact_and_regex_selectors():
-    panel = {"targets": [{"expr": 'editwatch_edit_metric{run=~"$run", metric=~"port_[1-4]hop"}'},
-                         {"expr": 'max(editwatch_probe_metric{metric="retention"})'}]}
+    panel = {"targets": [{"expr": 'editwatch_edit_ratio{run=~"$run", metric=~"port_[1-4]hop"}'},
+                         {"expr": 'max(editwatch_probe_ratio{metric="retention"})'}]}
     keys = ["port_1hop", "port_2hop", "port_3hop", "port_4hop", "port_onehop", "retention", "reliability"]
     assert panel_metric_keys(panel, keys) == {"port_1hop", "port_2hop", "port_3hop", "port_4hop", "retention"}

@@ -24,7 +24,7 @@ def feed(sink, tmp_path):
         sink.on_edit(applied, seconds, 1)
     sink.on_quarantine(1)
     sink.on_quarantine(2)
-    sink.on_round(2, ROUND, 0.07, RESULTS)
+    sink.on_round(2, ROUND, 0.07, RESULTS, {"ref_ppl_ratio": "reference perplexity ratio 1.5 > 1.2"})
     sink.on_finish({"results": {"gap_1": {"reliability": 0.625, "edits_measured": 8}},
                     "health": {"retention": 0.5, "collapse_alarm": 1.0}}, tmp_path)
 
@@ -45,15 +45,21 @@ def test_values_names_and_labels(tmp_path):
     assert value("editwatch_edit_duration_seconds_sum", LABELS) == pytest.approx(0.306)
     assert value("editwatch_edit_duration_seconds_bucket", {**LABELS, "le": "0.005"}) == 2
     assert value("editwatch_probe_duration_seconds_sum", LABELS) == pytest.approx(0.07)
-    for key, expected in ROUND.items():
-        assert value("editwatch_probe_metric", {**LABELS, "metric": key}) == expected
+    # Grouped by unit: a ratio, a growth factor and a norm never share one series name.
+    for name, key in [("editwatch_probe_ratio", "retention"), ("editwatch_probe_factor", "ref_ppl_ratio"),
+                      ("editwatch_probe_ratio", "collapse_alarm"), ("editwatch_probe_norm", "weight_change_norm")]:
+        assert value(name, {**LABELS, "metric": key}) == ROUND[key]
+    assert value("editwatch_probe_ratio", {**LABELS, "metric": "ref_ppl_ratio"}) is None
     assert value("editwatch_collapse_alarm", LABELS) == 1
-    assert value("editwatch_run_metric", {**LABELS, "metric": "retention"}) == 0.5
-    # Per-gap running means with the setting in its own label; the final summary overrides the round's.
-    assert value("editwatch_edit_metric", {**LABELS, "setting": "gap_1", "metric": "reliability"}) == 0.625
-    assert value("editwatch_edit_metric", {**LABELS, "setting": "gap_10", "metric": "reliability"}) == 0.25
-    assert math.isnan(value("editwatch_edit_metric", {**LABELS, "setting": "gap_10", "metric": "t_loc"}))
-    assert value("editwatch_edit_metric", {**LABELS, "setting": "gap_1", "metric": "edits_measured"}) is None
+    assert value("editwatch_collapse_check", {**LABELS, "metric": "ref_ppl_ratio"}) == 1  # the reason, as a label
+    assert value("editwatch_run_ratio", {**LABELS, "metric": "retention"}) == 0.5
+    # The lifecycle: it ended on purpose, after progressing.
+    assert value("editwatch_run_running", LABELS) == 0 and value("editwatch_run_failed", LABELS) == 0
+    assert value("editwatch_last_progress_timestamp_seconds", LABELS) > 1.7e9    # Per-gap running means with the setting in its own label; the final summary overrides the round's.
+    assert value("editwatch_edit_ratio", {**LABELS, "setting": "gap_1", "metric": "reliability"}) == 0.625
+    assert value("editwatch_edit_ratio", {**LABELS, "setting": "gap_10", "metric": "reliability"}) == 0.25
+    assert math.isnan(value("editwatch_edit_ratio", {**LABELS, "setting": "gap_10", "metric": "t_loc"}))
+    assert value("editwatch_edit_ratio", {**LABELS, "setting": "gap_1", "metric": "edits_measured"}) is None
     assert not any("/" in sample.labels.get("metric", "") for metric in registry.collect()
                    for sample in metric.samples)  # never two dimensions packed into one label
     names = {metric.name for metric in registry.collect()}
@@ -73,7 +79,7 @@ def test_live_endpoint_on_localhost_passes_promtool(tmp_path):
         body = get(f"http://127.0.0.1:{port}/metrics").decode()
     finally:
         sink.close()
-    assert 'editwatch_probe_metric{method="ft-llm",metric="retention",model="tiny",run="r1"} 0.75' in body
+    assert 'editwatch_probe_ratio{method="ft-llm",metric="retention",model="tiny",run="r1"} 0.75' in body
     check = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True, timeout=60)
     assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), check.stdout + check.stderr
 
@@ -97,8 +103,9 @@ def test_pushgateway_holds_the_pushed_run(pushgateway, tmp_path):  # noqa: F811
         return next(s.value for s in families[family].samples if s.name == name and s.labels == {**pushed, **labels})
 
     assert sample("editwatch_edits_applied", "editwatch_edits_applied_total") == 2
-    assert sample("editwatch_edit_metric", "editwatch_edit_metric", setting="gap_1", metric="reliability") == 0.625
-    assert sample("editwatch_probe_metric", "editwatch_probe_metric", metric="ref_ppl_ratio") == 1.5
+    assert sample("editwatch_edit_ratio", "editwatch_edit_ratio", setting="gap_1", metric="reliability") == 0.625
+    assert sample("editwatch_probe_factor", "editwatch_probe_factor", metric="ref_ppl_ratio") == 1.5
+    assert sample("editwatch_run_running", "editwatch_run_running") == 0  # the group is marked ended
     assert sample("editwatch_edit_duration_seconds", "editwatch_edit_duration_seconds_count") == 3
 
 
@@ -109,3 +116,50 @@ def test_an_unreachable_pushgateway_warns_once_and_the_run_goes_on(tmp_path, cap
     warnings = [r.message for r in caplog.records if "unreachable" in r.message]
     assert len(warnings) == 1 and "Pushgateway" in warnings[0]
     assert sink.registry.get_sample_value("editwatch_edits_applied_total", LABELS) == 2
+
+
+def test_a_run_that_does_not_finish_is_marked_failed_and_a_round_clears_recovered_indicators(tmp_path):
+    registry = CollectorRegistry()
+    sink = PrometheusSink(registry=registry)
+    sink.on_start("r1", {"method": "ft-llm", "model": "/abs/path/to/tiny"}, tmp_path, 0)
+    labels = {**LABELS, "model": "tiny"}  # a local folder is labelled by its name, not its absolute path
+    assert registry.get_sample_value("editwatch_run_running", labels) == 1
+    sink.on_round(1, {"collapse_alarm": 1.0}, 0.1, {}, {"ref_ppl_ratio": "x", "nonfinite_parameters": "y"})
+    sink.on_round(2, {"collapse_alarm": 1.0}, 0.1, {}, {"ref_agreement": "z"})
+    checks = {m: registry.get_sample_value("editwatch_collapse_check", {**labels, "metric": m})
+              for m in ("ref_ppl_ratio", "nonfinite_parameters", "ref_agreement")}
+    assert checks == {"ref_ppl_ratio": 0, "nonfinite_parameters": 0, "ref_agreement": 1}
+    sink.close()  # no on_finish: the run stopped on an error
+    assert registry.get_sample_value("editwatch_run_running", labels) == 0
+    assert registry.get_sample_value("editwatch_run_failed", labels) == 1
+
+
+def test_a_scraped_run_serves_until_prometheus_has_seen_its_end(tmp_path):
+    import threading
+    import time
+
+    sink = PrometheusSink(registry=CollectorRegistry(), port=free_port(), linger_seconds=10)
+    url = f"http://127.0.0.1:{sink.address[1]}/metrics"
+    sink.on_start("r1", {"method": "ft-llm", "model": "tiny"}, tmp_path, 0)
+    get(url)  # Prometheus scrapes the run while it runs
+    sink.on_finish({}, tmp_path)
+    seen = []
+    scraper = threading.Timer(1.0, lambda: seen.append(get(url).decode()))
+    scraper.start()
+    start = time.monotonic()
+    sink.close()
+    waited = time.monotonic() - start
+    scraper.join()
+    # close() waited for that scrape (about 1 s, well under the 10 s bound), and it saw the end.
+    assert 0.8 < waited < 9 and 'editwatch_run_running{method="ft-llm",model="tiny",run="r1"} 0.0' in seen[0]
+
+
+def test_a_run_never_scraped_does_not_linger(tmp_path):
+    import time
+
+    sink = PrometheusSink(registry=CollectorRegistry(), port=free_port(), linger_seconds=10)
+    sink.on_start("r1", {"method": "ft-llm", "model": "tiny"}, tmp_path, 0)
+    sink.on_finish({}, tmp_path)
+    start = time.monotonic()
+    sink.close()
+    assert time.monotonic() - start < 1

@@ -5,6 +5,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -63,12 +64,12 @@ def test_two_scheduled_rounds_reach_both_exporters_and_sigterm_stops_cleanly(run
         assert db.execute("select id from apscheduler_jobs").fetchall() == [("probe",)]
 
     labels = {"job": "editwatch-probe", "instance": "", "run": "run-probe", "method": "ft-llm",
-              "model": json.loads((run_state / "config.json").read_text())["model"]}
+              "model": Path(json.loads((run_state / "config.json").read_text())["model"]).name}  # short label
     pushed = {(s.name, s.labels.get("metric")): s for f in text_string_to_metric_families(
         get(f"{pushgateway}/metrics").decode()) for s in f.samples if s.labels.get("job") == "editwatch-probe"}
     rounds_total = pushed["editwatch_probe_rounds_total", None]
     assert rounds_total.value == len(probe_rounds) and rounds_total.labels == labels
-    assert pushed["editwatch_probe_metric", "weight_change_norm"].value == pytest.approx(first["weight_change_norm"])
+    assert pushed["editwatch_probe_norm", "weight_change_norm"].value == pytest.approx(first["weight_change_norm"])
 
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("probes").experiment_id])
