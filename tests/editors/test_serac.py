@@ -1,22 +1,30 @@
 """SERAC: multimodal scope decision, calibration, routing to the counterfactual prompt, state."""
 
 import json
+from dataclasses import fields
 
 import numpy as np
 import pytest
 import torch
 
-from editors import EditExample, EditorState, EditRequest, Query, create_editor
+from editors import EditExample, EditorState, EditRequest, Query, SpanScore, create_editor
 from editors.prompts import in_context_prompt
 from editors.serac import _calibrate
+from monitor import ReferenceStore, aggregate, edit_probes, fill_references, measure
+from simulator.requests import edit_example, edit_request
 from tests.tiny_models import random_image, tiny_llava
 
 DOG = EditRequest("which animal is shown in the picture?", "a brown dog", random_image(11), key="dog")
 PARIS = EditRequest("what is the capital of France?", "Paris", random_image(12), key="paris")
 
 
-def logprobs(scores):
-    return [s.target_logprobs for s in scores]
+def assert_same_scores(got: list[SpanScore], want: list[SpanScore]) -> None:
+    """Every tensor of every span score equal bit for bit."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        for field in fields(SpanScore):
+            x, y = getattr(a, field.name), getattr(b, field.name)
+            assert (x is None and y is None) or torch.equal(x, y), field.name
 
 
 def test_calibration_picks_the_middle_of_the_widest_best_gap():
@@ -40,6 +48,8 @@ def test_key_similarity_mixes_text_and_image_and_text_only_queries_stay_out():
 
 
 def test_in_scope_queries_get_the_edit_and_others_the_untouched_model():
+    """Routing follows the key cosine (computed here from the keys); routed queries are scored as the
+    base model with the edit in context, the others as the untouched base model, bit for bit."""
     lvlm = tiny_llava(seed=1)
     editor = create_editor("serac", lvlm, {"threshold": 0.99})
     editor.apply(DOG)
@@ -49,13 +59,16 @@ def test_in_scope_queries_get_the_edit_and_others_the_untouched_model():
     text_only = Query("the quick brown", "fox")
     routes = editor.retrieve([same, other_image, text_only])
     assert [r.key for r in routes] == ["dog", None, None]
-    assert routes[0].score == pytest.approx(1.0, abs=1e-5) and routes[1].score < 0.99
+    keys = editor.edits.embed([DOG, PARIS, other_image, text_only])
+    assert routes[0].score == pytest.approx(1.0, abs=1e-5)
+    assert routes[1].score == pytest.approx(float(keys[2] @ keys[0]), abs=1e-5)  # nearest is DOG, below 0.99
+    assert routes[2].score == pytest.approx(float(max(keys[3] @ keys[0], keys[3] @ keys[1])), abs=1e-5)
     expected = [Query(in_context_prompt([(DOG.prompt, DOG.target)], same.prompt), same.answer, same.image),
                 other_image, text_only]
-    for got, want in zip(logprobs(editor.score([same, other_image, text_only])), logprobs(lvlm.score(expected))):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert_same_scores(editor.score([same, other_image, text_only]), lvlm.score(expected))
+    assert_same_scores(editor.score([other_image]), lvlm.score([other_image]))  # out of scope: the unedited model
     snapshot = editor.edits.memory.snapshot()
-    assert (snapshot.hits, snapshot.misses) == (1, 2)  # score routed three queries; retrieve only looked
+    assert (snapshot.hits, snapshot.misses) == (1, 3)  # score routed four queries; retrieve only looked
 
 
 def test_train_calibrates_and_the_state_keeps_it(tmp_path):
@@ -68,12 +81,23 @@ def test_train_calibrates_and_the_state_keeps_it(tmp_path):
     editor = create_editor("serac", tiny_llava(seed=1), {"image_components": 3, "image_weight": 0.4})
     report = editor.train(examples, progress=False)
     assert report["threshold"] == editor.threshold and editor.threshold != editor.config.threshold
-    assert report["in_scope_queries"] == 4 and report["out_of_scope_queries"] == 4
-    assert 0.0 <= report["train_false_hit_rate"] <= 1.0 and report["train_recall_at_1"] > 0
+    assert (report["train_edits"], report["in_scope_queries"], report["out_of_scope_queries"]) == (2, 4, 4)
     vision = editor.edits.vision
     assert vision.projection.shape == (vision.token_dim, 3) and editor.edits.memory.dim == 384 + vision.tokens * 3
     assert editor.train(examples, progress=False) == report  # deterministic
+    # The report's numbers, recomputed from the trained editor holding the same edits.
     editor.apply(DOG)
+    editor.apply(PARIS)
+    in_scope = [(q, e.edit.key) for e in examples for q in (e.edit.query, *e.generality)]
+    inside = editor.retrieve([q for q, _ in in_scope])
+    outside = editor.retrieve([q for e in examples for q in e.locality])
+    assert report["train_recall_at_1"] == np.mean([r.key == key for r, (_, key) in zip(inside, in_scope)]) == 1.0
+    assert report["train_false_hit_rate"] == np.mean([r.key is not None for r in outside]) == 0.0
+    lowest_in, highest_out = min(r.score for r in inside), max(r.score for r in outside)
+    assert report["in_scope_min_score"] == pytest.approx(lowest_in, abs=1e-6)
+    assert report["out_of_scope_max_score"] == pytest.approx(highest_out, abs=1e-6)
+    # Perfectly separated: the widest best gap is the one between the two sets, cut in its middle.
+    assert report["threshold"] == pytest.approx((lowest_in + highest_out) / 2, abs=1e-6)
     with pytest.raises(RuntimeError, match="train SERAC before applying edits"):
         editor.train(examples, progress=False)
     editor.state().save(tmp_path / "s")
@@ -91,16 +115,16 @@ def test_train_calibrates_and_the_state_keeps_it(tmp_path):
 
 @pytest.mark.slow
 def test_default_model_scope_is_decided_by_image_and_question(default_world):
-    from monitor.metrics import aggregate, edit_probes, fill_references, measure
-    from monitor.reference import ReferenceStore
-    from simulator.requests import edit_example, edit_request
-
+    """On the default world: the calibrated threshold is the midpoint between in- and out-of-scope scores;
+    every rephrasing finds its own edit and outsiders none; routed answers are the edit's alt token by
+    token (reliability, T-Gen, I-Gen exactly 1) and outsiders get the untouched model (locality exactly 1)."""
     lvlm, root, train, evals = default_world
     editor = create_editor("serac", lvlm)
     report = editor.train([edit_example(r, root) for r in train[:200]], progress=False)
     # Train-split separation is wide on the default world (in scope >= 0.89, out of scope <= 0.77).
     assert report["train_recall_at_1"] == 1.0 and report["train_false_hit_rate"] == 0.0
-    assert 0.75 < report["threshold"] < 0.9
+    assert report["threshold"] == pytest.approx(
+        (report["in_scope_min_score"] + report["out_of_scope_max_score"]) / 2, abs=1e-6)
     records = evals[:120]  # 30 creatures x 4 relations: same images, same question templates
     store = ReferenceStore()
     probes = [edit_probes(r, root.open) for r in records]
@@ -117,6 +141,12 @@ def test_default_model_scope_is_decided_by_image_and_question(default_world):
     assert [x.key for x in editor.retrieve(rephrase)] == ids
     assert [x.key for x in editor.retrieve(image_rephrase)] == ids
     assert all(x.key is None for x in editor.retrieve(other_creature + text_only))
+    # What a routed query is scored as: the base model with its own edit stated in context.
+    stated = [Query(in_context_prompt([(r.src, r.alt)], q.prompt), q.answer, q.image)
+              for r, q in zip(records[:40], image_rephrase[:40])]
+    scores = editor.score(image_rephrase[:40])
+    assert_same_scores(scores, lvlm.score(stated))
+    assert all(torch.equal(s.argmax_ids, s.target_ids) for s in scores)  # the alt, token by token
     results = aggregate(measure(editor, p, store) for p in probes[:40])
-    assert results["reliability"] >= 0.9 and results["i_gen"] >= 0.9
+    assert results["reliability"] == results["t_gen"] == results["i_gen"] == 1.0
     assert results["t_loc"] == 1.0 and results["i_loc"] == 1.0  # out of scope: the untouched model

@@ -11,7 +11,7 @@ import torch
 
 from editors import Query, create_editor
 from editors.weights import StateMismatchError, WeightTracker, span_logits_with, trainable_only
-from monitor.metrics import edit_probes
+from monitor.plan import edit_probes
 from simulator.requests import edit_example, edit_request
 from tests.tiny_models import BUILDERS, random_image, tiny_llava
 

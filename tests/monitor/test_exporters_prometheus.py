@@ -55,7 +55,8 @@ def test_values_names_and_labels(tmp_path):
     assert value("editwatch_run_ratio", {**LABELS, "metric": "retention"}) == 0.5
     # The lifecycle: it ended on purpose, after progressing.
     assert value("editwatch_run_running", LABELS) == 0 and value("editwatch_run_failed", LABELS) == 0
-    assert value("editwatch_last_progress_timestamp_seconds", LABELS) > 1.7e9    # Per-gap running means with the setting in its own label; the final summary overrides the round's.
+    assert value("editwatch_last_progress_timestamp_seconds", LABELS) > 1.7e9
+    # Per-gap running means with the setting in its own label; the final summary overrides the round's.
     assert value("editwatch_edit_ratio", {**LABELS, "setting": "gap_1", "metric": "reliability"}) == 0.625
     assert value("editwatch_edit_ratio", {**LABELS, "setting": "gap_10", "metric": "reliability"}) == 0.25
     assert math.isnan(value("editwatch_edit_ratio", {**LABELS, "setting": "gap_10", "metric": "t_loc"}))

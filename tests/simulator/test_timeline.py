@@ -1,6 +1,8 @@
 """The timeline: single mode, VLKEB gaps in one pass, probe rounds, alarms, quarantine, outputs."""
 
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from simulator.config import RunConfig
 from simulator.outputs import RunFiles
 from simulator.run import simulate
 from simulator.timeline import Timeline
+from monitor.metrics import token_accuracy
 
 
 class Recording(Editor):
@@ -75,8 +78,8 @@ def test_single_mode_measures_each_edit_on_the_unedited_model(setup, small_world
     summary = timeline.summary(0)
     from editors import Query
 
-    by_hand = [s.token_accuracy for s in lvlm.score([Query(r.src, r.alt, images.open(r.image)) for r in records])]
-    pred = [s.token_accuracy for s in lvlm.score([Query(r.src, r.pred, images.open(r.image)) for r in records])]
+    by_hand = [token_accuracy(s) for s in lvlm.score([Query(r.src, r.alt, images.open(r.image)) for r in records])]
+    pred = [token_accuracy(s) for s in lvlm.score([Query(r.src, r.pred, images.open(r.image)) for r in records])]
     single = summary["results"]["single"]
     assert single["edits_measured"] == len(records) == summary["edits_applied"]
     assert single["reliability"] == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-9)
@@ -143,10 +146,83 @@ def test_probe_rounds_sample_a_bounded_number_of_earlier_edits(setup, small_worl
     assert [r["edits_applied"] for r in rounds] == [5, 10, 15, 20]
     for row in rounds:
         assert row["retention_sample"] == 3
-        assert row["retention_ci_low"] <= row["retention"] <= row["retention_ci_high"]
         assert row["ref_agreement"] == 1.0 and row["ref_ppl_ratio"] == pytest.approx(1.0, abs=1e-5)
         assert row["collapse_alarm"] == 0 and row["alarms"] == []
     assert len(list(files.rows("pool.jsonl"))) == 20
+
+
+class Forgetful(Recording):
+    """Knows each edit while it is the newest; later only the edits applied 1st, 3rd, 5th, ... stay known.
+
+    Scores of an applied edit's own question (src, alt, image) are rewritten: every answer token right
+    (known) or every token wrong (forgotten). So an edit's reliability is 1 right after it is applied
+    and 1 or 0 when a probe round re-asks it, which makes the retention interval computable by hand.
+    """
+
+    name = "forgetful"
+
+    def __init__(self, lvlm, config=None):
+        super().__init__(lvlm, config)
+        self.edits = []  # [prompt, target, id(image)] in the order applied
+
+    def apply(self, edit):
+        self.edits.append([edit.prompt, edit.target, id(edit.image)])
+        return super().apply(edit)
+
+    def score(self, queries, **kwargs):
+        order = {tuple(e): j for j, e in enumerate(self.edits)}
+        scores = super().score(queries, **kwargs)
+        for i, (query, score) in enumerate(zip(queries, scores)):
+            j = order.get((query.prompt, query.answer, id(query.image)))
+            if j is not None:
+                known = j % 2 == 0 or j == len(self.edits) - 1
+                scores[i] = dataclasses.replace(score, argmax_ids=score.target_ids + (0 if known else 1))
+        return scores
+
+    def state(self):
+        return EditorState(self.name, {"count": self.count, "edits": [list(e) for e in self.edits]})
+
+    def load_state(self, state):
+        super().load_state(state)
+        self.edits = [list(e) for e in state.meta["edits"]]
+
+    def reset(self):
+        super().reset()
+        self.edits = []
+
+
+def test_the_retention_interval_is_the_normal_interval_with_population_correction_by_hand(setup, small_world):
+    """Each round's retention, interval and forgetting equal a hand computation: the sample mean of 0/1
+    reliabilities, mean -/+ Z * sqrt(s^2 / n * (N - n) / (N - 1)) clipped to [0, 1], N = edits applied."""
+    lvlm, images, records, out = setup
+    files = RunFiles(out)
+    timeline = Timeline(Forgetful(lvlm), config(small_world, gap=[2], probe_every=5, retention_sample=6),
+                        images, files)
+    timeline.run((i + 1, r) for i, r in enumerate(records[:20]))
+    assert [row["at_edit"] for row in files.rows("pool.jsonl")] == [1.0] * 20
+    rounds = list(files.rows("rounds.jsonl"))
+    assert [(r["edits_applied"], r["retention_sample"]) for r in rounds] == [(5, 5), (10, 6), (15, 6), (20, 6)]
+    unclipped = 0
+    for row in rounds:
+        big_n, n = row["edits_applied"], int(row["retention_sample"])
+        known = sum(1 for j in range(big_n) if j % 2 == 0 or j == big_n - 1)  # 1s in the pool, the rest 0s
+        k = round(row["retention"] * n)
+        assert max(0, n - (big_n - known)) <= k <= min(n, known)  # a sample the pool can give
+        values = [1.0] * k + [0.0] * (n - k)
+        mean = sum(values) / n
+        if n == big_n:  # every edit re-asked: no sampling error
+            half = 0.0
+        else:
+            s2 = sum((v - mean) ** 2 for v in values) / (n - 1)
+            half = 1.959964 * math.sqrt(s2 / n * (big_n - n) / (big_n - 1))
+        low, high = max(0.0, mean - half), min(1.0, mean + half)
+        assert row["retention"] == pytest.approx(mean, abs=1e-12)
+        assert (row["retention_ci_low"], row["retention_ci_high"]) == pytest.approx((low, high), abs=1e-12)
+        assert row["forgetting"] == pytest.approx(1.0 - mean, abs=1e-12)  # every edit was 1 at edit time
+        assert bool(row["forgetting_significant"]) == (mean < 1.0 and high < 1.0)
+        unclipped += 0.0 < low < high < 1.0
+    assert rounds[0]["retention"] == rounds[0]["retention_ci_low"] == rounds[0]["retention_ci_high"] == 0.6  # 3 of 5
+    assert unclipped >= 1  # the seed draws at least one sample whose interval is clipped at neither end
 
 
 def test_damaging_edits_raise_the_collapse_alarm_and_can_stop_the_run(setup, small_world):
