@@ -9,8 +9,9 @@ from simulator.stream import ImageRoot
 
 
 def edit_request(record: EditRecord, images: ImageRoot) -> EditRequest:
-    """The edit a record asks for: answer `alt` to `src` about `image`."""
-    return EditRequest(record.src, record.alt, images.open(record.image), record.pred, key=str(record.id))
+    """The edit a record asks for: the reliability question of the probe plan (`src` about `image`), answered `alt`."""
+    query = planned(record, "reliability", images.open).query
+    return EditRequest(query.prompt, query.answer, query.image, record.pred, key=str(record.id))
 
 
 def one_hop_request(record: VLKEBRecord, images: ImageRoot) -> EditRequest | None:
