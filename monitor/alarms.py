@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,19 +25,42 @@ class CollapseThresholds(BaseModel):
 NONFINITE = "nonfinite_parameters"  # the indicator of NaN/Inf weights, beside the metric keys
 
 
+@dataclass(frozen=True)
+class Check:
+    """One collapse check: the metric it reads, its threshold, and whether the alarm is above or below it."""
+
+    metric: str
+    threshold: float
+    above: bool  # True: alarm when the value exceeds the threshold; False: when it falls below
+    what: str  # how the reason names the metric
+
+    def crossed(self, value: float) -> bool:
+        """Whether `value` raises the alarm (NaN always does)."""
+        return math.isnan(value) or (value > self.threshold if self.above else value < self.threshold)
+
+    def reason(self, value: float) -> str:
+        """The alarm's reason, e.g. "reference perplexity ratio 3.2 > 2.0"."""
+        shown = f"{value:.3g}" if self.above else f"{value:.3f}"
+        return f"{self.what} {shown} {'>' if self.above else '<'} {self.threshold}"
+
+
+def collapse_checks(limits: CollapseThresholds) -> list[Check]:
+    """The checks `limits` switches on, in reporting order: the one mapping of thresholds to metrics."""
+    declared = [("ref_ppl_ratio", limits.ppl_ratio, True, "reference perplexity ratio"),
+                ("ref_agreement", limits.agreement, False, "reference agreement"),
+                ("weight_change_norm", limits.weight_change, True, "weight change norm"),
+                ("retention", limits.retention, False, "retention")]
+    return [Check(metric, threshold, above, what) for metric, threshold, above, what in declared
+            if threshold is not None]
+
+
 def crossed_checks(values: dict[str, float], nonfinite: Sequence[str], limits: CollapseThresholds) -> dict[str, str]:
     """The collapse indicators a round crossed, indicator (a metric key, or NONFINITE) -> reason; empty when healthy."""
     crossed = {NONFINITE: f"NaN/Inf in {', '.join(nonfinite)}"} if nonfinite else {}
-    checks = [
-        ("ref_ppl_ratio", limits.ppl_ratio, lambda v, t: v > t, "reference perplexity ratio {v:.3g} > {t}"),
-        ("ref_agreement", limits.agreement, lambda v, t: v < t, "reference agreement {v:.3f} < {t}"),
-        ("weight_change_norm", limits.weight_change, lambda v, t: v > t, "weight change norm {v:.3g} > {t}"),
-        ("retention", limits.retention, lambda v, t: v < t, "retention {v:.3f} < {t}"),
-    ]
-    for key, threshold, above, message in checks:
-        value = values.get(key)
-        if threshold is not None and value is not None and (math.isnan(value) or above(value, threshold)):
-            crossed[key] = message.format(v=value, t=threshold)
+    for check in collapse_checks(limits):
+        value = values.get(check.metric)
+        if value is not None and check.crossed(value):
+            crossed[check.metric] = check.reason(value)
     return crossed
 
 

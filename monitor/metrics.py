@@ -93,9 +93,11 @@ _DEFINED = [
     _round("retrieval_false_hit_rate", "fraction of out-of-scope queries that hit any memory", higher_is_better=False),
     _round("retrieval_latency_seconds", "mean time to route one query: embedding it plus the memory search, seconds",
            higher_is_better=False, aggregation="mean", unit="seconds"),
-    _round("memory_search_seconds_p50", "median memory search time (the index alone), seconds",
+    _round("memory_search_seconds_p50", "upper bound of the latency-histogram bucket holding the median memory "
+           "search time (the index alone), seconds",
            higher_is_better=False, unit="seconds"),
-    _round("memory_search_seconds_p99", "99th percentile memory search time (the index alone), seconds",
+    _round("memory_search_seconds_p99", "upper bound of the latency-histogram bucket holding the 99th percentile "
+           "memory search time (the index alone), seconds",
            higher_is_better=False, unit="seconds"),
     _round("memory_hits", "queries routed to a memory entry so far", higher_is_better=None, unit="count"),
     _round("memory_misses", "queries routed to the base model so far", higher_is_better=None, unit="count"),

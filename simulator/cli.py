@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 from pydantic import ValidationError
 
 from editors.registry import METHODS
-from simulator import compare, probe_job, sweep, train_editor
+from simulator import compare, probe_job, report, sweep, train_editor
 from simulator.command import (
     INTERRUPTED,
     USAGE_ERROR,
@@ -51,6 +51,7 @@ def run_parser() -> argparse.ArgumentParser:
             "  simulate probe --state DIR --every 10m ...           scheduled regression probes\n"
             "  simulate compare [--experiment NAME] [--runs ...]    tables and plots across MLflow runs\n"
             "  simulate sweep SWEEP.yaml [--address HOST:PORT]      a grid of runs on Ray (see sweeps/)\n"
+            "  simulate report RUN_DIR [--against OTHER ...]        one HTML page: checks, plots, tables\n"
             f"\nmethods: {', '.join(sorted(METHODS))}"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -77,6 +78,7 @@ def _subcommands() -> dict[str, tuple[argparse.ArgumentParser, Callable[[argpars
         "probe": (probe_job.parser(), probe_job.main),
         "compare": (compare.parser(), compare.main),
         "sweep": (sweep.parser(), sweep.main),
+        "report": (report.parser(), report.main),
     }
 
 

@@ -60,7 +60,7 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], p
             add_model_options(parser, annotation, f"{prefix}{name}.", aliases)
             continue
         default = None if field.is_required() else field.get_default(call_default_factory=True)
-        shown = f" (default: {default})" if default not in (None, False, {}) else ""
+        shown = f" (default: {default})" if default not in (None, False, {}, []) else ""
         off = "; 'off' disables it" if prefix and field.default is not None and annotation is not bool else ""
         kwargs: dict[str, Any] = {
             "dest": prefix + name, "default": argparse.SUPPRESS, "help": f"{field.description}{shown}{off}"
@@ -68,7 +68,8 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], p
         if annotation is bool:
             kwargs["action"] = "store_true"
         elif get_origin(annotation) is list:
-            kwargs.update(nargs="+", metavar="N" if get_args(annotation)[0] is not str else "VALUE")
+            numeric = _unwrap_optional(get_args(annotation)[0])
+            kwargs.update(nargs="+", metavar="N" if getattr(numeric, "__origin__", numeric) in (int, float) else "VALUE")
         elif get_origin(annotation) is Literal:
             kwargs["choices"] = get_args(annotation)
         elif get_origin(annotation) is dict:
