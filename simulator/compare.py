@@ -1,13 +1,17 @@
 """`simulate compare`: runs side by side, from MLflow.
 
-A table like VLKEB's Table 2 (Huang et al., NeurIPS 2024): one row per model, setting (`single`
-or `gap_N`) and method, one column per metric — the mean over the runs in the group (seeds) —
-printed as Markdown and saved as CSV and Markdown; and one PNG per metric against edits applied,
-one line per run. The metric registry drives it: per-edit metrics are each run's mean over its
-edits in that setting; probe-round metrics (retention, perplexity ratio, retrieval ...) are each
-run's value reduced by the metric's aggregation (`run/<key>`, or from the history for runs that
-have not finished); in the Markdown table the best value of a column within a model and setting
-is bold, by the metric's direction.
+A table like VLKEB's Table 2 (Huang et al., NeurIPS 2024), one row per experiment: model, data
+(the stream's hash), limit, setting (`single` or `gap_N`) and method — runs are never averaged
+across these, nor across any other setting they differ in (a hyperparameter, a threshold; the
+`settings` column names it); only seeds are. Each row says how many runs it holds and how they
+ended; each metric is the mean ± standard deviation over those runs. Per-edit metrics are each
+run's mean over its edits in that setting; probe-round metrics (retention, perplexity ratio,
+retrieval ...) are each run's value reduced by the metric's aggregation (`run/<key>`, or from the
+history for runs that have not finished); the first collapse alarm is its own column. Runs that did
+not finish (killed, interrupted, still running) are left out unless asked for. Printed as Markdown
+(the best mean of a column among the methods of one model, data, limit and setting in bold, by the
+metric's direction) and saved as CSV (`<key>_sd` columns) and Markdown, with one PNG per metric
+against edits applied, one line per run.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import math
 import re
-from dataclasses import dataclass
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Iterable, Sequence
 
@@ -29,7 +36,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KEY_COLUMNS = ("model", "setting", "method", "runs", "edits")
+KEY_COLUMNS = ("model", "stream", "data_hash", "limit", "setting", "method")
+SETTINGS_COLUMN = "settings"  # only when the compared runs differ in a setting outside the key columns
+COUNT_COLUMNS = ("status", "n", "edits")
+COLLAPSE_COLUMNS = ("collapsed", "collapse_at", "collapse_at_sd")  # runs that raised it; mean ± sd of where
+SD_SUFFIX = "_sd"
+HASH_SHOWN = 8  # hex digits of the data hash in the Markdown table (the CSV has all)
+# Tags the MLflow exporter sets at a run's end (monitor/exporters/tracking.py).
+STOPPED_TAG, COLLAPSE_TAG, COLLAPSE_AT_TAG = "editwatch.stopped", "editwatch.collapse", "editwatch.collapse_first_at"
+# Params that do not make two runs different experiments: the seed (what a row averages over), the key
+# columns' own params, where a run reads and writes, and how it runs and reports. Every other param that
+# differs between the compared runs splits their rows: a new setting splits by default, which shows a
+# difference rather than hiding it in a mean.
+NOT_SETTINGS = frozenset({
+    "seed", "model", "method", "stream", "data_hash", "limit", "mode", "gap", "gaps", "run_name", "out", "images",
+    "resume", "follow", "checkpoint_every", "device", "trust_remote_code", "editwatch_version", "mlflow_uri",
+    "mlflow_experiment", "mlflow_flush_seconds", "no_mlflow", "prometheus_port", "prometheus_host",
+    "prometheus_linger", "pushgateway",
+})
 _SETTING = re.compile(r"single|gap_(\d+)")
 
 
@@ -42,6 +66,10 @@ class CompareOptions(BaseModel):
     runs: list[str] | None = Field(None, description="only these MLflow run ids")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: MLflow's local default)")
     out: Path = Field(Path("compare"), description="folder for table.csv, table.md and plots/")
+    include_unfinished: bool = Field(
+        False, description="also compare runs that did not finish (killed, interrupted, still running); the status "
+        "column counts them"
+    )
     sync: list[Path] = Field(default_factory=list, description="first send what these run folders left unsent to "
                              "MLflow (their mlflow/ journals)")
 
@@ -50,8 +78,9 @@ def parser() -> argparse.ArgumentParser:
     """Options of `simulate compare`."""
     compare = ArgumentParser(
         prog="simulate compare",
-        description="Compare MLflow runs of `simulate`: a table of methods x metrics per model and setting "
-        "(CSV and Markdown) and plots of each metric against edits applied, one line per run.",
+        description="Compare MLflow runs of `simulate`: a table of methods x metrics per model, data, limit and "
+        "setting, mean ± sd over seeds (CSV and Markdown), and plots of each metric against edits applied, one "
+        "line per run.",
     )
     add_model_options(compare, CompareOptions)
     compare.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -67,11 +96,41 @@ class RunView:
     method: str
     model: str
     metrics: dict[str, float]  # latest value of every metric key; `run/<key>`: a probe-round metric's run value
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    status: str = "FINISHED"  # MLflow's: RUNNING, FINISHED, KILLED, FAILED, SCHEDULED
 
     @property
     def label(self) -> str:
         """How the run is named in plots."""
         return f"{self.name} ({self.method})"
+
+    @property
+    def state(self) -> str:
+        """How the run ended: MLflow's status, or INTERRUPTED for a run stopped short that MLflow has FINISHED.
+
+        A --follow run is stopped on purpose (its stream has no end): that is how it finishes.
+        """
+        stopped = self.tags.get(STOPPED_TAG) == "interrupted" and self.params.get("follow") != "true"
+        return "INTERRUPTED" if self.status == "FINISHED" and stopped else self.status
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run ended normally (the only runs compared unless --include-unfinished)."""
+        return self.state == "FINISHED"
+
+    @property
+    def collapse_at(self) -> float | None:
+        """Edits applied at the run's first collapse alarm; None when it raised none (or has not ended)."""
+        if self.tags.get(COLLAPSE_TAG) != "True" or COLLAPSE_AT_TAG not in self.tags:
+            return None
+        return float(self.tags[COLLAPSE_AT_TAG])
+
+
+def short_name(model: str) -> str:
+    """A model's short name: the last part of a hub id or folder (`llava-hf/llava-1.5-7b-hf` -> `llava-1.5-7b-hf`)."""
+    parts = [part for part in re.split(r"[\\/]", model) if part]
+    return parts[-1] if parts else model
 
 
 def split_key(key: str, metrics: Collection[str]) -> tuple[str, str] | None:
@@ -92,7 +151,8 @@ def find_runs(client: Any, experiment: str, run_ids: list[str] | None) -> list[R
             raise CommandError(f"no MLflow experiment {experiment!r} (give --experiment or --mlflow-uri)")
         runs = client.search_runs([found.experiment_id], "tags.`editwatch.kind` = 'simulate'", max_results=10_000)
     views = [RunView(run.info.run_id, run.info.run_name or run.info.run_id, run.data.params.get("method", "?"),
-                     run.data.params.get("model", "?"), dict(run.data.metrics)) for run in runs]
+                     run.data.params.get("model", "?"), dict(run.data.metrics), dict(run.data.params),
+                     dict(run.data.tags), run.info.status) for run in runs]
     for view in views:
         _add_run_values(client, view)
     return views
@@ -114,13 +174,56 @@ def _setting_order(setting: str) -> tuple[int, int]:
     return (0, 0) if match is None or match.group(1) is None else (1, int(match.group(1)))
 
 
+def _data(run: RunView) -> str:
+    """What identifies a run's data: the stream's hash, else (a --follow run, standard input) its path."""
+    return run.params.get("data_hash") or f"stream {run.params.get('stream', '?')}"
+
+
+def _limit(run: RunView) -> int | None:
+    return int(run.params["limit"]) if run.params.get("limit") else None
+
+
+def differing_settings(runs: Iterable[RunView]) -> list[str]:
+    """Params (besides NOT_SETTINGS) whose values differ between `runs`: what else tells their experiments apart."""
+    runs = list(runs)
+    keys = {key for run in runs for key in run.params if key not in NOT_SETTINGS}
+    return sorted(key for key in keys if len({run.params.get(key) for run in runs}) > 1)
+
+
+def _variants(runs: list[RunView]) -> dict[str, tuple[tuple[str, str | None], ...]]:
+    """Run id -> the settings it differs in from runs of the same model, data, limit and method, with its values.
+
+    Compared within a method: two methods' hyperparameters differ by nature, and the method is a column.
+    """
+    families: dict[tuple[Any, ...], list[RunView]] = {}
+    for run in runs:
+        families.setdefault((run.model, _data(run), _limit(run), run.method), []).append(run)
+    variants = {}
+    for members in families.values():
+        keys = differing_settings(members)
+        variants.update({run.run_id: tuple((key, run.params.get(key)) for key in keys) for run in members})
+    return variants
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1) of `values`; the deviation is None for fewer than two."""
+    if not values:
+        return None, None
+    return math.fsum(values) / len(values), statistics.stdev(values) if len(values) > 1 else None
+
+
 def table(runs: list[RunView], metrics: Sequence[str]) -> tuple[list[str], list[dict[str, Any]]]:
-    """Columns and rows: per (model, setting, method), the mean of each metric over the group's runs.
+    """Columns and rows: per experiment (KEY_COLUMNS, and the settings the runs differ in), the runs' status
+    counts, their number `n`, and the mean and sample standard deviation (`<key>_sd`) of each metric over them.
 
     `metrics` are the metric keys in column order (monitor.metrics.METRICS); absent ones are left out.
-    A run's probe-round metrics (`run/<key>`) go into each of its settings' rows.
+    A run's probe-round metrics (`run/<key>`) and its first collapse go into each of its settings' rows.
     """
-    groups: dict[tuple[str, str, str], list[dict[str, float]]] = {}
+    variants = _variants(runs)
+    models: dict[str, set[str]] = {}
+    for run in runs:
+        models.setdefault(short_name(run.model), set()).add(run.model)
+    groups: dict[tuple[Any, ...], list[tuple[RunView, dict[str, float]]]] = {}
     for run in runs:
         by_setting: dict[str, dict[str, float]] = {}
         for key, value in run.metrics.items():
@@ -129,56 +232,104 @@ def table(runs: list[RunView], metrics: Sequence[str]) -> tuple[list[str], list[
         health = {key.removeprefix("run/"): value for key, value in run.metrics.items()
                   if key.startswith("run/") and key.removeprefix("run/") in metrics}
         for setting, values in by_setting.items():
-            values.update(health)
-            groups.setdefault((run.model, setting, run.method), []).append(values)
-    present = {key for group in groups.values() for values in group for key in values}
+            groups.setdefault((run.model, _data(run), _limit(run), setting, run.method, variants[run.run_id]),
+                              []).append((run, {**values, **health}))
+    present = {key for group in groups.values() for _, values in group for key in values}
     columns = [key for key in metrics if key in present]
     rows = []
-    for (model, setting, method), group in sorted(groups.items(), key=lambda g: (g[0][0], _setting_order(g[0][1]),
-                                                                                   g[0][2])):
-        row: dict[str, Any] = {"model": model, "setting": setting, "method": method, "runs": len(group)}
-        for key in ("edits_measured", *columns):
-            values = [v[key] for v in group if key in v]
-            row["edits" if key == "edits_measured" else key] = sum(values) / len(values) if values else None
+    for (model, _, limit, setting, method, variant), group in sorted(groups.items(), key=lambda g: _sortable(g[0])):
+        first = group[0][0]
+        row: dict[str, Any] = {
+            "model": short_name(model) if len(models[short_name(model)]) == 1 else model,  # full where short ones meet
+            "stream": short_name(first.params.get("stream", "?")), "data_hash": first.params.get("data_hash"),
+            "limit": limit, "setting": setting, "method": method,
+        }
+        if any(variants.values()):
+            row[SETTINGS_COLUMN] = ", ".join(f"{k}={v}" for k, v in variant if v is not None) or "–"
+        states = Counter(run.state for run, _ in group)
+        row["status"] = ", ".join(f"{count} {state.lower()}" for state, count in sorted(states.items()))
+        row["n"] = len(group)
+        row["edits"] = mean_sd([v["edits_measured"] for _, v in group if "edits_measured" in v])[0]
+        for key in columns:
+            row[key], row[key + SD_SUFFIX] = mean_sd([v[key] for _, v in group if key in v])
+        collapses = [run.collapse_at for run, _ in group if run.collapse_at is not None]
+        row["collapsed"] = len(collapses)
+        row["collapse_at"], row["collapse_at" + SD_SUFFIX] = mean_sd(collapses)
         rows.append(row)
-    return [*KEY_COLUMNS, *columns], rows
+    keys = [*KEY_COLUMNS, *([SETTINGS_COLUMN] if any(variants.values()) else []), *COUNT_COLUMNS]
+    spread = [column for key in columns for column in (key, key + SD_SUFFIX)]
+    return [*keys, *spread, *COLLAPSE_COLUMNS], rows
+
+
+def _sortable(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A group key in table order: settings by gap; no limit and unset params (None) first."""
+    model, data, limit, setting, method, variant = key
+    return (model, data, (limit is not None, limit or 0), _setting_order(setting), setting, method,
+            tuple((key, value is not None, value or "") for key, value in variant))
+
+
+def _format(key: str, value: float) -> str:
+    """A number as the table shows it: fractions, factors, nats and norms to 3 decimals, seconds to 3 digits,
+    counts whole (one decimal for a mean that is not)."""
+    from monitor.metrics import METRICS
+
+    unit = METRICS[key].unit if key in METRICS else "count"
+    if unit == "seconds":
+        return f"{value:.3g}"
+    if unit == "count":
+        return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+    return f"{value:.3f}"
+
+
+def _cell(row: dict[str, Any], key: str, bold: bool) -> str:
+    """One Markdown cell; a number as `mean ± sd`, its mean bold when `bold`."""
+    value = row.get(key)
+    if key == "collapsed":
+        return f"{value}/{row['n']}"
+    if value is None:
+        return "–"
+    if key == "data_hash":
+        return str(value)[:HASH_SHOWN]
+    if isinstance(value, str) or key in ("n", "limit"):
+        return str(value)
+    mean = _format(key, value)
+    sd = row.get(key + SD_SUFFIX)
+    return (f"**{mean}**" if bold else mean) + (f" ± {_format(key, sd)}" if sd is not None else "")
+
+
+def _context(row: dict[str, Any]) -> tuple[Any, ...]:
+    """The rows whose means compete for bold: one model, data, limit and setting (methods and settings vary)."""
+    return row["model"], row["stream"], row["data_hash"], row["limit"], row["setting"]
 
 
 def write_table(columns: list[str], rows: list[dict[str, Any]], out: Path) -> tuple[Path, Path, str]:
     """table.csv and table.md in `out`; returns their paths and the Markdown text.
 
-    In the Markdown, each column's best value among the methods of one model and setting is bold
-    (by the metric's direction; metrics without one, such as sizes, are never bold).
+    The CSV has a `<key>_sd` column beside each mean; the Markdown shows `mean ± sd` in one cell and
+    bolds each column's best mean among the rows of one model, data, limit and setting (by the
+    metric's direction; metrics without one, such as sizes, are never bold).
     """
     from monitor.metrics import METRICS, best
 
     out.mkdir(parents=True, exist_ok=True)
     with (out / "table.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, columns)
+        writer = csv.DictWriter(handle, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
-    def cell(key: str, value: Any) -> str:
-        if value is None:
-            return "–"
-        if key in ("runs", "edits"):
-            return f"{value:g}"
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-    winners: dict[tuple[str, str, str], float | None] = {}
+    winners: dict[tuple[Any, ...], float | None] = {}
     for key in (k for k in columns if k in METRICS):
-        for model, setting in {(row["model"], row["setting"]) for row in rows}:
-            values = [row[key] for row in rows if (row["model"], row["setting"]) == (model, setting)
-                      and row.get(key) is not None]
-            winners[model, setting, key] = best(key, values) if len(values) > 1 else None
+        for context in {_context(row) for row in rows}:
+            values = [row[key] for row in rows if _context(row) == context and row.get(key) is not None]
+            winners[(*context, key)] = best(key, values) if len(values) > 1 else None
 
-    def shown(row: dict[str, Any], key: str) -> str:
-        text = cell(key, row.get(key))
-        won = winners.get((row["model"], row["setting"], key))
-        return f"**{text}**" if won is not None and row.get(key) == won else text
+    def won(row: dict[str, Any], key: str) -> bool:
+        winner = winners.get((*_context(row), key))
+        return winner is not None and row.get(key) == winner
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(shown(row, key) for key in columns) + " |" for row in rows]
+    shown = [key for key in columns if not (key.endswith(SD_SUFFIX) and key.removesuffix(SD_SUFFIX) in columns)]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(_cell(row, key, won(row, key)) for key in shown) + " |" for row in rows]
     markdown = "\n".join(lines) + "\n"
     (out / "table.md").write_text(markdown, encoding="utf-8")
     return out / "table.csv", out / "table.md", markdown
@@ -215,7 +366,7 @@ def main(namespace: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
     from monitor.exporters.journal import JournalError
-    from monitor.exporters.plots import line_plot
+    from monitor.exporters.plots import metric_plots
     from monitor.exporters.tracking import TrackingUnavailable, sync
     from monitor.metrics import METRICS
 
@@ -225,14 +376,19 @@ def main(namespace: argparse.Namespace) -> int:
         except (FileNotFoundError, JournalError, TrackingUnavailable) as error:
             raise CommandError(f"cannot sync {folder}: {error}") from None
     client = MlflowClient(tracking_uri=args.mlflow_uri)
-    runs = find_runs(client, args.experiment, args.runs)
+    found = find_runs(client, args.experiment, args.runs)
+    runs = [run for run in found if run.finished or args.include_unfinished]
+    left_out = [f"{run.name} ({run.state.lower()})" for run in found if not (run.finished or args.include_unfinished)]
+    if left_out:
+        log.warning("%d unfinished runs left out (--include-unfinished compares them): %s", len(left_out),
+                    ", ".join(left_out))
     if not runs:
-        raise CommandError(f"no simulate runs in MLflow experiment {args.experiment!r}")
+        unfinished = f"; {len(left_out)} unfinished: --include-unfinished compares them" if left_out else ""
+        raise CommandError(f"no finished simulate runs in MLflow experiment {args.experiment!r}{unfinished}")
     out = Path(args.out)
     columns, rows = table(runs, list(METRICS))
     csv_path, _, markdown = write_table(columns, rows, out)
     print(markdown)
-    plots = [line_plot(key, lines, out / "plots" / f"{key}.png")
-             for key, lines in histories(client, runs, METRICS).items()]
+    plots = metric_plots(histories(client, runs, METRICS), out / "plots")
     log.info("%d runs compared: table in %s (and .md), %d plots in %s", len(runs), csv_path, len(plots), out / "plots")
     return 0

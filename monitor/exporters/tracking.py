@@ -1,7 +1,7 @@
 """MLflow exporter: one MLflow run per `simulate` run (DESIGN.md, Monitoring), never blocking the run.
 
-Every operation (create the run, params, metrics of each probe round at `step` = edits
-applied, tags, artifacts, end) is first written to a journal in the run folder
+Every operation (create the run, params, the stream as a dataset input, metrics of each probe
+round at `step` = edits applied, tags, artifacts, end) is first written to a journal in the run folder
 (`<out>/mlflow/`), then sent by a background thread. While the tracking server is
 unreachable the thread warns once, retries with backoff and the simulation goes on; when the
 server is back, the buffered operations go out in order. At the end the run waits up to
@@ -20,12 +20,15 @@ import re
 import shutil
 import threading
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
+from monitor.alarms import CollapseThresholds
 from monitor.exporters.journal import Journal, JournalError
-from monitor.exporters.plots import round_plots
+from monitor.exporters.plots import collapse_thresholds, round_plots
 from monitor.sink import Sink
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,21 @@ CLOSING_RETRY_SECONDS = 2.0  # backoff cap while the run waits to flush at its e
 STOP_SECONDS = 30.0  # at close, how long to wait for an operation in flight (HTTP timeout 10 s by default)
 RUN_PREFIX = "run/"  # run-level value of a probe-round metric (monitor.metrics.reduce_rounds)
 BATCH = 1000  # MLflow's log_batch limit on metrics per call
+PARAM_BATCH = 100  # ... and on params per call
+MAX_PARAM_KEY, MAX_PARAM_VALUE = 250, 6000  # MLflow's limits on a param's key and value (characters)
+SETTINGS_FILE = "config.json"  # the run's settings in its folder (simulate writes it before the exporters start)
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces, prompts); with it, in the
+# training view: runs, params and metric charts (the UI's ExperimentKind enum, MLflow 3.17).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+COLLAPSE_AT_TAG = "editwatch.collapse_first_at"  # edits applied at the first collapse alarm (compare's column)
+BASE_PREFIX = "base/"
+# The unedited model's accuracies (the summary's `base`) are logged at step 0, each under the key of the
+# run metric that asks the same query: `pred_src` is reliability's query (image + src) scored on the old
+# answer, so `base/reliability` beside `gap_10/reliability` reads "knew the old fact / learnt the new one".
+# `port_<k>hop` keeps its key; `loc` and `m_loc` keep theirs: t_loc and i_loc measure agreement with this
+# very unedited model (1 by definition before any edit), a different quantity from its token accuracy.
+BASE_KEYS = {"pred_src": "reliability", "pred_rephrase": "t_gen", "pred_image_rephrase": "i_gen"}
+DATASET_CONTEXT = "eval"  # the stream is measured, not trained on (MLflow's `mlflow.data.context` input tag)
 TOO_MANY_REQUESTS = 429
 
 
@@ -65,8 +83,8 @@ class MlflowSink(Sink):
     """Journals a run's parameters, probe-round metrics, summary and artifacts; a thread sends them."""
 
     def __init__(
-        self, uri: str | None = None, experiment: str = "editwatch", kind: str = "simulate", flush_seconds: float = 30.0,
-        tags: dict[str, str] | None = None,
+        self, uri: str | None = None, experiment: str = "editwatch", kind: str = "simulate",
+        flush_seconds: float = 30.0, tags: dict[str, str] | None = None,
     ) -> None:
         self.uri = uri  # None: MLflow's own default (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)
         self.experiment = experiment
@@ -75,10 +93,20 @@ class MlflowSink(Sink):
         self.tags = tags or {}  # extra tags of the new run, e.g. mlflow.parentRunId of a sweep's cell
         self.journal: Journal | None = None
         self._sender: _Sender | None = None
+        self._follow = False
 
     def on_start(self, run: str, params: dict[str, Any], folder: Path, step: int) -> None:
-        """Create the MLflow run, or continue the folder's own when the run resumes (`step` > 0)."""
+        """Create the MLflow run, or continue the folder's own when the run resumes (`step` > 0).
+
+        The params are the run's whole settings (its `config.json`, nested fields flattened as
+        `collapse.ppl_ratio`, `method_config.lr`) overlaid by `params` (the values the run resolved:
+        the loaded model's name, the method's hyperparameters as run ...); a stream file with a data
+        hash becomes the run's dataset input.
+        """
         self.journal = Journal(folder / FOLDER)
+        settings = _settings(folder)
+        # A --follow run has no end of its stream: stopping it on purpose is how it ends (FINISHED, not KILLED).
+        self._follow = settings.get("follow") is True
         state = self.journal.state()
         if step and self.journal.exists():
             if self.uri is not None and state.get("uri") not in (None, self.uri):
@@ -92,20 +120,23 @@ class MlflowSink(Sink):
                     JOURNAL_TAG: uuid.uuid4().hex}
             self.journal.append({"op": "create", "experiment": self.experiment, "run": run, "time": now_ms(),
                                  "tags": tags})
-            values = {**params, "editwatch_version": package_version()}
-            self.journal.append({"op": "params", "params": {k: _param(v) for k, v in values.items() if v is not None}})
+            values = {**settings, **params, "editwatch_version": package_version()}
+            self.journal.append({"op": "params", "params": flat_params(values)})
+            if (dataset := _dataset(params)) is not None:
+                self.journal.append({"op": "inputs", "datasets": [dataset]})
         self._sender = _Sender(self.journal)
         self._sender.start()
         self._wake()
 
     def on_round(
-        self, step: int, values: dict[str, float], seconds: float, results: dict[str, dict[str, float]]
+        self, step: int, values: dict[str, float], seconds: float, results: dict[str, dict[str, float]],
+        crossed: Mapping[str, str] = MappingProxyType({}),
     ) -> None:
         """Log the round's metrics and the per-setting running means (`gap_10/reliability`) at `step`."""
         metrics = {**values, "probe_seconds": seconds}
         for setting, row in results.items():
             metrics.update({f"{setting}/{key}": value for key, value in row.items()})
-        self._log_metrics(metrics, step)
+        self._log_metrics(_rows(metrics, step))
 
     def on_finish(self, summary: dict[str, Any], folder: Path) -> None:
         """Log the final numbers, tags, the run's files and plots as artifacts, and end the MLflow run."""
@@ -113,20 +144,23 @@ class MlflowSink(Sink):
             return
         metrics = {f"{setting}/{key}": value for setting, row in summary.get("results", {}).items()
                    for key, value in row.items()}
-        metrics.update({f"base/{key}": value for key, value in summary.get("base", {}).items()})
         # Probe-round metrics reduced to one number each by the registry's aggregation (what compare reads).
         metrics.update({f"{RUN_PREFIX}{key}": value for key, value in summary.get("health", {}).items()})
         metrics.update({key: summary[key] for key in ("edits_read", "edits_applied", "failed", "quarantined",
                                                       "rounds") if isinstance(summary.get(key), (int, float))})
-        self._log_metrics(metrics, summary.get("edits_applied", 0))
+        base = {BASE_PREFIX + BASE_KEYS.get(key, key): value for key, value in summary.get("base", {}).items()}
+        # Before the first edit: the curves' starting point (a resumed run logs them again, same step, same values).
+        self._log_metrics(_rows(metrics, summary.get("edits_applied", 0)) + _rows(base, 0))
         alarms = summary.get("alarms", {})
+        collapse = alarms.get("collapse", {})
         tags = {"editwatch.stopped": summary.get("stopped"),
-                "editwatch.collapse": alarms.get("collapse", {}).get("raised"),
+                "editwatch.collapse": collapse.get("raised"),
+                COLLAPSE_AT_TAG: collapse.get("first_at") if collapse.get("raised") else None,
                 "editwatch.forgetting": alarms.get("forgetting", {}).get("detected")}
         self.journal.append({"op": "tags", "tags": {k: str(v) for k, v in tags.items() if v is not None}})
         _snapshot(folder, self.journal.folder / ARTIFACTS)
         self.journal.append({"op": "artifacts", "dir": ARTIFACTS})
-        status = "KILLED" if summary.get("stopped") == "interrupted" else "FINISHED"
+        status = "KILLED" if summary.get("stopped") == "interrupted" and not self._follow else "FINISHED"
         self.journal.append({"op": "end", "status": status, "time": now_ms()})
         self._wake()
 
@@ -151,11 +185,9 @@ class MlflowSink(Sink):
         if sender.is_alive():
             log.warning("the MLflow sender is still in a call to the tracking server; it stops after that call")
 
-    def _log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+    def _log_metrics(self, rows: list[list[Any]]) -> None:
         if self.journal is None:
             return
-        stamp = now_ms()
-        rows = [[key, float(value), stamp, step] for key, value in metrics.items() if value is not None]
         self.journal.append({"op": "metrics", "metrics": rows})
         self._wake()
 
@@ -174,12 +206,79 @@ def _snapshot(folder: Path, target: Path) -> None:
     rounds = folder / "rounds.jsonl"
     if rounds.is_file():
         rows = [json.loads(line) for line in rounds.read_text(encoding="utf-8").splitlines() if line]
-        round_plots(rows, target / "plots")
+        config = folder / "config.json"
+        given = json.loads(config.read_text(encoding="utf-8")).get("collapse", {}) if config.is_file() else {}
+        round_plots(rows, target / "plots", collapse_thresholds(CollapseThresholds.model_validate(given)))
 
 
-def _param(value: Any) -> str:
-    """An MLflow param value: strings as they are, anything else as JSON (lists of gaps, seeds)."""
-    return value if isinstance(value, str) else json.dumps(value)
+def _rows(metrics: dict[str, Any], step: int) -> list[list[Any]]:
+    """Journal rows [key, value, time, step] of the metrics that have a value."""
+    stamp = now_ms()
+    return [[key, float(value), stamp, step] for key, value in metrics.items() if value is not None]
+
+
+def _settings(folder: Path) -> dict[str, Any]:
+    """The run's settings file (`config.json`) as a mapping; empty when there is none (a sweep's parent run)."""
+    path = folder / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    loaded = json.loads(path.read_text(encoding="utf-8"))
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def flat_params(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """MLflow params: nested mappings flattened to dotted keys (`collapse.ppl_ratio`), None left out.
+
+    `mlflow_tags` are the run's tags, not params (nor a probe job's `run.mlflow_tags`). A value past
+    MLflow's 6000 characters is cut (and said so); a key past 250 is left out with a warning.
+    """
+    out: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if value is None or key == "mlflow_tags":
+            continue
+        if isinstance(value, dict) and value:
+            out.update(flat_params(value, name + "."))
+        elif len(name) > MAX_PARAM_KEY:
+            log.warning("MLflow param %s... left out: its key is longer than %d characters", name[:60], MAX_PARAM_KEY)
+        else:
+            out[name] = _param(value, name)
+    return out
+
+
+def _param(value: Any, name: str = "") -> str:
+    """An MLflow param value: strings as they are (a password in a URL hidden), anything else as JSON."""
+    text = _without_password(value) if isinstance(value, str) else json.dumps(value)
+    if len(text) > MAX_PARAM_VALUE:
+        log.warning("MLflow param %s cut to %d characters (it has %d)", name, MAX_PARAM_VALUE, len(text))
+        text = text[: MAX_PARAM_VALUE - 1] + "…"
+    return text
+
+
+def _without_password(text: str) -> str:
+    """A URL with its password replaced by *** (e.g. an --mlflow-uri or --pushgateway with credentials)."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+        password = parts.password
+    except ValueError:  # not a URL (e.g. an unbalanced "[" in a path)
+        return text
+    if not password:
+        return text
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _dataset(params: dict[str, Any]) -> dict[str, str] | None:
+    """The stream as an MLflow dataset input: its file name, data hash (digest) and absolute path (source).
+
+    Only a stream with a data hash: a --follow run's file grows and standard input has no file,
+    so neither has one digest.
+    """
+    stream, digest = params.get("stream"), params.get("data_hash")
+    if not stream or stream == "-" or not digest:
+        return None
+    path = Path(stream).resolve()
+    return {"name": path.name, "digest": str(digest), "source": str(path), "context": DATASET_CONTEXT}
 
 
 class _Sender(threading.Thread):
@@ -312,7 +411,11 @@ def _send_one(client: Any, op: dict[str, Any], state: dict[str, Any], folder: Pa
     if run_id is None:
         raise JournalError(f"journal {folder} has a {kind!r} operation before its run was created")
     if kind == "params":
-        client.log_batch(run_id, params=[Param(k, v) for k, v in op["params"].items()])
+        params = [Param(k, v) for k, v in op["params"].items()]
+        for start in range(0, len(params), PARAM_BATCH):
+            client.log_batch(run_id, params=params[start : start + PARAM_BATCH])
+    elif kind == "inputs":
+        client.log_inputs(run_id, datasets=[_dataset_input(spec) for spec in op["datasets"]])
     elif kind == "metrics":
         metrics = [Metric(key, value, stamp, step) for key, value, stamp, step in op["metrics"]]
         for start in range(0, len(metrics), BATCH):
@@ -329,6 +432,16 @@ def _send_one(client: Any, op: dict[str, Any], state: dict[str, Any], folder: Pa
         raise JournalError(f"unknown operation {kind!r} in the MLflow journal {folder} (written by a newer editwatch?)")
 
 
+def _dataset_input(spec: dict[str, str]) -> Any:
+    """An MLflow dataset input of a local file, described as MLflow's own `MetaDataset` over a local source
+    describes one (source type "local", source {"uri": PATH}), tagged with its context."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(name=spec["name"], digest=spec["digest"], source_type="local",
+                      source=json.dumps({"uri": spec["source"]}))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", spec["context"])])
+
+
 def _journal_run(client: Any, experiment: str, journal_id: str | None) -> Any:
     """The run a previous attempt created for this journal, if any (journals before JOURNAL_TAG have no id)."""
     if journal_id is None:
@@ -338,11 +451,14 @@ def _journal_run(client: Any, experiment: str, journal_id: str | None) -> Any:
 
 
 def _experiment_id(client: Any, name: str, uri: str) -> str:
-    """The experiment `name`, created when missing (artifacts beside a local sqlite database)."""
+    """The experiment `name`, created when missing (artifacts beside a local sqlite database); tagged to open in
+    MLflow's training view unless it already says which kind it is."""
     from mlflow.exceptions import MlflowException
 
     found = client.get_experiment_by_name(name)
     if found is not None:
+        if EXPERIMENT_KIND[0] not in found.tags:
+            client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
         return found.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
@@ -351,7 +467,7 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns" / slug).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
     except MlflowException:  # created meanwhile by a parallel run
         found = client.get_experiment_by_name(name)
         if found is None:

@@ -1,12 +1,15 @@
 """MLflow exporter: one run per simulation, journaled so an unreachable server loses nothing.
 
-These tests use a local sqlite store; tests/simulator/test_compare.py runs against a real
-`mlflow server` that is killed and restarted mid-run.
+These tests use a local sqlite store; tests/simulator/test_compare.py runs `simulate` against a
+real `mlflow server` that is killed and restarted mid-run, and checks there what these check here
+(the whole config as params, the stream as a dataset input, the experiment's kind, base metrics at
+step 0, a --follow run stopped by SIGTERM ending FINISHED).
 """
 
 import json
 import logging
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +18,12 @@ from monitor.exporters.journal import Journal
 from tests.services import free_port
 
 PARAMS = {"method": "ft-llm", "model": "tiny", "mode": "sequential", "gaps": [1, 3], "seed": 7,
-          "data_hash": "abc", "stream": "edits.jsonl"}
+          "data_hash": "abc", "stream": "edits.jsonl", "prompt_format": "plain", "vlkeb_compat": False,
+          "method_config": {"lr": 0.5, "steps": 10}}  # resolved by the run: these win over config.json's
+CONFIG = {"stream": "edits.jsonl", "model": "default", "method": "ft-llm", "method_config": {"lr": 0.5},
+          "gap": [1, 3], "seed": 7, "limit": None, "follow": False, "prompt_format": "auto", "probe_every": 4,
+          "collapse": {"ppl_ratio": 2.0, "agreement": 0.5, "weight_change": None},
+          "mlflow_uri": "http://me:secret@tracking.example:5000", "mlflow_tags": {"team": "vision"}}
 ROUNDS = [  # (step, round values, per-setting running means)
     (4, {"retention": 1.0, "ref_ppl_ratio": 1.25}, {"gap_1": {"reliability": 0.5}}),
     (8, {"retention": 0.75, "ref_ppl_ratio": 1.5}, {"gap_1": {"reliability": 0.25}, "gap_3": {"reliability": 0.5}}),
@@ -23,7 +31,9 @@ ROUNDS = [  # (step, round values, per-setting running means)
 ]
 SUMMARY = {"edits_read": 13, "edits_applied": 12, "failed": 1, "quarantined": 0, "stopped": "end of stream",
            "results": {"gap_1": {"reliability": 0.125, "edits_measured": 11}},
-           "base": {"loc": 0.875}, "alarms": {"collapse": {"raised": True}, "forgetting": {"detected": False}}}
+           "base": {"pred_src": 0.75, "pred_rephrase": 0.5, "pred_image_rephrase": 0.25, "loc": 0.875, "m_loc": 0.625,
+                    "port_2hop": 0.125},
+           "alarms": {"collapse": {"raised": True, "first_at": 8}, "forgetting": {"detected": False}}}
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +45,10 @@ def store(tmp_path_factory):
     return uri, MlflowClient(uri)
 
 
-def run_folder(tmp_path, rounds=ROUNDS):
+def run_folder(tmp_path, rounds=ROUNDS, **config):
     """A run folder as `simulate` leaves it: config, summary and rounds files."""
-    (tmp_path / "config.json").write_text(json.dumps({"method": "ft-llm"}))
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps({**CONFIG, **config}))
     (tmp_path / "summary.json").write_text(json.dumps(SUMMARY))
     with (tmp_path / "rounds.jsonl").open("w") as out:
         for step, values, results in rounds:
@@ -45,13 +56,13 @@ def run_folder(tmp_path, rounds=ROUNDS):
     return tmp_path
 
 
-def play(sink, folder, start=0, rounds=ROUNDS, finish=True):
+def play(sink, folder, start=0, rounds=ROUNDS, finish=True, summary=SUMMARY, params=PARAMS):
     """Feed the sink a run's events, as the timeline does."""
-    sink.on_start("run-a", PARAMS, folder, start)
+    sink.on_start("run-a", params, folder, start)
     for step, values, results in rounds:
         sink.on_round(step, values, 0.01, results)
     if finish:
-        sink.on_finish(SUMMARY, folder)
+        sink.on_finish(summary, folder)
     sink.close()
 
 
@@ -77,7 +88,6 @@ def test_a_run_with_params_metrics_per_step_tags_and_artifacts(store, tmp_path):
     assert history(client, run, "retention") == [(4, 1.0), (8, 0.75), (12, 0.5)]
     assert history(client, run, "gap_3/reliability") == [(8, 0.5), (12, 0.25)]
     assert run.data.metrics["gap_1/edits_measured"] == 11 and run.data.metrics["failed"] == 1
-    assert run.data.metrics["base/loc"] == 0.875
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert artifacts == {"config.json", "summary.json", "rounds.jsonl", "plots"}
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
@@ -93,8 +103,8 @@ def test_an_unreachable_server_keeps_everything_for_sync(store, tmp_path, caplog
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "MLflow tracking unreachable" in messages and "simulate compare --sync" in messages
     journal = Journal(tmp_path / "mlflow")
-    assert journal.unsent() == 9  # create, params, 3 rounds, final metrics, tags, artifacts, end
-    assert sync(tmp_path, uri) == 9 and journal.unsent() == 0
+    assert journal.unsent() == 10  # create, params, dataset input, 3 rounds, final metrics, tags, artifacts, end
+    assert sync(tmp_path, uri) == 10 and journal.unsent() == 0
     run = only_run(client, "exp-synced")
     assert history(client, run, "retention") == [(4, 1.0), (8, 0.75), (12, 0.5)]
     assert run.info.status == "FINISHED" and "plots" in {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -128,7 +138,7 @@ def test_a_line_torn_by_a_kill_is_cut_before_the_resumed_run_appends(store, tmp_
         play(MlflowSink(uri, "exp-torn"), folder, start=4, rounds=ROUNDS[1:])
     assert f"partial line ({len(torn)} bytes from byte {whole}" in caplog.text
     lines = journal.path.read_bytes().splitlines()
-    assert all(json.loads(line)["op"] for line in lines) and lines[3] == b'{"op": "resume"}'
+    assert all(json.loads(line)["op"] for line in lines) and lines[4] == b'{"op": "resume"}'
     run = only_run(client, "exp-torn")
     assert history(client, run, "retention") == [(4, 1.0), (8, 0.75), (12, 0.5)]
     assert run.info.status == "FINISHED" and journal.unsent() == 0
@@ -139,7 +149,7 @@ def test_closing_stops_the_sender_when_the_server_stays_down(tmp_path):
     sink = MlflowSink(f"http://127.0.0.1:{free_port()}", "exp-down", flush_seconds=0.5)
     play(sink, run_folder(tmp_path), finish=False)
     assert [t for t in set(threading.enumerate()) - before if t.name == "mlflow-sender"] == []
-    assert Journal(tmp_path / "mlflow").unsent() == 5  # create, params, three rounds: all kept
+    assert Journal(tmp_path / "mlflow").unsent() == 6  # create, params, dataset input, three rounds: all kept
 
 
 def test_an_unexpected_error_stops_the_sender_and_close_reports_it(store, tmp_path, caplog):
@@ -166,13 +176,91 @@ def test_an_unexpected_error_stops_the_sender_and_close_reports_it(store, tmp_pa
 def test_a_crash_after_the_run_was_created_does_not_create_a_second_run(store, tmp_path):
     uri, client = store
     folder = run_folder(tmp_path)
-    play(MlflowSink(uri, "exp-crash"), folder, rounds=[], finish=False)  # create and params sent
+    play(MlflowSink(uri, "exp-crash"), folder, rounds=[], finish=False)  # create, params and input sent
     journal = Journal(folder / "mlflow")
     journal.save_state({"offset": 0, "uri": uri})  # killed after create_run, before its progress was saved
-    assert sync(folder) == 2
+    assert sync(folder) == 3
     run = only_run(client, "exp-crash")
+    assert len(run.inputs.dataset_inputs) == 1  # sent twice, one input
     assert run.data.tags["editwatch.journal"] == json.loads(journal.path.read_text().splitlines()[0])["tags"][
         "editwatch.journal"]
     play(MlflowSink(uri, "exp-crash"), folder, start=4, rounds=ROUNDS)  # and a resumed run continues it
     run = only_run(client, "exp-crash")
     assert history(client, run, "retention") == [(4, 1.0), (8, 0.75), (12, 0.5)] and run.info.status == "FINISHED"
+
+
+def test_params_are_the_whole_config_flattened_with_the_runs_own_values_winning(store, tmp_path):
+    uri, client = store
+    play(MlflowSink(uri, "exp-params"), run_folder(tmp_path))
+    assert only_run(client, "exp-params").data.params == {
+        # config.json: every setting given a value, nested ones flattened, mlflow_tags left to the tags
+        "stream": "edits.jsonl", "method": "ft-llm", "gap": "[1, 3]", "seed": "7", "follow": "false",
+        "probe_every": "4", "collapse.ppl_ratio": "2.0", "collapse.agreement": "0.5",
+        "mlflow_uri": "http://me:***@tracking.example:5000",  # the password is not a param
+        # the run's own: the loaded model's name, the protocol's prompt format, the method's settings as run
+        "model": "tiny", "prompt_format": "plain", "vlkeb_compat": "false", "method_config.lr": "0.5",
+        "method_config.steps": "10", "mode": "sequential", "gaps": "[1, 3]", "data_hash": "abc",
+        "editwatch_version": "0.1.0",
+    }
+
+
+def test_more_than_a_batch_of_params_and_a_value_past_mlflows_limit(store, tmp_path, caplog):
+    uri, client = store
+    many = {f"k{i:03d}": i for i in range(150)}  # MLflow takes 100 params per call
+    with caplog.at_level(logging.WARNING, logger="monitor.exporters.tracking"):
+        play(MlflowSink(uri, "exp-many"), run_folder(tmp_path, images="x" * 7000),
+             params={**PARAMS, "method_config": many})
+    params = only_run(client, "exp-many").data.params
+    assert {k: v for k, v in params.items() if k.startswith("method_config.")} == {
+        f"method_config.{k}": str(v) for k, v in many.items()}
+    assert len(params["images"]) == 6000 and params["images"].endswith("x…")
+    assert "MLflow param images cut to 6000 characters (it has 7000)" in caplog.text
+
+
+def test_the_stream_is_the_runs_dataset_input(store, tmp_path):
+    uri, client = store
+    play(MlflowSink(uri, "exp-input"), run_folder(tmp_path))
+    inputs = only_run(client, "exp-input").inputs.dataset_inputs
+    assert len(inputs) == 1
+    dataset = inputs[0].dataset
+    assert (dataset.name, dataset.digest, dataset.source_type) == ("edits.jsonl", "abc", "local")
+    assert json.loads(dataset.source) == {"uri": str(Path("edits.jsonl").resolve())}
+    assert [(tag.key, tag.value) for tag in inputs[0].tags] == [("mlflow.data.context", "eval")]
+
+
+def test_a_growing_or_piped_stream_has_no_dataset_input(store, tmp_path):
+    uri, client = store
+    play(MlflowSink(uri, "exp-no-input"), run_folder(tmp_path, follow=True), params={**PARAMS, "data_hash": None})
+    assert only_run(client, "exp-no-input").inputs.dataset_inputs == []
+
+
+def test_the_experiment_opens_in_mlflows_training_view_unless_its_kind_was_chosen(store, tmp_path):
+    uri, client = store
+    client.create_experiment("exp-old")  # made before editwatch tagged its experiments
+    client.create_experiment("exp-genai", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("exp-kind", "exp-old", "exp-genai"):
+        play(MlflowSink(uri, name), run_folder(tmp_path / name))
+    kinds = {name: client.get_experiment_by_name(name).tags.get("mlflow.experimentKind")
+             for name in ("exp-kind", "exp-old", "exp-genai")}
+    assert kinds == {"exp-kind": "custom_model_development", "exp-old": "custom_model_development",
+                     "exp-genai": "genai_development"}
+
+
+def test_base_accuracies_at_step_0_under_the_runs_metric_names(store, tmp_path):
+    uri, client = store
+    play(MlflowSink(uri, "exp-base"), run_folder(tmp_path))
+    run = only_run(client, "exp-base")
+    base = {key: history(client, run, key) for key in run.data.metrics if key.startswith("base/")}
+    assert base == {"base/reliability": [(0, 0.75)], "base/t_gen": [(0, 0.5)], "base/i_gen": [(0, 0.25)],
+                    "base/loc": [(0, 0.875)], "base/m_loc": [(0, 0.625)], "base/port_2hop": [(0, 0.125)]}
+    assert history(client, run, "gap_1/reliability")[-1] == (12, 0.125)  # the edited model's, at the last step
+    assert run.data.tags["editwatch.collapse_first_at"] == "8"
+
+
+@pytest.mark.parametrize("follow, status", [(True, "FINISHED"), (False, "KILLED")])
+def test_an_interrupted_run_is_killed_unless_it_follows_its_stream(store, tmp_path, follow, status):
+    uri, client = store
+    experiment = f"exp-stopped-{follow}"
+    play(MlflowSink(uri, experiment), run_folder(tmp_path, follow=follow), summary={**SUMMARY, "stopped": "interrupted"})
+    run = only_run(client, experiment)
+    assert run.info.status == status and run.data.tags["editwatch.stopped"] == "interrupted"

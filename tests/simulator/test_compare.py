@@ -1,57 +1,167 @@
-"""`simulate compare` over runs logged to a real `mlflow server`, one of them through a server outage."""
+"""`simulate compare`: one row per experiment, mean ± sd over seeds, unfinished runs left out; over runs logged
+to MLflow, one of them through an outage of a real `mlflow server`."""
 
 import csv
 import json
+import logging
+import math
 import os
 import signal
 import subprocess
 
 import pytest
 
-from simulator.compare import RunView, find_runs, histories, latest_per_step, table, write_table
+from simulator import compare
+from simulator.compare import RunView, find_runs, histories, latest_per_step, short_name, table, write_table
 from tests.services import SIMULATE, mlflow_service, url_of, wait_until
 
 METRICS = ["reliability", "t_gen", "t_loc", "retention", "ref_ppl_ratio", "memory_size"]
+MODEL = "/home/me/models/tiny-llava"
+A, B = "a" * 16, "b" * 16  # data hashes of two streams
 
 
 def rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_the_table_averages_seeds_per_model_setting_and_method():
-    runs = [
-        RunView("1", "a", "ft-llm", "tiny", {"gap_10/reliability": 0.5, "gap_10/edits_measured": 30, "gap_1/t_loc": 1.0,
-                                             "retention": 0.25, "run/retention": 0.5, "run/ref_ppl_ratio": 3.0}),
-        RunView("2", "b", "ft-llm", "tiny", {"gap_10/reliability": 0.75, "gap_10/edits_measured": 30,
-                                             "run/retention": 0.25, "run/ref_ppl_ratio": 5.0}),
-        RunView("3", "c", "ike", "tiny", {"gap_10/reliability": 1.0, "gap_10/t_gen": 0.5, "run/retention": 1.0,
-                                          "run/ref_ppl_ratio": 1.0, "run/memory_size": 40.0}),
-        RunView("4", "d", "none", "big", {"single/reliability": 0.125, "single/t_loc": 1.0}),
-    ]
-    columns, table_rows = table(runs, METRICS)
-    assert columns == ["model", "setting", "method", "runs", "edits", "reliability", "t_gen", "t_loc", "retention",
-                       "ref_ppl_ratio", "memory_size"]
-    assert [(r["model"], r["setting"], r["method"], r["runs"]) for r in table_rows] == [
-        ("big", "single", "none", 1), ("tiny", "gap_1", "ft-llm", 1), ("tiny", "gap_10", "ft-llm", 2),
-        ("tiny", "gap_10", "ike", 1)]
-    ft = table_rows[2]
-    assert ft["reliability"] == 0.625 and ft["edits"] == 30 and ft["t_gen"] is None
-    # Probe-round metrics: each run's run value (not its latest round), averaged over seeds, in every setting row.
-    assert ft["retention"] == 0.375 and ft["ref_ppl_ratio"] == 4.0 and table_rows[1]["retention"] == 0.5
+def view(name, metrics, method="ft-llm", data=A, seed=0, status="FINISHED", tags=None, **params):
+    """A run as compare reads it from MLflow."""
+    params = {"method": method, "model": MODEL, "data_hash": data, "stream": f"/data/{data[0]}/eval.jsonl",
+              "seed": str(seed), "out": f"runs/{name}", **params}
+    return RunView(name, name, method, MODEL, metrics, params, tags or {}, status)
 
 
-def test_the_markdown_marks_the_best_method_by_each_metrics_direction(tmp_path):
-    runs = [RunView("1", "a", "ft-llm", "tiny", {"gap_10/reliability": 0.5, "run/ref_ppl_ratio": 3.0,
-                                                 "run/memory_size": 10.0}),
-            RunView("2", "b", "ike", "tiny", {"gap_10/reliability": 1.0, "run/ref_ppl_ratio": 1.5,
-                                              "run/memory_size": 40.0})]
-    columns, table_rows = table(runs, METRICS)
-    _, _, markdown = write_table(columns, table_rows, tmp_path)
-    ft, ike = markdown.splitlines()[2:]
-    # Higher reliability wins, lower perplexity ratio wins; a size has no direction and is never bold.
-    assert "| 0.500 |" in ft and "| **1.000** |" in ike
-    assert "| **1.500** |" in ike and "| 3.000 |" in ft
-    assert "**10" not in ft and "**40" not in ike
+def test_runs_of_other_streams_or_limits_are_rows_of_their_own_and_seeds_are_mean_and_sd():
+    runs = [view(f"a{seed}", {"gap_10/reliability": value, "gap_10/edits_measured": 30, "run/retention": retention},
+                 seed=seed) for seed, (value, retention) in enumerate([(0.25, 0.5), (0.5, 0.25), (0.75, 0.75)])]
+    runs += [view("b", {"gap_10/reliability": 1.0, "gap_10/edits_measured": 20}, data=B),
+             view("a-limit", {"gap_10/reliability": 0.0, "gap_10/edits_measured": 5}, limit="10")]
+    columns, found = table(runs, METRICS)
+    assert columns == ["model", "stream", "data_hash", "limit", "setting", "method", "status", "n", "edits",
+                       "reliability", "reliability_sd", "retention", "retention_sd", "collapsed", "collapse_at",
+                       "collapse_at_sd"]
+    assert [(r["model"], r["data_hash"], r["limit"], r["setting"], r["n"], r["status"]) for r in found] == [
+        ("tiny-llava", A, None, "gap_10", 3, "3 finished"), ("tiny-llava", A, 10, "gap_10", 1, "1 finished"),
+        ("tiny-llava", B, None, "gap_10", 1, "1 finished")]
+    seeds = found[0]
+    # 0.25, 0.5, 0.75: mean 0.5, sample sd sqrt(((-0.25)^2 + 0 + 0.25^2) / 2) = 0.25; retention likewise
+    assert (seeds["reliability"], seeds["reliability_sd"], seeds["retention"], seeds["retention_sd"]) == (
+        0.5, 0.25, 0.5, 0.25)
+    assert seeds["edits"] == 30 and seeds["stream"] == "eval.jsonl"
+    assert (found[1]["reliability"], found[1]["reliability_sd"], found[2]["reliability"]) == (0.0, None, 1.0)
+
+
+def test_settings_besides_the_seed_split_rows_and_say_how():
+    runs = [view(f"lr{lr}-s{seed}", {"single/reliability": value}, seed=seed, **{"method_config.lr": lr})
+            for lr, seed, value in [("0.1", 0, 0.5), ("0.1", 1, 1.0), ("0.01", 0, 0.0)]]
+    runs += [view(f"ike-s{seed}", {"single/reliability": 1.0}, "ike", seed=seed, **{"method_config.k": "4"})
+             for seed in (0, 1)]
+    columns, found = table(runs, METRICS)
+    assert columns[columns.index("method") + 1] == "settings"  # after the key columns; `out` and `seed` differ too
+    assert [(r["method"], r["settings"], r["n"], r["reliability"]) for r in found] == [
+        ("ft-llm", "method_config.lr=0.01", 1, 0.0), ("ft-llm", "method_config.lr=0.1", 2, 0.75), ("ike", "–", 2, 1.0)]
+    assert found[1]["reliability_sd"] == math.sqrt(0.125)
+    # Methods have hyperparameters of their own: that alone is no difference to show.
+    assert "settings" not in table([run for run in runs if run.params.get("method_config.lr") != "0.01"], METRICS)[0]
+
+
+def test_the_first_collapse_is_a_column_over_the_runs_that_collapsed(tmp_path):
+    collapsed = [view(f"c{at}", {"gap_1/reliability": 1.0}, seed=at,
+                      tags={"editwatch.collapse": "True", "editwatch.collapse_first_at": str(at)}) for at in (40, 60)]
+    healthy = view("h", {"gap_1/reliability": 1.0}, seed=1, tags={"editwatch.collapse": "False"})
+    columns, found = table([*collapsed, healthy], METRICS)
+    assert (found[0]["collapsed"], found[0]["collapse_at"], found[0]["collapse_at_sd"]) == (2, 50.0, math.sqrt(200))
+    _, _, markdown = write_table(columns, found, tmp_path)
+    assert markdown.splitlines()[2].endswith("| 1.000 ± 0.000 | 2/3 | 50 ± 14.1 |")
+
+
+def test_the_markdown_shows_mean_and_sd_and_bolds_the_best_mean_by_each_metrics_direction(tmp_path):
+    runs = [view("a0", {"gap_10/reliability": 0.5, "run/ref_ppl_ratio": 3.0, "run/memory_size": 10.0}),
+            view("a1", {"gap_10/reliability": 0.75, "run/ref_ppl_ratio": 5.0, "run/memory_size": 10.0}, seed=1),
+            view("b", {"gap_10/reliability": 1.0, "run/ref_ppl_ratio": 1.5, "run/memory_size": 40.0}, "ike"),
+            view("other-stream", {"gap_10/reliability": 0.0, "run/ref_ppl_ratio": 9.0}, "none", data=B)]
+    columns, found = table(runs, METRICS)
+    csv_path, _, markdown = write_table(columns, found, tmp_path)
+    header, _, ft, ike, other = markdown.splitlines()
+    assert header == ("| model | stream | data_hash | limit | setting | method | status | n | edits | reliability | "
+                      "ref_ppl_ratio | memory_size | collapsed | collapse_at |")
+    assert ft == ("| tiny-llava | eval.jsonl | aaaaaaaa | – | gap_10 | ft-llm | 2 finished | 2 | – | 0.625 ± 0.177 | "
+                  "4.000 ± 1.414 | 10 ± 0 | 0/2 | – |")
+    # Higher reliability wins, lower perplexity ratio wins; a size has no direction and is never bold;
+    # the other stream's run is not in the same comparison (nothing to beat: not bold either).
+    assert "| **1.000** |" in ike and "| **1.500** |" in ike and "**40" not in ike
+    assert "**" not in other and "**" not in ft
+    with csv_path.open() as handle:
+        first = next(csv.DictReader(handle))
+    assert (first["reliability"], first["reliability_sd"], first["data_hash"]) == ("0.625", str(math.sqrt(0.03125)), A)
+
+
+@pytest.mark.parametrize("model, short", [("llava-hf/llava-1.5-7b-hf", "llava-1.5-7b-hf"), ("default", "default"),
+                                          ("/home/me/models/tiny-llava/", "tiny-llava"), ("C:\\models\\blip2", "blip2")])
+def test_short_model_names(model, short):
+    assert short_name(model) == short
+
+
+def test_models_that_share_a_short_name_keep_their_full_names():
+    runs = [RunView(m, m, "ft-llm", m, {"single/reliability": 1.0}, {"model": m}) for m in ("/a/m", "/b/m", "/c/n")]
+    assert [row["model"] for row in table(runs, METRICS)[1]] == ["/a/m", "/b/m", "n"]
+
+
+@pytest.mark.parametrize("status, tags, params, state", [
+    ("FINISHED", {"editwatch.stopped": "end of stream"}, {}, "FINISHED"),
+    ("FINISHED", {"editwatch.stopped": "limit"}, {}, "FINISHED"),
+    ("KILLED", {"editwatch.stopped": "interrupted"}, {}, "KILLED"),
+    ("FINISHED", {"editwatch.stopped": "interrupted"}, {}, "INTERRUPTED"),  # MLflow says done, the run did not end
+    ("FINISHED", {"editwatch.stopped": "interrupted"}, {"follow": "true"}, "FINISHED"),  # how a --follow run ends
+    ("RUNNING", {}, {}, "RUNNING"),
+])
+def test_how_a_run_ended(status, tags, params, state):
+    run = RunView("1", "r", "ft-llm", "m", {}, params, tags, status)
+    assert (run.state, run.finished) == (state, state == "FINISHED")
+
+
+def log_run(uri, folder, stream, data_hash, seed, reliability, stopped="end of stream"):
+    """A run logged to MLflow by the exporter, as `simulate` leaves it in `folder`."""
+    from monitor.exporters import MlflowSink
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"stream": stream, "method": "ft-llm", "seed": seed, "gap": [1],
+                                                    "follow": False}))
+    summary = {"stopped": stopped, "edits_applied": 8, "results": {"gap_1": {"reliability": reliability,
+                                                                             "edits_measured": 7}},
+               "health": {"retention": reliability}, "alarms": {"collapse": {"raised": False}}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    sink = MlflowSink(uri, "streams")
+    sink.on_start(folder.name, {"method": "ft-llm", "model": MODEL, "stream": stream, "data_hash": data_hash,
+                                "seed": seed}, folder, 0)
+    sink.on_round(8, {"retention": reliability}, 0.01, {"gap_1": {"reliability": reliability}})
+    sink.on_finish(summary, folder)
+    sink.close()
+
+
+def test_two_streams_are_two_rows_and_a_killed_run_is_left_out_unless_asked_for(tmp_path, caplog):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log_run(uri, tmp_path / "a0", "w1/eval.jsonl", A, 0, 0.5)
+    log_run(uri, tmp_path / "a1", "w1/eval.jsonl", A, 1, 1.0)
+    log_run(uri, tmp_path / "a2-killed", "w1/eval.jsonl", A, 2, 0.0, stopped="interrupted")
+    log_run(uri, tmp_path / "b0", "w2/eval.jsonl", B, 0, 0.25)
+
+    def compared(*flags):
+        out = tmp_path / f"out{len(flags)}"
+        args = compare.parser().parse_args(["--experiment", "streams", "--mlflow-uri", uri, "--out", str(out), *flags])
+        assert compare.main(args) == 0
+        with (out / "table.csv").open() as handle:
+            return list(csv.DictReader(handle))
+
+    with caplog.at_level(logging.WARNING, logger="simulator.compare"):
+        found = compared()
+    assert "1 unfinished runs left out (--include-unfinished compares them): a2-killed (killed)" in caplog.text
+    assert [(r["data_hash"], r["status"], r["n"], r["reliability"], r["retention"]) for r in found] == [
+        (A, "2 finished", "2", "0.75", "0.75"), (B, "1 finished", "1", "0.25", "0.25")]
+    assert found[0]["reliability_sd"] == str(math.sqrt(0.125)) and found[1]["reliability_sd"] == ""
+    found = compared("--include-unfinished")
+    assert [(r["data_hash"], r["status"], r["n"], r["reliability"]) for r in found] == [
+        (A, "2 finished, 1 killed", "3", "0.5"), (B, "1 finished", "1", "0.25")]
 
 
 def test_one_value_per_step_the_latest_logged():
@@ -137,6 +247,9 @@ def test_two_methods_compared_and_a_server_outage_mid_run_loses_nothing(small_wo
         run_id = runs["ft-llm"].info.run_id
         history = client.get_metric_history(run_id, "retention")
         artifacts = {a.path for a in client.list_artifacts(run_id)}
+        kind = client.get_experiment_by_name("cmp").tags.get("mlflow.experimentKind")
+        base = {key: [(m.step, m.value) for m in client.get_metric_history(runs["none"].info.run_id, key)]
+                for key in runs["none"].data.metrics if key.startswith("base/")}
     finally:
         server.stop()
 
@@ -149,7 +262,9 @@ def test_two_methods_compared_and_a_server_outage_mid_run_loses_nothing(small_wo
         assert row["setting"] == "gap_1" and float(row["edits"]) == summary["results"]["gap_1"]["edits_measured"]
         for key in ("reliability", "t_gen", "i_gen", "t_loc", "i_loc"):
             assert float(row[key]) == pytest.approx(summary["results"]["gap_1"][key]), (method, key)
-    assert "| model | setting | method | runs | edits | reliability |" in result.stdout
+    assert (table_rows["ft-llm"]["model"], table_rows["ft-llm"]["status"]) == (small_model.name, "1 finished")
+    assert table_rows["none"]["data_hash"] and not table_rows["ft-llm"]["data_hash"]  # a --follow stream has none
+    assert "| model | stream | data_hash | limit | setting | method | status | n | edits | reliability |" in result.stdout
     assert (out / "table.md").read_text() in result.stdout
     for plot in ("retention.png", "ref_ppl_ratio.png", "gap_1/reliability.png", "gap_1/t_loc.png"):
         assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
@@ -157,5 +272,35 @@ def test_two_methods_compared_and_a_server_outage_mid_run_loses_nothing(small_wo
     # Nothing lost: every round of the outage run is in MLflow at its step, and so are its files.
     ft_rounds = rows(ft / "rounds.jsonl")
     assert sorted((m.step, m.value) for m in history) == [(r["edits_applied"], r["retention"]) for r in ft_rounds]
-    assert runs["ft-llm"].info.status == "KILLED"  # stopped by SIGTERM: a --follow run's normal end
+    assert runs["ft-llm"].info.status == "FINISHED"  # stopped by SIGTERM: a --follow run's normal end
+    assert runs["ft-llm"].data.tags["editwatch.stopped"] == "interrupted"
     assert artifacts >= {"summary.json", "rounds.jsonl", "plots"}
+
+    # Every run's whole config is its params, nested settings flattened; what the run resolved wins.
+    resolved = ("model", "method_config", "prompt_format", "vlkeb_compat")
+    for method, folder in (("none", tmp_path / "none"), ("ft-llm", ft)):
+        config = json.loads((folder / "config.json").read_text())
+        summary = json.loads((folder / "summary.json").read_text())
+        params = runs[method].data.params
+        for key, value in config.items():
+            nested = value.items() if isinstance(value, dict) and key != "mlflow_tags" else []
+            for name, item in [(f"{key}.{k}", v) for k, v in nested] or [(key, value)]:
+                if item is not None and key not in (*resolved, "mlflow_tags"):
+                    assert params[name] == (item if isinstance(item, str) else json.dumps(item)), (method, name)
+        assert params["collapse.ppl_ratio"] == "2.0" and params["probe_every"] == "4" and "limit" not in params
+        assert params["model"] == str(small_model) and params["prompt_format"] == summary["prompt_format"]
+        assert {k: v for k, v in params.items() if k.startswith("method_config.")} == {
+            f"method_config.{k}": v if isinstance(v, str) else json.dumps(v)
+            for k, v in summary["method_config"].items() if v is not None}
+    assert runs["ft-llm"].data.params["method_config.lr"]  # ft-llm's hyperparameters, defaults included
+    # The stream (as the run read it) is the dataset input; a followed stream, still growing, is not one.
+    (dataset_input,) = runs["none"].inputs.dataset_inputs
+    none_summary = json.loads((tmp_path / "none" / "summary.json").read_text())
+    assert (dataset_input.dataset.name, dataset_input.dataset.digest) == ("stream.jsonl", none_summary["data_hash"])
+    assert json.loads(dataset_input.dataset.source) == {"uri": str(stream.resolve())}
+    assert runs["ft-llm"].inputs.dataset_inputs == []
+    assert kind == "custom_model_development"  # MLflow opens the experiment in its training view
+    # The unedited model's accuracies at step 0, under the keys of the metrics that ask the same questions.
+    names = {"pred_src": "reliability", "pred_rephrase": "t_gen", "pred_image_rephrase": "i_gen"}
+    assert base == {f"base/{names.get(k, k)}": [(0, v)] for k, v in none_summary["base"].items()}
+    assert {"base/reliability", "base/loc", "base/port_1hop"} <= set(base)
