@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
+
+
+def short_model_name(model: str) -> str:
+    """A model's short, stable name for labels and tables: the last part of a hub id or folder path
+    (`llava-hf/llava-1.5-7b-hf` -> `llava-1.5-7b-hf`, `/models/run3/llava` -> `llava`)."""
+    parts = [part for part in re.split(r"[\\/]", model) if part]
+    return parts[-1] if parts else model
 
 
 class Sink:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Collection, Iterable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from monitor.sink import short_model_name
 from simulator.command import ArgumentParser, CommandError, add_model_options, options
 
 if TYPE_CHECKING:
@@ -127,12 +128,6 @@ class RunView:
         return float(self.tags[COLLAPSE_AT_TAG])
 
 
-def short_name(model: str) -> str:
-    """A model's short name: the last part of a hub id or folder (`llava-hf/llava-1.5-7b-hf` -> `llava-1.5-7b-hf`)."""
-    parts = [part for part in re.split(r"[\\/]", model) if part]
-    return parts[-1] if parts else model
-
-
 def split_key(key: str, metrics: Collection[str]) -> tuple[str, str] | None:
     """`gap_10/reliability` -> ("gap_10", "reliability"); None for keys that are not per-setting metrics."""
     setting, _, metric = key.partition("/")
@@ -222,7 +217,7 @@ def table(runs: list[RunView], metrics: Sequence[str]) -> tuple[list[str], list[
     variants = _variants(runs)
     models: dict[str, set[str]] = {}
     for run in runs:
-        models.setdefault(short_name(run.model), set()).add(run.model)
+        models.setdefault(short_model_name(run.model), set()).add(run.model)
     groups: dict[tuple[Any, ...], list[tuple[RunView, dict[str, float]]]] = {}
     for run in runs:
         by_setting: dict[str, dict[str, float]] = {}
@@ -240,8 +235,9 @@ def table(runs: list[RunView], metrics: Sequence[str]) -> tuple[list[str], list[
     for (model, _, limit, setting, method, variant), group in sorted(groups.items(), key=lambda g: _sortable(g[0])):
         first = group[0][0]
         row: dict[str, Any] = {
-            "model": short_name(model) if len(models[short_name(model)]) == 1 else model,  # full where short ones meet
-            "stream": short_name(first.params.get("stream", "?")), "data_hash": first.params.get("data_hash"),
+            # The full name where two models share a short one.
+            "model": short_model_name(model) if len(models[short_model_name(model)]) == 1 else model,
+            "stream": Path(first.params.get("stream", "?")).name, "data_hash": first.params.get("data_hash"),
             "limit": limit, "setting": setting, "method": method,
         }
         if any(variants.values()):

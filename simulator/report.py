@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from memory.files import write_text_atomically
 from monitor.alarms import CollapseThresholds
+from monitor.sink import short_model_name
 from simulator.command import ArgumentParser, CommandError, add_model_options, options, validation_problems
 from simulator.outputs import ROUNDS, SUMMARY
 from simulator.report_html import check_item, figure, page, table
@@ -389,8 +390,8 @@ def _settings(runs: list[RunData]) -> str:
     keys = list(dict.fromkeys(key for flat in flats for key in flat))
     rows = [{"setting": key, **{run.name: flat.get(key, "–") for run, flat in zip(runs, flats)}} for key in keys]
     differ = [i for i, row in enumerate(rows) if len({str(row[run.name]) for run in runs}) > 1]
-    note = f"<p>Settings that differ (highlighted): {escape(', '.join(rows[i]['setting'] for i in differ)) or 'none'}.</p>" \
-        if len(runs) > 1 else ""
+    named = escape(", ".join(rows[i]["setting"] for i in differ)) or "none"
+    note = f"<p>Settings that differ (highlighted): {named}.</p>" if len(runs) > 1 else ""
     body = table(["setting", *[run.name for run in runs]], rows, len(runs) + 1, table_id="settings", marked=differ)
     return f"<h2>Settings (config.json)</h2>{note}{body}"
 
@@ -416,7 +417,7 @@ def _header(run: RunData) -> str:
     summary = run.summary
     status = f"stopped: {summary.stopped}" if summary else "no summary.json: the run is still going, or was killed"
     facts = [f"method {run.config.get('method') or (summary.method if summary else '?')}",
-             f"model {summary.model if summary else run.config.get('model', '?')}", status]
+             f"model {short_model_name(summary.model if summary else run.config.get('model', '?'))}", status]
     if summary:
         facts.insert(2, f"{summary.edits_applied} edits applied of {summary.edits_read} read, {summary.failed} failed, "
                         f"{summary.quarantined} quarantined, {summary.rounds} probe rounds")

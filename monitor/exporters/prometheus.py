@@ -36,7 +36,7 @@ from urllib.error import URLError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway, start_http_server
 
 from monitor.metrics import METRICS
-from monitor.sink import Sink
+from monitor.sink import Sink, short_model_name
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,6 @@ SUFFIX = {"ratio": "ratio", "factor": "factor", "nats": "nats", "seconds": "seco
 def series_name(scope: str, key: str) -> str:
     """The gauge holding metric `key` per probe round ("probe"), per edit and setting ("edit") or per run ("run")."""
     return f"editwatch_{scope}_{SUFFIX[METRICS[key].unit]}"
-
-
-def model_label(name: str) -> str:
-    """A short, stable model name for labels: a hub id as it is, a local folder by its own name."""
-    if name.startswith(("/", ".", "~")) or "\\" in name:
-        return Path(name).expanduser().name or name
-    return name
 
 
 class _ScrapeClock:
@@ -141,7 +134,7 @@ class PrometheusSink(Sink):
 
     def on_start(self, run: str, params: dict[str, Any], folder: Path, step: int) -> None:
         """Label every series with the run; create the counters at 0 so dashboards see them at once."""
-        self.labels = {"run": run, "method": str(params.get("method")), "model": model_label(str(params.get("model")))}
+        self.labels = {"run": run, "method": str(params.get("method")), "model": short_model_name(str(params.get("model")))}
         for counter in (self.applied, self.failed, self.quarantined, self.rounds):
             counter.labels(**self.labels)
         self.collapse.labels(**self.labels).set(0)

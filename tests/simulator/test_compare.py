@@ -12,7 +12,8 @@ import subprocess
 import pytest
 
 from simulator import compare
-from simulator.compare import RunView, find_runs, histories, latest_per_step, short_name, table, write_table
+from monitor.sink import short_model_name
+from simulator.compare import RunView, find_runs, histories, latest_per_step, table, write_table
 from tests.services import SIMULATE, mlflow_service, url_of, wait_until
 
 METRICS = ["reliability", "t_gen", "t_loc", "retention", "ref_ppl_ratio", "memory_size"]
@@ -99,7 +100,7 @@ def test_the_markdown_shows_mean_and_sd_and_bolds_the_best_mean_by_each_metrics_
 @pytest.mark.parametrize("model, short", [("llava-hf/llava-1.5-7b-hf", "llava-1.5-7b-hf"), ("default", "default"),
                                           ("/home/me/models/tiny-llava/", "tiny-llava"), ("C:\\models\\blip2", "blip2")])
 def test_short_model_names(model, short):
-    assert short_name(model) == short
+    assert short_model_name(model) == short
 
 
 def test_models_that_share_a_short_name_keep_their_full_names():
