@@ -125,7 +125,7 @@ def reduce(key: str, values: Sequence[float]) -> float:
     if aggregation == "last":
         return values[-1]
     if aggregation == "max":
-        return max(values)
+        return math.nan if any(math.isnan(v) for v in values) else max(values)
     return math.fsum(values) / len(values)
 
 
@@ -134,8 +134,9 @@ def reduce_rounds(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
     series: dict[str, list[float]] = {}
     for row in rows:
         for key, value in row.items():
-            if key in METRICS and METRICS[key].scope == "round" and isinstance(value, (int, float)):
-                series.setdefault(key, []).append(float(value))
+            if key in METRICS and METRICS[key].scope == "round" and (value is None or isinstance(value, (int, float))):
+                # null is how the rounds file holds NaN/Inf: it stays NaN, never hidden behind an older value
+                series.setdefault(key, []).append(math.nan if value is None else float(value))
     return {key: reduce(key, values) for key, values in series.items()}
 
 

@@ -120,6 +120,13 @@ class ProbeRound:
         return RoundResult(values, crossed, time.perf_counter() - start)
 
 
+def round_row(number: int, progress: dict[str, Any], result: RoundResult,
+              results: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """A line of rounds.jsonl: the round's number, the run's progress counters, its values, reasons and cost."""
+    return {"round": number, **progress, **result.values, "alarms": result.reasons, "results": results,
+            "probe_seconds": result.seconds}
+
+
 def announce(sinks: Iterable[Sink], step: int, result: RoundResult, results: dict[str, dict[str, float]]) -> None:
     """Send a round's registered metrics to the exporters."""
     metrics = {k: v for k, v in result.values.items() if k in METRICS}

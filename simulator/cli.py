@@ -19,6 +19,7 @@ from simulator.command import (
     CommandError,
     add_model_options,
     exporters,
+    method_config_error,
     nested,
     options,
     print_error,
@@ -49,7 +50,7 @@ def run_parser() -> argparse.ArgumentParser:
             "  simulate world --out DIR [--entities N] [--seed S]   write the synthetic world's data\n"
             "  simulate train-editor --method NAME ...              train MEND / KE / SERAC on a train split\n"
             "  simulate probe --state DIR --every 10m ...           scheduled regression probes\n"
-            "  simulate compare [--experiment NAME] [--runs ...]    tables and plots across MLflow runs\n"
+            "  simulate compare [--mlflow-experiment NAME] [--runs ...]   tables and plots across MLflow runs\n"
             "  simulate sweep SWEEP.yaml [--address HOST:PORT]      a grid of runs on Ray (see sweeps/)\n"
             "  simulate report RUN_DIR [--against OTHER ...]        one HTML page: checks, plots, tables\n"
             f"\nmethods: {', '.join(sorted(METHODS))}"
@@ -117,8 +118,7 @@ def run_main(args: argparse.Namespace) -> int:
     except (RunError, CheckpointError, RecordsError, UnknownMethodError, FileNotFoundError) as error:
         raise CommandError(str(error)) from None
     except ValidationError as error:  # the method's own settings (--method-config)
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise CommandError(f"invalid --method-config for {config.method}: {problems}") from None
+        raise method_config_error(config.method, error) from None
     finally:
         for sink in sinks:
             sink.close()

@@ -104,6 +104,11 @@ def validation_problems(error: ValidationError, flags: bool = True) -> str:
     return "; ".join(problems)
 
 
+def method_config_error(method: str, error: ValidationError) -> CommandError:
+    """The one-line error for method settings (`--method-config`) the method's Config refuses."""
+    return CommandError(f"invalid --method-config for {method}: {validation_problems(error, flags=False)}")
+
+
 def validated(build: Callable[[], Settings]) -> Settings:
     """Build settings, turning every validation problem into one readable CommandError."""
     try:

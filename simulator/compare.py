@@ -63,7 +63,7 @@ class CompareOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    experiment: str = Field("editwatch", description="MLflow experiment")
+    mlflow_experiment: str = Field("editwatch", description="MLflow experiment whose runs are compared")
     runs: list[str] | None = Field(None, description="only these MLflow run ids")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: MLflow's local default)")
     out: Path = Field(Path("compare"), description="folder for table.csv, table.md and plots/")
@@ -143,7 +143,7 @@ def find_runs(client: Any, experiment: str, run_ids: list[str] | None) -> list[R
     else:
         found = client.get_experiment_by_name(experiment)
         if found is None:
-            raise CommandError(f"no MLflow experiment {experiment!r} (give --experiment or --mlflow-uri)")
+            raise CommandError(f"no MLflow experiment {experiment!r} (give --mlflow-experiment or --mlflow-uri)")
         runs = client.search_runs([found.experiment_id], "tags.`editwatch.kind` = 'simulate'", max_results=10_000)
     views = [RunView(run.info.run_id, run.info.run_name or run.info.run_id, run.data.params.get("method", "?"),
                      run.data.params.get("model", "?"), dict(run.data.metrics), dict(run.data.params),
@@ -372,7 +372,7 @@ def main(namespace: argparse.Namespace) -> int:
         except (FileNotFoundError, JournalError, TrackingUnavailable) as error:
             raise CommandError(f"cannot sync {folder}: {error}") from None
     client = MlflowClient(tracking_uri=args.mlflow_uri)
-    found = find_runs(client, args.experiment, args.runs)
+    found = find_runs(client, args.mlflow_experiment, args.runs)
     runs = [run for run in found if run.finished or args.include_unfinished]
     left_out = [f"{run.name} ({run.state.lower()})" for run in found if not (run.finished or args.include_unfinished)]
     if left_out:
@@ -380,7 +380,7 @@ def main(namespace: argparse.Namespace) -> int:
                     ", ".join(left_out))
     if not runs:
         unfinished = f"; {len(left_out)} unfinished: --include-unfinished compares them" if left_out else ""
-        raise CommandError(f"no finished simulate runs in MLflow experiment {args.experiment!r}{unfinished}")
+        raise CommandError(f"no finished simulate runs in MLflow experiment {args.mlflow_experiment!r}{unfinished}")
     out = Path(args.out)
     columns, rows = table(runs, list(METRICS))
     csv_path, _, markdown = write_table(columns, rows, out)

@@ -17,7 +17,8 @@ import numpy as np
 from editors import create_editor
 from memory.files import current_folder
 from monitor.probes import ReferenceSet
-from monitor.round import AlarmLog, PoolEntry, ProbeRound, announce
+from monitor.metrics import RunningMeans
+from monitor.round import AlarmLog, PoolEntry, ProbeRound, announce, round_row
 from monitor.sink import Sink
 from simulator.checkpoint import FOLDER, META, Checkpoint, CheckpointError, read_pool, restored_refset
 from simulator.config import RunConfig, apply_protocol
@@ -55,7 +56,7 @@ class ProbeJob:
         self.alarms = AlarmLog()
         self.rounds = 0
         self.last: dict[str, Any] = {}
-        self.applied = 0
+        self.progress: dict[str, int] = {}  # the run's counters at its checkpoint
         self.results: dict[str, dict[str, float]] = {}
         self.pool: list[PoolEntry] = []
         self.refset = ReferenceSet()
@@ -88,11 +89,17 @@ class ProbeJob:
         """The editor, pool, reference set and running means as the checkpoint holds them."""
         progress = checkpoint.progress
         self.editor.load_state(checkpoint.editor)
-        self.applied = progress["applied"]
-        self.results = {key: {k: total / count for k, (total, count) in data.items()}
-                        for key, data in progress["results"].items()}
+        self.progress = {"edits_applied": progress["applied"], "edits_read": progress["edits_read"],
+                         "failed": progress["failed"]}
+        self.results = {key: RunningMeans(data).means() for key, data in progress["results"].items()}
+        self.alarms = AlarmLog(**progress["alarms"])  # the run's own alarms, which this job's rounds extend
         self.pool = read_pool(RunFiles(self.state).rows(POOL), progress["pool"])
         self.refset = restored_refset(checkpoint, self.images.open)
+
+    @property
+    def applied(self) -> int:
+        """Edits the probed state holds."""
+        return self.progress.get("edits_applied", 0)
 
     def round(self) -> dict[str, Any]:
         """One probe round on the latest state, with the fixed sample."""
@@ -100,8 +107,7 @@ class ProbeJob:
         result = self.prober(self.pool, self.refset, np.random.default_rng(self.seed))
         self.rounds += 1
         self.alarms.update(result, self.applied)
-        self.last = {"round": self.rounds, "edits_applied": self.applied, **result.values, "alarms": result.reasons,
-                     "results": self.results, "probe_seconds": result.seconds}
+        self.last = round_row(self.rounds, self.progress, result, self.results)
         self.files.append(ROUNDS, self.last)
         announce(self.sinks, self.applied, result, self.results)
         log.info("probe round %d after %d edits: retention %s, collapse alarm %s", self.rounds, self.applied,

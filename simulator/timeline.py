@@ -22,7 +22,7 @@ from monitor.metrics import RunningMeans, fill_references, measure, measure_base
 from monitor.plan import base_probes, edit_probes
 from monitor.probes import ReferenceSet
 from monitor.reference import ReferenceStore
-from monitor.round import AlarmLog, PoolEntry, ProbeRound, announce
+from monitor.round import AlarmLog, PoolEntry, ProbeRound, announce, round_row
 from monitor.sink import Sink
 from simulator.config import RunConfig
 from simulator.outputs import POOL, ROUNDS, RunFiles
@@ -169,13 +169,9 @@ class Timeline:
         if result.reasons and self.config.stop_on_collapse:
             self.stopped = "collapse"
         elapsed = time.monotonic() - self._clock
-        row = {
-            "round": self.rounds, "edits_applied": self.applied, "edits_read": self.edits_read, "failed": self.failed,
-            **result.values, "alarms": result.reasons,
-            "results": {key: means.means() for key, means in self.results.items()},
-            "probe_seconds": result.seconds,
-            "edits_per_second": self._edits_since_round / elapsed if elapsed > 0 else None,
-        }
+        progress = {"edits_applied": self.applied, "edits_read": self.edits_read, "failed": self.failed}
+        row = round_row(self.rounds, progress, result, {key: means.means() for key, means in self.results.items()})
+        row["edits_per_second"] = self._edits_since_round / elapsed if elapsed > 0 else None
         self._clock, self._edits_since_round = time.monotonic(), 0
         self.files.append(ROUNDS, row)
         self.last_round = {k: v for k, v in row.items() if k not in ("probe_seconds", "edits_per_second")}

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from editors.prompts import PromptFormat
-from simulator.command import ArgumentParser, CommandError, add_model_options, options
+from simulator.command import ArgumentParser, CommandError, add_model_options, method_config_error, options
 from simulator.config import RunConfig
 from simulator.records import RecordFormat
 
@@ -37,7 +37,7 @@ class TrainEditorOptions(BaseModel):
     train: Path | None = Field(None, description="train split (JSON array or JSONL of records); default: the "
                                "embedded world's")
     images: Path | None = Field(None, description="image root of --train (default: the folder 'images' beside it)")
-    record_format: RecordFormat = _RUN["record_format"]
+    record_format: RecordFormat = Field("vlkeb", description="record format of --train")
     model: str = _RUN["model"]
     # The same choices and defaults as a run's, so a state trains on the model the run will use.
     device: str = _RUN["device"]
@@ -81,8 +81,7 @@ def main(namespace: argparse.Namespace) -> int:
     try:
         config = cls.Config.model_validate(settings)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise CommandError(f"invalid --method-config for {args.method}: {problems}") from None
+        raise method_config_error(args.method, error) from None
 
     examples = _examples(args)
     editor = cls(_model(args), config)

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from memory.files import read_jsonl
 from monitor.alarms import CollapseThresholds
 from monitor.exporters.journal import Journal, JournalError
 from monitor.exporters.plots import collapse_thresholds, round_plots
@@ -205,7 +206,7 @@ def _snapshot(folder: Path, target: Path) -> None:
             shutil.copy2(folder / name, target / name)
     rounds = folder / "rounds.jsonl"
     if rounds.is_file():
-        rows = [json.loads(line) for line in rounds.read_text(encoding="utf-8").splitlines() if line]
+        rows = list(read_jsonl(rounds))
         config = folder / "config.json"
         given = json.loads(config.read_text(encoding="utf-8")).get("collapse", {}) if config.is_file() else {}
         round_plots(rows, target / "plots", collapse_thresholds(CollapseThresholds.model_validate(given)))

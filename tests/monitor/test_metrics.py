@@ -292,3 +292,8 @@ def test_a_runs_rounds_reduce_by_each_metrics_aggregation():
             {"retention": 0.25, "retrieval_latency_seconds": 0.75, "collapse_alarm": 1.0, "alarms": ["a"]},
             {"retention": 0.125, "collapse_alarm": 0.0}]
     assert reduce_rounds(rows) == {"retention": 0.125, "retrieval_latency_seconds": 0.5, "collapse_alarm": 1.0}
+    # A final NaN (null in the rounds file) is the run's value, not hidden behind an older finite one.
+    rows.append({"ref_ppl_ratio": None, "retention": None})
+    rows[0]["ref_ppl_ratio"] = 1.5
+    reduced = reduce_rounds(rows)
+    assert math.isnan(reduced["ref_ppl_ratio"]) and math.isnan(reduced["retention"])

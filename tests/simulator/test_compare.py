@@ -149,7 +149,7 @@ def test_two_streams_are_two_rows_and_a_killed_run_is_left_out_unless_asked_for(
 
     def compared(*flags):
         out = tmp_path / f"out{len(flags)}"
-        args = compare.parser().parse_args(["--experiment", "streams", "--mlflow-uri", uri, "--out", str(out), *flags])
+        args = compare.parser().parse_args(["--mlflow-experiment", "streams", "--mlflow-uri", uri, "--out", str(out), *flags])
         assert compare.main(args) == 0
         with (out / "table.csv").open() as handle:
             return list(csv.DictReader(handle))
@@ -237,7 +237,7 @@ def test_two_methods_compared_and_a_server_outage_mid_run_loses_nothing(small_wo
         assert "MLflow tracking unreachable" in stderr and "reachable again" in stderr
 
         out = tmp_path / "cmp"
-        result = subprocess.run([SIMULATE, "compare", "--experiment", "cmp", "--mlflow-uri", uri, "--out", str(out)],
+        result = subprocess.run([SIMULATE, "compare", "--mlflow-experiment", "cmp", "--mlflow-uri", uri, "--out", str(out)],
                                 env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         from mlflow import MlflowClient
