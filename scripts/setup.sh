@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.11+) and install editwatch with its test tools.
+# Create .venv (Python 3.11+) and install editwatch with its test tools and Ray (`simulate sweep`).
 # torch is pinned to 2.13.0 in pyproject.toml: the CPU build; an unpinned torch pulls CUDA (GBs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,4 +9,4 @@ python=${PYTHON:-python3}
     exit 1
 }
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,sweep]'

@@ -23,21 +23,13 @@ from simulator.command import (
     nested,
     options,
     print_error,
+    user_errors,
     validated,
 )
 from simulator.config import RunConfig, load_run_config
 from simulator.world.graph import WorldConfig
 
 log = logging.getLogger("simulate")
-
-
-def _user_error(error: Exception) -> bool:
-    """Whether a library error is the user's to fix (an unsupported model, unusable input, a foreign editor state)."""
-    from editors.editor import StateMismatchError
-    from editors.families import UnsupportedModelError
-    from editors.inputs import InputError
-
-    return isinstance(error, (UnsupportedModelError, InputError, StateMismatchError))
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -107,15 +99,12 @@ def run_main(args: argparse.Namespace) -> int:
     overrides = nested({k: v for k, v in vars(args).items() if k not in ("config", "verbose")})
     config = validated(lambda: load_run_config(args.config, overrides))
     log.debug("run config: %s", config.model_dump_json())
-    from editors import UnknownMethodError
-    from simulator.checkpoint import CheckpointError
-    from simulator.run import RunError, simulate
-    from simulator.stream import RecordsError
+    from simulator.run import simulate
 
     sinks = exporters(config)
     try:
         summary = simulate(config, sinks=sinks)
-    except (RunError, CheckpointError, RecordsError, UnknownMethodError, FileNotFoundError) as error:
+    except user_errors() as error:
         raise CommandError(str(error)) from None
     except ValidationError as error:  # the method's own settings (--method-config)
         raise method_config_error(config.method, error) from None
@@ -152,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return INTERRUPTED
     except Exception as error:
-        if not _user_error(error):
+        if not isinstance(error, user_errors()):
             raise
         print_error(str(error))
         return USAGE_ERROR

@@ -104,6 +104,21 @@ def validation_problems(error: ValidationError, flags: bool = True) -> str:
     return "; ".join(problems)
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors a run reports as the user's to fix (settings, model, input, checkpoint, a foreign editor state):
+    one line and exit 2 from the CLI, reported once and not retried in a sweep."""
+    from editors.editor import StateMismatchError
+    from editors.families import UnsupportedModelError
+    from editors.inputs import InputError
+    from editors.registry import UnknownMethodError
+    from simulator.checkpoint import CheckpointError
+    from simulator.run import RunError
+    from simulator.stream import RecordsError
+
+    return (RunError, CheckpointError, RecordsError, UnknownMethodError, FileNotFoundError, UnsupportedModelError,
+            InputError, StateMismatchError)
+
+
 def method_config_error(method: str, error: ValidationError) -> CommandError:
     """The one-line error for method settings (`--method-config`) the method's Config refuses."""
     return CommandError(f"invalid --method-config for {method}: {validation_problems(error, flags=False)}")

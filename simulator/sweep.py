@@ -7,7 +7,8 @@ checkpoint continues from it (`--resume` semantics), and a finished cell is neve
 Ray is an optional extra (`editwatch[sweep]`), imported only inside what this command runs.
 
 The sweep folder holds:
-    config.json    the cells and their settings (what `--resume` checks)
+    config.json    the sweep file as read (the parent MLflow run's params)
+    cells.json     each cell's grid values and settings (what `--resume` checks)
     summary.json   each cell's outcome
     cells/<cell>/  each cell's run folder (summary.json, rounds.jsonl, checkpoint/, mlflow/ ...)
     compare/       `simulate compare`'s table and plots of the cells
@@ -20,13 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping
 
 from memory.files import jsonable, write_text_atomically
 from monitor.sink import Sink
 from simulator import compare
-from simulator.command import INTERRUPTED, ArgumentParser, CommandError, add_model_options, options
+from simulator.command import INTERRUPTED, ArgumentParser, CommandError, add_model_options, options, user_errors
 from simulator.config import RunConfig
 from simulator.outputs import SUMMARY
 from simulator.sweep_config import Sweep, SweepOptions, load_sweep
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
+CELL_SETTINGS = "cells.json"
 CELLS = "cells"
 RAY = "ray"
 CELL_ERROR = "cell_error"  # the metric a cell that failed for a reason of its own reports, with the message
@@ -62,28 +66,25 @@ def main(args: argparse.Namespace) -> int:
     sweep = load_sweep(Path(args.sweep))
     out = (settings.out or Path("runs") / sweep.name).resolve()
     configs = _cell_configs(sweep, out, settings.resume)
-    first = next(iter(configs.values()))
+    if settings.address not in (None, "auto"):
+        _check_reachable(settings.address)
+    first = next(iter(configs.values()))  # the MLflow settings the cells share
+    _write(out / CONFIG, {**sweep.spec.model_dump(mode="json"), "name": sweep.name})
     if not first.no_mlflow:
-        parent, uri = _start_parent(sweep, out, first, settings.resume)
-        configs = {cell.name: configs[cell.name].model_copy(update={"mlflow_uri": uri, "mlflow_tags": {
-            "mlflow.parentRunId": parent, "editwatch.sweep": sweep.name,
-            **{key: value if isinstance(value, str) else json.dumps(value) for key, value in cell.values.items()},
-        }}) for cell in sweep.cells}
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(out / CONFIG, json.dumps(jsonable({"sweep": sweep.name, "cells": {
-        cell.name: {"values": cell.values, "config": configs[cell.name].model_dump(mode="json")}
-        for cell in sweep.cells}}), indent=2) + "\n")
+        configs = _children(sweep, configs, *_start_parent(sweep, out, first, settings.resume))
+    _write(out / CELL_SETTINGS, {cell.name: {"values": cell.values,
+                                             "config": configs[cell.name].model_dump(mode="json")}
+                                 for cell in sweep.cells})
     outcomes = _outcomes(_run(sweep, configs, out, settings), configs)
-    unfinished = [name for name, outcome in outcomes.items() if outcome["status"] == "unfinished"]
-    failed = {name: outcome["error"] for name, outcome in outcomes.items() if outcome["status"] == "failed"}
-    for name, error in failed.items():
-        log.error("cell %s failed: %s", name, error)
-    finished = [name for name, outcome in outcomes.items() if outcome["status"] == "finished"]
+    unfinished, failed, finished = ([name for name, outcome in outcomes.items() if outcome["status"] == status]
+                                    for status in ("unfinished", "failed", "finished"))
+    for name in failed:
+        log.error("cell %s failed: %s", name, outcomes[name]["error"])
     summary = {"sweep": sweep.name, "stopped": "interrupted" if unfinished else "end of grid", "cells": outcomes}
-    write_text_atomically(out / SUMMARY, json.dumps(jsonable(summary), indent=2) + "\n")
+    _write(out / SUMMARY, summary)
     if not first.no_mlflow:
         if finished and not unfinished:
-            _compare(out, [configs[name] for name in finished], first)
+            _compare(out, [configs[name] for name in finished])
         _finish_parent(sweep, out, first, summary)
     log.info("sweep %s: %d cells finished, %d failed, %d unfinished; outputs in %s", sweep.name, len(finished),
              len(failed), len(unfinished), out)
@@ -98,14 +99,14 @@ def _cell_configs(sweep: Sweep, out: Path, resume: bool) -> dict[str, RunConfig]
     configs = {cell.name: cell.config.model_copy(update={"out": out / CELLS / cell.name, "run_name": cell.name})
                for cell in sweep.cells}
     if not resume:
-        if (out / CONFIG).exists():
+        if (out / CELL_SETTINGS).exists():
             raise CommandError(f"{out} already holds a sweep: pass --resume to continue it, or choose another --out")
         return configs
-    if not (out / CONFIG).is_file():
+    if not (out / CELL_SETTINGS).is_file():
         raise CommandError(f"no sweep in {out} to resume (run without --resume to start it)")
     from simulator.run import RunError, check_resumable
 
-    saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))["cells"]
+    saved = json.loads((out / CELL_SETTINGS).read_text(encoding="utf-8"))
     if set(saved) != set(configs):
         added, removed = sorted(set(configs) - set(saved)), sorted(set(saved) - set(configs))
         raise CommandError(f"the grid of {sweep.name} changed since the sweep started (cells added: {added}, "
@@ -121,6 +122,23 @@ def _cell_configs(sweep: Sweep, out: Path, resume: bool) -> dict[str, RunConfig]
     return configs
 
 
+def _check_reachable(address: str) -> None:
+    """Refuse a Ray address nothing answers on before anything is written (Ray itself retries for minutes)."""
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if not (host and port.isdigit()):
+        raise CommandError(f"--address {address!r}: expected auto or HOST:PORT (the head's `ray start --port`)")
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as error:
+        raise CommandError(f"cannot reach the Ray cluster at {address}: {error}") from None
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    """A JSON file of the sweep folder, replaced atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(path, json.dumps(jsonable(data), indent=2) + "\n")
+
+
 def _start_parent(sweep: Sweep, out: Path, settings: RunConfig, resume: bool) -> tuple[str, str]:
     """Create (or, resuming, reopen) the sweep's parent MLflow run now; its id and the tracking URI the cells use.
 
@@ -131,7 +149,7 @@ def _start_parent(sweep: Sweep, out: Path, settings: RunConfig, resume: bool) ->
 
     sink = MlflowSink(settings.mlflow_uri, settings.mlflow_experiment, "sweep", settings.mlflow_flush_seconds)
     # step > 0 continues the run the folder's journal holds (MlflowSink.on_start)
-    sink.on_start(sweep.name, {"cells": len(sweep.cells), "grid": sweep.spec.grid}, out, int(resume))
+    sink.on_start(sweep.name, {"cells": len(sweep.cells)}, out, int(resume))  # and config.json's settings
     sink.close()
     assert sink.journal is not None  # set by on_start
     state = sink.journal.state()
@@ -141,8 +159,16 @@ def _start_parent(sweep: Sweep, out: Path, settings: RunConfig, resume: bool) ->
     return state["run_id"], state["uri"]
 
 
+def _children(sweep: Sweep, configs: dict[str, RunConfig], parent: str, uri: str) -> dict[str, RunConfig]:
+    """The cells as child runs of the parent: at its tracking URI, tagged with its id and their grid values."""
+    return {cell.name: configs[cell.name].model_copy(update={"mlflow_uri": uri, "mlflow_tags": {
+        "mlflow.parentRunId": parent, "editwatch.sweep": sweep.name,
+        **{key: value if isinstance(value, str) else json.dumps(value) for key, value in cell.values.items()},
+    }}) for cell in sweep.cells}
+
+
 def _finish_parent(sweep: Sweep, out: Path, settings: RunConfig, summary: dict[str, Any]) -> None:
-    """End the parent run: the sweep's config.json and summary.json as artifacts, KILLED when interrupted."""
+    """End the parent run (KILLED when interrupted), with the sweep's config.json and summary.json as artifacts."""
     from monitor.exporters import MlflowSink
 
     sink = MlflowSink(settings.mlflow_uri, settings.mlflow_experiment, "sweep", settings.mlflow_flush_seconds)
@@ -205,29 +231,35 @@ def _outcomes(results: ResultGrid, configs: dict[str, RunConfig]) -> dict[str, d
     return outcomes
 
 
-def _compare(out: Path, finished: list[RunConfig], settings: RunConfig) -> None:
+def _compare(out: Path, finished: list[RunConfig]) -> None:
     """`simulate compare` over the finished cells' MLflow runs, into `out/compare` (their unsent operations first)."""
     from monitor.exporters.journal import Journal, JournalError
     from monitor.exporters.tracking import FOLDER, TrackingUnavailable, sync
 
     runs = []
     for config in finished:
-        assert config.out is not None  # every cell has its folder
         try:
-            sync(config.out)
+            sync(cell_folder(config))
         except (TrackingUnavailable, JournalError) as error:
             log.warning("no compare table: cell %s is not all in MLflow (%s); `simulate compare --sync` sends it later",
                         config.run_name, error)
             return
-        runs.append(Journal(config.out / FOLDER).state()["run_id"])
-    compare.main(compare.parser().parse_args(["--experiment", settings.mlflow_experiment, "--out",
-                                              str(out / "compare"), "--runs", *runs]))
+        runs.append(Journal(cell_folder(config) / FOLDER).state()["run_id"])
+    settings = finished[0]  # the cells share the parent's tracking URI
+    compare.main(compare.parser().parse_args(["--mlflow-uri", str(settings.mlflow_uri), "--out", str(out / "compare"),
+                                              "--runs", *runs]))
+
+
+def cell_folder(config: RunConfig) -> Path:
+    """A cell's run folder (`out`, which the sweep sets for every cell)."""
+    if config.out is None:
+        raise ValueError(f"cell {config.run_name} has no run folder")
+    return config.out
 
 
 def finished_summary(config: RunConfig) -> dict[str, Any] | None:
     """A cell's summary if its run ended normally: not interrupted, not stopped short of a larger --limit."""
-    assert config.out is not None  # every cell has its folder
-    path = config.out / SUMMARY
+    path = cell_folder(config) / SUMMARY
     if not path.is_file():
         return None
     summary = json.loads(path.read_text(encoding="utf-8"))
@@ -243,30 +275,23 @@ def run_cell(params: dict[str, Any], cells: dict[str, str]) -> None:
     from pydantic import ValidationError
     from ray import tune
 
-    from editors.editor import StateMismatchError
-    from editors.families import UnsupportedModelError
-    from editors.inputs import InputError
-    from editors.registry import UnknownMethodError
-    from editors.state import current_folder
+    from memory.files import current_folder
     from monitor.exporters import build_sinks
-    from simulator.checkpoint import FOLDER, CheckpointError
-    from simulator.run import RunError, simulate
-    from simulator.stream import RecordsError
+    from simulator.checkpoint import FOLDER
+    from simulator.run import simulate
 
     # What `simulate` reports as the user's to fix: the cell failed for a reason of its own, and
     # running it again would fail the same way, so it is reported, not retried.
-    own_errors = (RunError, CheckpointError, RecordsError, UnknownMethodError, FileNotFoundError, ValidationError,
-                  UnsupportedModelError, InputError, StateMismatchError)
+    own_errors = (*user_errors(), ValidationError)
     # The run's own messages (resuming ... after line N) go to the worker's log, which Ray shows the driver.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = RunConfig.model_validate_json(cells[params["cell"]])
     done = finished_summary(config)
     if done is not None:
         log.info("cell %s finished before: kept as it is", config.run_name)
-        TuneReport().on_finish(done, config.out or Path())
+        TuneReport().on_finish(done, cell_folder(config))
         return
-    assert config.out is not None  # every cell has its folder
-    config = config.model_copy(update={"resume": current_folder(config.out / FOLDER).exists()})
+    config = config.model_copy(update={"resume": current_folder(cell_folder(config) / FOLDER).exists()})
     sinks = [*build_sinks(config), TuneReport()]
     try:
         simulate(config, sinks, progress=False)
@@ -281,7 +306,8 @@ class TuneReport(Sink):
     """Sends a cell's probe rounds and final numbers to Ray Tune (progress view, result files); `edits` is the step."""
 
     def on_round(
-        self, step: int, values: dict[str, float], seconds: float, results: dict[str, dict[str, float]]
+        self, step: int, values: dict[str, float], seconds: float, results: dict[str, dict[str, float]],
+        crossed: Mapping[str, str] = MappingProxyType({}),
     ) -> None:
         """Report the round's values and the running means per setting (`gap_10/reliability`)."""
         self._report(step, {**values, **_per_setting(results)})

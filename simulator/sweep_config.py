@@ -20,7 +20,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
@@ -58,7 +58,9 @@ class SweepFile(BaseModel):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$",
                              description="name of the sweep (MLflow parent run); default: the file's name")
     base: dict[str, Any] = Field(default_factory=dict, description="settings every cell shares (`simulate --config`)")
-    grid: dict[str, list[Any]] = Field(min_length=1, description="setting -> values; one cell per combination")
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(
+        min_length=1, description="setting -> values; one cell per combination"
+    )
     resources: Resources = Field(default_factory=Resources, description="per cell")
     max_failures: NonNegativeInt = Field(
         2, description="retries of a cell whose worker fails; each continues from the cell's last checkpoint"
@@ -74,7 +76,8 @@ class SweepOptions(BaseModel):
         None, description="Ray cluster: 'auto' (the one `ray start` runs on this machine) or HOST:PORT; "
         "default: a local Ray instance with this machine's cores"
     )
-    out: Path | None = Field(None, description="sweep folder (cells/, compare/, Ray's state); default: runs/<sweep name>")
+    out: Path | None = Field(None, description="sweep folder (cells/, compare/, Ray's state); "
+                                               "default: runs/<sweep name>")
     resume: bool = Field(False, description="continue the sweep in --out: finished cells are kept, the others continue "
                                             "from their checkpoints")
     max_concurrent: PositiveInt | None = Field(None, description="cells running at once (default: as many as fit)")
@@ -128,19 +131,18 @@ def load_sweep(path: Path) -> Sweep:
 def _cells(base: dict[str, Any], grid: dict[str, list[Any]],
            resources: Resources | None) -> tuple[list[Cell], list[str]]:
     """Every combination of the grid over `base`, validated; and the problems, each named once."""
-    from editors.registry import UnknownMethodError, editor_class
-
     problems: dict[str, None] = {}  # ordered and without repeats: a base mistake shows in every cell
     for part, keys in (("base", base), ("grid", grid)):
         for key in keys:
             if key in OWNED:
                 problems[f"{part}.{key}: set by the sweep ({OWNED[key]})"] = None
     combinations = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    names = cell_names(combinations)
     cells = []
-    for name, values in zip(names, combinations):
+    for name, values in zip(cell_names(combinations), combinations):
+        settings = {**base, **values}
+        problems.update(dict.fromkeys(_method_problems(settings, grid)))
         try:
-            config = RunConfig.model_validate({**base, **values})
+            config = RunConfig.model_validate(settings)
         except ValidationError as error:
             for item in error.errors():
                 field = next((str(p) for p in item["loc"][:1]), "")
@@ -148,14 +150,6 @@ def _cells(base: dict[str, Any], grid: dict[str, list[Any]],
                 part = "grid" if field in grid else "base"
                 problems[f"{part}.{where}: {item['msg']}" if where else f"cell {name}: {item['msg']}"] = None
             continue
-        part = {key: "grid" if key in grid else "base" for key in ("method", "method_config", "device")}
-        try:
-            editor_class(config.method).Config.model_validate(config.method_config)
-        except UnknownMethodError as error:  # its message suggests the closest names
-            problems[f"{part['method']}.method: {error}"] = None
-        except ValidationError as error:
-            problems[f"{part['method_config']}.method_config ({config.method}): "
-                     f"{validation_problems(error, flags=False)}"] = None
         if config.stream == "-":
             problems["base.stream: a sweep reads its streams from files, not standard input"] = None
         if config.device.startswith("cuda") and resources is not None and resources.gpu == 0:
@@ -163,6 +157,24 @@ def _cells(base: dict[str, Any], grid: dict[str, list[Any]],
                      "without one)"] = None
         cells.append(Cell(name, values, _absolute_paths(config)))
     return cells, list(problems)
+
+
+def _method_problems(settings: dict[str, Any], grid: dict[str, list[Any]]) -> list[str]:
+    """A cell's method and its settings checked by the method's own model, as `simulate` does before loading."""
+    from editors.registry import UnknownMethodError, editor_class
+
+    method = settings.get("method", RunConfig.model_fields["method"].default)
+    method_config = settings.get("method_config", {})
+    if not isinstance(method, str) or not isinstance(method_config, dict):
+        return []  # a wrong type: RunConfig reports it
+    try:
+        editor_class(method).Config.model_validate(method_config)
+    except UnknownMethodError as error:  # its message suggests the closest names
+        return [f"{'grid' if 'method' in grid else 'base'}.method: {error}"]
+    except ValidationError as error:
+        return [f"{'grid' if 'method_config' in grid else 'base'}.method_config ({method}): "
+                f"{validation_problems(error, flags=False)}"]
+    return []
 
 
 def cell_names(combinations: list[dict[str, Any]]) -> list[str]:

@@ -219,7 +219,7 @@ def _rows(metrics: dict[str, Any], step: int) -> list[list[Any]]:
 
 
 def _settings(folder: Path) -> dict[str, Any]:
-    """The run's settings file (`config.json`) as a mapping; empty when there is none (a sweep's parent run)."""
+    """The run's settings file (`config.json`) as a mapping; empty when there is none (yet)."""
     path = folder / SETTINGS_FILE
     if not path.is_file():
         return {}

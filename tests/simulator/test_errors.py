@@ -126,11 +126,10 @@ def test_a_device_this_machine_lacks_is_refused(small_world, small_model, tmp_pa
         (["--stream", "s.jsonl", "--bogus"], "simulate: error: unrecognized arguments: --bogus"),
         (["--stream", "s.jsonl", "--mode", "twice"], "simulate: error: argument --mode: invalid choice: 'twice'"),
         (["--gap", "0"], "simulate: error: invalid settings: --stream: Field required; --gap: Input should be"),
-        (["train-editor", "--out", "x"], "simulate: error: train-editor: the following arguments are required: "
-                                         "--method"),
+        (["train-editor", "--out", "x"], "simulate: error: invalid settings: --method: Field required"),
         (["train-editor", "--method", "mend", "--out", "x", "--dtype", "float8"],
          "simulate: error: train-editor: argument --dtype: invalid choice: 'float8'"),
-        (["probe"], "simulate: error: probe: the following arguments are required: --state"),
+        (["probe"], "simulate: error: invalid settings: --state: Field required"),
     ],
 )
 def test_bad_flags_are_one_line(argv, message, capsys):
