@@ -75,6 +75,41 @@ def publishing(target: Path, ready: Callable[[Path], bool]) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class FolderLockedError(RuntimeError):
+    """Another process holds the folder's lock."""
+
+
+@contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """Hold `folder`'s lock (an flock on `folder/.lock`) for the block; FolderLockedError when another process has it.
+
+    The kernel drops the lock when its holder dies, so a killed run never leaves the folder locked.
+    """
+    import fcntl  # POSIX only, like the runs themselves
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderLockedError(f"{folder} is in use by another process (a run or a --resume of it)") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_stale(folder: Path) -> list[Path]:
+    """Delete the temporary files and folders `write_atomically` left in `folder` when its writer was killed.
+
+    Only call this while holding the folder's lock: then no writer is at work there.
+    """
+    stale = [path for path in folder.glob(".*.tmp-*") if path.name.rsplit(".tmp-", 1)[-1].isdigit()]
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    return stale
+
+
 def jsonable(value: Any) -> Any:
     """`value` with NaN/Inf floats as None, so the files stay strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):

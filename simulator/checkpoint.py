@@ -92,7 +92,8 @@ def save_timeline(timeline: Timeline, extra: dict[str, Any]) -> None:
     refset, refset_tensors = _refset_saved(timeline.refset)
     tensors.update(refset_tensors)
     progress = {
-        "line": timeline.line, "edits_read": timeline.edits_read, "applied": timeline.applied,
+        "line": timeline.line, "stopped": timeline.stopped, "edits_read": timeline.edits_read,
+        "applied": timeline.applied,
         "failed": timeline.failed, "rounds": timeline.rounds, "last_round": timeline.last_round,
         "alarms": timeline.alarms.as_dict(), "results": {k: m.data for k, m in timeline.results.items()},
         "base": timeline.base.data, "pending": pending, "pool": len(timeline.pool),

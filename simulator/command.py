@@ -111,12 +111,13 @@ def user_errors() -> tuple[type[Exception], ...]:
     from editors.families import UnsupportedModelError
     from editors.inputs import InputError
     from editors.registry import UnknownMethodError
+    from memory.files import FolderLockedError
     from simulator.checkpoint import CheckpointError
     from simulator.run import RunError
     from simulator.stream import RecordsError
 
     return (RunError, CheckpointError, RecordsError, UnknownMethodError, FileNotFoundError, UnsupportedModelError,
-            InputError, StateMismatchError)
+            InputError, StateMismatchError, FolderLockedError)
 
 
 def method_config_error(method: str, error: ValidationError) -> CommandError:

@@ -15,13 +15,13 @@ from tqdm import tqdm
 
 from editors import LVLM, EditExample, Editor, EditorState, HasMemory, HasWeightDelta, create_editor, editor_class
 from editors.editor import StateMismatchError
-from memory.files import current_folder, publishing
+from memory.files import current_folder, locked, publishing, remove_stale, write_text_atomically
 from monitor.metrics import reduce_rounds
 from monitor.probes import edit_success
 from monitor.sink import Sink
 from simulator.checkpoint import FOLDER, Checkpoint, restore_timeline, save_timeline, truncate
 from simulator.config import RunConfig, apply_protocol
-from simulator.outputs import POOL, QUARANTINE, ROUNDS, RunFiles
+from simulator.outputs import POOL, QUARANTINE, ROUNDS, SUMMARY, RunFiles
 from simulator.records import EditRecord
 from simulator.requests import edit_example
 from simulator.settings import cache_root
@@ -185,12 +185,25 @@ def run_name(config: RunConfig) -> str:
 
 
 def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run the configured simulation to its end; returns the summary written to `out/summary.json`."""
-    sinks = sinks or []
+    """Run the configured simulation to its end; returns the summary written to `out/summary.json`.
+
+    The run holds the lock of its folder throughout: a second run or `--resume` on it is refused.
+    """
+    out = config.out or Path("runs") / run_name(config)
+    with locked(out):
+        for path in remove_stale(out):
+            log.info("removed %s, left by a run killed while writing it", path)
+        checkpoint = _checkpoint_to_resume(config, out)
+        if checkpoint is not None and (summary := _finished(config, out, checkpoint)) is not None:
+            return summary
+        return _simulate(config, out, checkpoint, sinks or [], progress)
+
+
+def _simulate(config: RunConfig, out: Path, checkpoint: Checkpoint | None, sinks: list[Sink],
+              progress: bool) -> dict[str, Any]:
+    """The run itself, from its checkpoint or from the start."""
     name = run_name(config)
-    out = config.out or Path("runs") / name
     files = RunFiles(out)
-    checkpoint = _checkpoint_to_resume(config, out)
     # Settings errors first: loading (or training) a model takes a while.
     editor_class(config.method).Config.model_validate(config.method_config)
     images = image_root(config)
@@ -212,7 +225,7 @@ def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool 
     else:
         for file_name in files.sizes():
             files.path(file_name).unlink(missing_ok=True)
-    (out / CONFIG).write_text(given.model_dump_json(indent=2) + "\n")  # as given: what --resume compares
+    write_text_atomically(out / CONFIG, given.model_dump_json(indent=2) + "\n")  # as given: what --resume compares
     stop = threading.Event()
     reader = StreamReader(config.stream, config.record_format, images, files.path(QUARANTINE), start_line,
                           config.follow, stop=stop)
@@ -242,6 +255,8 @@ def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool 
         raise
     finally:
         bar.close()
+    if not timeline.held_back:
+        timeline.line = reader.line  # the reader's position: bad lines after the last record are counted already
     if timeline.stopped == "interrupted":
         log.warning("interrupted after %d edits: --resume continues", timeline.applied)
     save_timeline(timeline, counters())
@@ -262,15 +277,34 @@ def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool 
 
 
 def _checkpoint_to_resume(config: RunConfig, out: Path) -> Checkpoint | None:
-    """The checkpoint `--resume` continues from (checked against the settings), or None for a new run."""
+    """The checkpoint `--resume` continues from (checked against the settings), or None for a new run.
+
+    `--resume` where no checkpoint was written yet (a run killed early) starts the run from the
+    beginning, so a supervisor that always passes `--resume` recovers.
+    """
     has_run = current_folder(out / FOLDER).exists()
     if not config.resume:
         if has_run:
             raise RunError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
         return None
+    if not has_run:
+        log.warning("%s holds no checkpoint yet: the run starts from the beginning", out)
+        return None
     checkpoint = Checkpoint.load(out)
     check_resumable(json.loads((out / CONFIG).read_text()), config)
     return checkpoint
+
+
+def _finished(config: RunConfig, out: Path, checkpoint: Checkpoint) -> dict[str, Any] | None:
+    """The summary of a run that `--resume` would not change (it reached its --limit, or stopped on collapse)."""
+    progress, summary = checkpoint.progress, out / SUMMARY
+    done = (progress.get("stopped") == "limit" and config.limit is not None and progress["edits_read"] >= config.limit
+            or progress.get("stopped") == "collapse" and config.stop_on_collapse)
+    if not done or not summary.is_file():
+        return None
+    log.warning("%s finished (%s after %d edits): --resume has nothing to do; raise --limit to go on", out,
+                progress["stopped"], progress["applied"])
+    return json.loads(summary.read_text(encoding="utf-8"))
 
 
 def _expected_edits(config: RunConfig, stream_file: Path | None) -> int | None:

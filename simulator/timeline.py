@@ -68,6 +68,7 @@ class Timeline:
         self.last_round: dict[str, Any] = {}
         self.alarms = AlarmLog()
         self.stopped: str | None = None
+        self.held_back = False  # the run ended with a record read from the stream but not applied
         self._clock = time.monotonic()
         self._edits_since_round = 0
 
@@ -76,11 +77,14 @@ class Timeline:
         """Consume `(line, record)` pairs until the stream ends, the limit is hit, a stop alarm, or `stop` is set.
 
         `stop` is only looked at between records, so a stop never leaves a record half done;
-        `checkpoint()` runs every `checkpoint_every` records read.
+        `checkpoint()` runs every `checkpoint_every` records read. `line` is the stream position
+        consumed: a record read but not applied (a stop, the limit) is read again on resume.
         """
         for line, record in records:
-            if stop is not None and stop.is_set():
-                self.stopped = "interrupted"
+            interrupted = stop is not None and stop.is_set()
+            if interrupted or (self.config.limit is not None and self.edits_read >= self.config.limit):
+                self.stopped = "interrupted" if interrupted else "limit"
+                self.line, self.held_back = line - 1, True
                 return
             self.step(line, record)
             if self.config.limit is not None and self.edits_read >= self.config.limit:

@@ -99,7 +99,17 @@ def test_resume_refuses_settings_that_change_what_is_measured(small_world, small
     assert json.loads((out / "summary.json").read_text())["edits_applied"] == 4
 
 
-def test_resume_without_a_checkpoint_says_so(small_world, small_model, tmp_path):
-    result = subprocess.run(run_args(small_world, small_model, tmp_path / "none") + ["--resume"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "no checkpoint" in result.stderr
+@pytest.mark.slow
+def test_resume_without_a_checkpoint_starts_from_the_beginning(small_world, small_model, whole, tmp_path):
+    """A supervisor that always passes --resume recovers from a kill before the first checkpoint."""
+    out = tmp_path / "early"
+    process = started(run_args(small_world, small_model, out), 1)  # killed before its first checkpoint (3 edits)
+    process.kill()
+    process.wait()
+    assert not (out / "checkpoint").exists()
+    result = subprocess.run(run_args(small_world, small_model, out) + ["--resume"], env=ENV, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "holds no checkpoint yet: the run starts from the beginning" in result.stderr
+    assert json.loads((out / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
+    assert rows(out / "pool.jsonl") == rows(whole / "pool.jsonl")  # the killed run's partial lines are gone
