@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -37,7 +38,11 @@ CONFIG = "config.json"
 
 
 class RunError(RuntimeError):
-    """A run that cannot start as configured; the message says what to change."""
+    """A run that cannot start or go on as configured; the message says what to change."""
+
+
+# Faults of the disk under the run, not of a record: the run stops (its last checkpoint intact) and says so.
+DISK_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
 
 
 def image_root(config: RunConfig) -> ImageRoot:
@@ -190,13 +195,25 @@ def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool 
     The run holds the lock of its folder throughout: a second run or `--resume` on it is refused.
     """
     out = config.out or Path("runs") / run_name(config)
-    with locked(out):
-        for path in remove_stale(out):
-            log.info("removed %s, left by a run killed while writing it", path)
-        checkpoint = _checkpoint_to_resume(config, out)
-        if checkpoint is not None and (summary := _finished(config, out, checkpoint)) is not None:
-            return summary
-        return _simulate(config, out, checkpoint, sinks or [], progress)
+    if config.stream != "-" and Path(config.stream).is_dir():
+        raise RunError(f"--stream {config.stream} is a folder: give a JSONL or JSON file (or - for standard input)")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file: give a folder for the run's outputs")
+    try:
+        with locked(out):
+            for path in remove_stale(out):
+                log.info("removed %s, left by a run killed while writing it", path)
+            checkpoint = _checkpoint_to_resume(config, out)
+            if checkpoint is not None and (summary := _finished(config, out, checkpoint)) is not None:
+                return summary
+            return _simulate(config, out, checkpoint, sinks or [], progress)
+    except OSError as error:
+        if error.errno not in DISK_FAULTS:
+            raise
+        # Every file is written atomically: the last checkpoint, the caches and the outputs it counts stay usable.
+        where = f" ({error.filename})" if error.filename else ""
+        raise RunError(f"cannot write the run's files in {out}: {error.strerror}{where}; the last checkpoint is kept, "
+                       "--resume continues once this is fixed") from None
 
 
 def _simulate(config: RunConfig, out: Path, checkpoint: Checkpoint | None, sinks: list[Sink],

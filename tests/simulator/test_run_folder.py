@@ -104,3 +104,39 @@ def test_a_resume_at_the_limit_applies_no_further_edit(stream, small_world, smal
     (out / "summary.json").unlink()
     resumed = simulate(config(stream, small_world, small_model, out, limit=3, resume=True), progress=False)
     assert resumed["edits_applied"] == 3 and len((out / "pool.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_the_last_checkpoint_resumes(stream, small_world, small_model,
+                                                                               tmp_path, monkeypatch, capsys):
+    import errno
+
+    import simulator.outputs
+    from simulator.run import RunError
+
+    whole = simulate(config(stream, small_world, small_model, tmp_path / "whole"), progress=False)
+    out = tmp_path / "run"
+    real, calls = simulator.outputs.append_jsonl, []
+
+    def filling(path, row):
+        calls.append(path)
+        if len(calls) > 7:  # the disk fills after a few lines, past the first checkpoint
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, row)
+
+    monkeypatch.setattr(simulator.outputs, "append_jsonl", filling)
+    with pytest.raises(RunError, match=r"No space left on device .*the last checkpoint is kept, --resume continues"):
+        simulate(config(stream, small_world, small_model, out), progress=False)
+    monkeypatch.setattr(simulator.outputs, "append_jsonl", real)  # space freed
+    resumed = simulate(config(stream, small_world, small_model, out, resume=True), progress=False)
+    assert {k: v for k, v in resumed.items() if k not in ("last_round", "run")} == \
+        {k: v for k, v in whole.items() if k not in ("last_round", "run")}
+
+
+def test_a_stream_folder_and_an_out_file_are_one_line_errors(small_world, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["--stream", str(small_world), "--images", str(small_world / "images"), "--no-mlflow",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.startswith(f"simulate: error: --stream {small_world} is a folder")
+    assert main(["--stream", str(small_world / "eval.jsonl"), "--no-mlflow", "--out", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.strip() == f"simulate: error: --out {tmp_path / 'file'} is a file: give a folder " \
+                                              "for the run's outputs"
