@@ -43,5 +43,9 @@ class Sink:
     def on_finish(self, summary: dict[str, Any], folder: Path) -> None:
         """The run ended; `folder` holds summary.json, rounds.jsonl and the rest."""
 
+    def settle(self) -> dict[str, Any]:
+        """After `on_finish`: wait (bounded) for what the exporter still sends; counts the run's summary should hold."""
+        return {}
+
     def close(self) -> None:
         """Release resources (servers, connections)."""

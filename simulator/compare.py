@@ -72,7 +72,7 @@ class CompareOptions(BaseModel):
         "column counts them"
     )
     sync: list[Path] = Field(default_factory=list, description="first send what these run folders left unsent to "
-                             "MLflow (their mlflow/ journals)")
+                             "MLflow (their mlflow/ journals); writes the server rejected are counted, never re-sent")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -363,14 +363,20 @@ def main(namespace: argparse.Namespace) -> int:
 
     from monitor.exporters.journal import JournalError
     from monitor.exporters.plots import metric_plots
-    from monitor.exporters.tracking import TrackingUnavailable, sync
+    from monitor.exporters.tracking import TrackingRejected, TrackingUnavailable, dead_letters, sync
     from monitor.metrics import METRICS
 
     for folder in args.sync:
         try:
             log.info("%s: %d MLflow operations sent", folder, sync(Path(folder), args.mlflow_uri))
-        except (FileNotFoundError, JournalError, TrackingUnavailable) as error:
+        except (FileNotFoundError, JournalError, TrackingUnavailable, TrackingRejected) as error:
             raise CommandError(f"cannot sync {folder}: {error}") from None
+        # Rejected writes are never sent again (each sync's own are logged as they happen): say, every time, how
+        # many the run has and where.
+        rejected = dead_letters(Path(folder))
+        if (count := rejected.count()):
+            log.warning("%s: %d MLflow writes were rejected by the tracking server and are not sent again; they are "
+                        "in %s with the server's answers", folder, count, rejected.path)
     client = MlflowClient(tracking_uri=args.mlflow_uri)
     found = find_runs(client, args.mlflow_experiment, args.runs)
     runs = [run for run in found if run.finished or args.include_unfinished]

@@ -283,6 +283,10 @@ def _simulate(config: RunConfig, out: Path, checkpoint: Checkpoint | None, sinks
     files.write_summary(result)
     for sink in sinks:
         sink.on_finish(result, out)
+    settled = {key: value for sink in sinks for key, value in sink.settle().items()}
+    if settled:  # e.g. MLflow writes the server rejected (kept in OUT/mlflow/dead_letter.jsonl): counted, not lost
+        result.update(settled)
+        files.write_summary(result)
     log.info("%s: %d edits applied, %d failed, %d quarantined; outputs in %s", name, timeline.applied,
              timeline.failed, reader.quarantined, out)
     # Nothing usable is an error (a wrong --format, a file that is not records), but a user

@@ -7,6 +7,11 @@ unreachable the thread warns once, retries with backoff and the simulation goes 
 server is back, the buffered operations go out in order. At the end the run waits up to
 `flush_seconds` for the server, then stops the thread; whatever is still unsent stays in the
 journal and is sent on `--resume` or by `simulate compare --sync DIR` (`sync` here).
+
+A write the server rejects (a 4xx answer about the operation itself: a param changed to another
+value, a key MLflow refuses) is not dropped: it goes to `<out>/mlflow/dead_letter.jsonl` with the
+server's answer and the sender moves on. MLflow rejects a whole batch for one bad item, so a
+rejected batch is halved until each rejected item stands alone: the rest of the batch arrives.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import functools
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -24,11 +30,11 @@ import urllib.parse
 import uuid
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from memory.files import read_jsonl
 from monitor.alarms import CollapseThresholds
-from monitor.exporters.journal import Journal, JournalError
+from monitor.exporters.journal import DeadLetters, Journal, JournalError
 from monitor.exporters.plots import collapse_thresholds, round_plots
 from monitor.sink import Sink
 
@@ -63,11 +69,17 @@ BASE_PREFIX = "base/"
 # very unedited model (1 by definition before any edit), a different quantity from its token accuracy.
 BASE_KEYS = {"pred_src": "reliability", "pred_rephrase": "t_gen", "pred_image_rephrase": "i_gen"}
 DATASET_CONTEXT = "eval"  # the stream is measured, not trained on (MLflow's `mlflow.data.context` input tag)
-TOO_MANY_REQUESTS = 429
+# 4xx answers that are about the connection, not the operation: credentials (401, 403), a timeout (408),
+# too many requests (429), a cancelled call (499). The operation stays journaled and is retried.
+RETRIED_4XX = frozenset({401, 403, 408, 429, 499})
 
 
 class TrackingUnavailable(RuntimeError):
     """The tracking server (or local store) cannot be reached now; the operation stays journaled."""
+
+
+class TrackingRejected(RuntimeError):
+    """The tracking server refuses to create the run's experiment: nothing can be sent; the journal keeps it all."""
 
 
 def package_version() -> str:
@@ -95,6 +107,7 @@ class MlflowSink(Sink):
         self.journal: Journal | None = None
         self._sender: _Sender | None = None
         self._follow = False
+        self._deadline: float | None = None  # when flush_seconds, counted from the first flush or close, are up
 
     def on_start(self, run: str, params: dict[str, Any], folder: Path, step: int) -> None:
         """Create the MLflow run, or continue the folder's own when the run resumes (`step` > 0).
@@ -165,12 +178,32 @@ class MlflowSink(Sink):
         self.journal.append({"op": "end", "status": status, "time": now_ms()})
         self._wake()
 
+    def flush(self) -> bool:
+        """Wait until everything journaled so far is sent (or rejected) or `flush_seconds` are up; whether it was."""
+        if self.journal is None:
+            return True
+        if self._sender is None:
+            return self.journal.unsent() == 0
+        return self._sender.drain(self._seconds_left())
+
+    def settle(self) -> dict[str, Any]:
+        """Flush, then the number of writes the tracking server rejected (`mlflow_dead_letters` in the summary)."""
+        self.flush()
+        return {"mlflow_dead_letters": self.dead_letters()}
+
+    def dead_letters(self) -> int:
+        """How many writes the tracking server rejected for this run folder so far (`mlflow/dead_letter.jsonl`).
+
+        Final once `flush` returned True: the writes of `on_finish` are rejected or not by then.
+        """
+        return DeadLetters(self.journal.folder).count() if self.journal is not None else 0
+
     def close(self) -> None:
         """Wait up to `flush_seconds` for everything to be sent, then stop the sender; say where the rest is kept."""
         if self._sender is None or self.journal is None:
             return
         sender, self._sender = self._sender, None
-        if not sender.finish(self.flush_seconds):
+        if not sender.finish(self._seconds_left()):
             sender.stop(STOP_SECONDS)
         unsent = self.journal.unsent()
         if not unsent and sender.error is None:
@@ -185,6 +218,12 @@ class MlflowSink(Sink):
                         self.journal.state().get("uri") or "the default tracking URI", self.flush_seconds, where)
         if sender.is_alive():
             log.warning("the MLflow sender is still in a call to the tracking server; it stops after that call")
+
+    def _seconds_left(self) -> float:
+        """What is left of `flush_seconds`: a flush then a close wait that long in all, not twice."""
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.flush_seconds
+        return max(0.0, self._deadline - time.monotonic())
 
     def _log_metrics(self, rows: list[list[Any]]) -> None:
         if self.journal is None:
@@ -215,7 +254,14 @@ def _snapshot(folder: Path, target: Path) -> None:
 def _rows(metrics: dict[str, Any], step: int) -> list[list[Any]]:
     """Journal rows [key, value, time, step] of the metrics that have a value."""
     stamp = now_ms()
-    return [[key, float(value), stamp, step] for key, value in metrics.items() if value is not None]
+    return [[key, _journal_value(value), stamp, step] for key, value in metrics.items() if value is not None]
+
+
+def _journal_value(value: Any) -> float | str:
+    """A metric value as the journal keeps it: JSON has no NaN or infinity, so those are the strings "nan",
+    "inf" and "-inf" (float() reads them back; MLflow stores them as they are)."""
+    number = float(value)
+    return number if math.isfinite(number) else repr(number)
 
 
 def _settings(folder: Path) -> dict[str, Any]:
@@ -291,16 +337,33 @@ class _Sender(threading.Thread):
         self.error: Exception | None = None  # what stopped the thread, other than an unreachable server
         self._woken = threading.Event()
         self._stopping = threading.Event()
-        self._closing = False
+        self._tried = threading.Condition()  # notified after every attempt to send, and when the thread ends
+        self._hurry = False  # someone waits for the journal to be sent: retry at the short backoff
+        self._closing = False  # end the thread once everything is sent
+        self._done = False
         self._outage = False
 
     def wake(self) -> None:
         """Send what is new."""
         self._woken.set()
 
+    def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds until everything journaled so far is sent (or rejected); False when not."""
+        target = self.journal.size()
+        self._hurry = True
+        self.wake()
+
+        def sent() -> bool:
+            return self.journal.state()["offset"] >= target
+
+        with self._tried:
+            self._tried.wait_for(lambda: self._done or sent(), timeout)
+        self._hurry = self._closing  # nobody waits any more (unless the run is closing)
+        return sent()
+
     def finish(self, timeout: float) -> bool:
         """Send everything left, waiting up to `timeout` seconds; False when some is still unsent."""
-        self._closing = True
+        self._hurry = self._closing = True
         self.wake()
         self.join(timeout)
         return not self.is_alive()
@@ -318,6 +381,13 @@ class _Sender(threading.Thread):
             log.exception("the MLflow sender stopped on an unexpected error; the journal %s keeps what is unsent",
                           self.journal.folder)
             self.error = error
+        finally:
+            self._done = True
+            self._notify()
+
+    def _notify(self) -> None:
+        with self._tried:
+            self._tried.notify_all()
 
     def _send_until_done(self) -> None:
         delay: float | None = None
@@ -333,9 +403,11 @@ class _Sender(threading.Thread):
                     log.warning("MLflow tracking unreachable (%s): buffering in %s and retrying; the run goes on",
                                 error, self.journal.folder)
                     self._outage = True
-                cap = CLOSING_RETRY_SECONDS if self._closing else RETRY_SECONDS[1]
+                cap = CLOSING_RETRY_SECONDS if self._hurry else RETRY_SECONDS[1]
                 delay = min(2 * delay if delay else RETRY_SECONDS[0], cap)
                 continue
+            finally:
+                self._notify()
             if self._outage:
                 log.warning("MLflow tracking reachable again: %d buffered operations sent", sent)
                 self._outage = False
@@ -350,14 +422,24 @@ def sync(folder: Path, uri: str | None = None) -> int:
     if not journal.exists():
         raise FileNotFoundError(f"no MLflow journal in {folder} (expected {journal.path})")
     if uri is not None and uri != journal.state().get("uri"):
-        journal.save_state({"offset": 0, "uri": uri})  # another tracking server: the whole run, anew
+        # Another tracking server: the whole run, anew; what the old one rejected is kept aside.
+        if (moved := DeadLetters(journal.folder).archive()) is not None:
+            log.info("%s: the writes %s rejected moved to %s", folder, journal.state().get("uri"), moved)
+        journal.save_state({"offset": 0, "uri": uri})
     return send(journal)
 
 
-def send(journal: Journal, stop: threading.Event | None = None) -> int:
-    """Send the unsent operations in order, recording progress, until done or `stop` is set; how many were sent.
+def dead_letters(folder: Path) -> DeadLetters:
+    """The writes the tracking server rejected for the run in `folder` (its `mlflow/dead_letter.jsonl`)."""
+    return DeadLetters(Path(folder) / FOLDER)
 
-    TrackingUnavailable when the server is unreachable; JournalError for a line that is not an operation.
+
+def send(journal: Journal, stop: threading.Event | None = None) -> int:
+    """Send the unsent operations in order, recording progress, until done or `stop` is set; how many were sent
+    (rejected ones included: they are the dead letters).
+
+    TrackingUnavailable when the server is unreachable; JournalError for a line that is not an operation;
+    TrackingRejected when the run's experiment cannot be created.
     """
     for name, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
@@ -369,19 +451,22 @@ def send(journal: Journal, stop: threading.Event | None = None) -> int:
     if state.get("uri") is None:
         state["uri"] = _absolute(mlflow.get_tracking_uri())
         journal.save_state(state)
+    letters = DeadLetters(journal.folder)
     sent = 0
     for end, op in journal.pending(state["offset"]):
         if stop is not None and stop.is_set():
             break
         try:
-            _send_one(_client(state["uri"]), op, state, journal.folder)
-        except MlflowException as error:
-            status = error.get_http_status_code()
-            if not 400 <= status < 500 or status == TOO_MANY_REQUESTS:
-                raise TrackingUnavailable(f"{state['uri']}: {error.message[:300]}") from error
-            log.error("MLflow rejected the %r operation (skipped): %s", op["op"], error.message[:500])
+            rejected = _send_one(_client(state["uri"]), op, state, journal.folder)
+        except MlflowException as error:  # not the operation's fault (5xx, RETRIED_4XX): the server's trouble
+            raise TrackingUnavailable(f"{state['uri']}: {error.message[:300]}") from error
         except (OSError, OperationalError) as error:  # requests' errors are OSErrors; sqlite: database locked
             raise TrackingUnavailable(f"{state['uri']}: {error}") from error
+        if rejected:
+            context = {"run_id": state.get("run_id"), "uri": state["uri"], "time": now_ms()}
+            letters.add(state["offset"], [{**letter, **context} for letter in rejected])
+            log.error("MLflow rejected %d write(s) of the %r operation (%s): kept in %s, not sent again",
+                      len(rejected), op["op"], rejected[0]["message"][:300], letters.path)
         state["offset"] = end
         journal.save_state(state)
         sent += 1
@@ -396,41 +481,112 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
-def _send_one(client: Any, op: dict[str, Any], state: dict[str, Any], folder: Path) -> None:
-    """One journaled operation against MLflow; `state` learns the run id when the run is created."""
-    from mlflow.entities import Metric, Param, RunTag
+def _send_one(client: Any, op: dict[str, Any], state: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
+    """One journaled operation against MLflow; what MLflow rejected of it, as dead letters (without context).
 
+    `state` learns the run id when the run is created.
+    """
     kind = op["op"]
     if kind == "create":
-        experiment = _experiment_id(client, op["experiment"], state["uri"])
-        run = _journal_run(client, experiment, op["tags"].get(JOURNAL_TAG))
+        try:
+            experiment = _experiment_id(client, op["experiment"], state["uri"])
+        except Exception as error:
+            if _rejection(error) is None:
+                raise
+            raise TrackingRejected(f"{state['uri']} refuses the experiment {op['experiment']!r}: "
+                                   f"{_message(error)[:500]}") from None
+        journal_id = op["tags"].get(JOURNAL_TAG)
+        run = _journal_run(client, experiment, journal_id)
         if run is None:
-            run = client.create_run(experiment, start_time=op["time"], tags=op["tags"], run_name=op["run"])
+            # Created with its journal id alone, which MLflow always takes; the other tags (a user's
+            # --mlflow-tags among them) go as a batch, so a key MLflow refuses is a dead letter, not a lost run.
+            run = client.create_run(experiment, start_time=op["time"], run_name=op["run"],
+                                    tags={JOURNAL_TAG: journal_id} if journal_id else {})
         state.update(run_id=run.info.run_id, experiment_id=experiment)
-        return
+        tags = [(k, v) for k, v in op["tags"].items() if k != JOURNAL_TAG]
+        return _log_batches(client, run.info.run_id, "tags", tags, PARAM_BATCH)
     run_id = state.get("run_id")
     if run_id is None:
         raise JournalError(f"journal {folder} has a {kind!r} operation before its run was created")
     if kind == "params":
-        params = [Param(k, v) for k, v in op["params"].items()]
-        for start in range(0, len(params), PARAM_BATCH):
-            client.log_batch(run_id, params=params[start : start + PARAM_BATCH])
-    elif kind == "inputs":
-        client.log_inputs(run_id, datasets=[_dataset_input(spec) for spec in op["datasets"]])
-    elif kind == "metrics":
-        metrics = [Metric(key, value, stamp, step) for key, value, stamp, step in op["metrics"]]
-        for start in range(0, len(metrics), BATCH):
-            client.log_batch(run_id, metrics=metrics[start : start + BATCH])
-    elif kind == "tags":
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()])
-    elif kind == "artifacts":
-        client.log_artifacts(run_id, str(folder / op["dir"]))
-    elif kind == "resume":
-        client.update_run(run_id, status="RUNNING")
-    elif kind == "end":
-        client.set_terminated(run_id, status=op["status"], end_time=op["time"])
-    else:
+        return _log_batches(client, run_id, "params", list(op["params"].items()), PARAM_BATCH)
+    if kind == "metrics":
+        return _log_batches(client, run_id, "metrics", op["metrics"], BATCH)
+    if kind == "tags":
+        return _log_batches(client, run_id, "tags", list(op["tags"].items()), PARAM_BATCH)
+    calls: dict[str, Callable[[], Any]] = {
+        "inputs": lambda: client.log_inputs(run_id, datasets=[_dataset_input(spec) for spec in op["datasets"]]),
+        "artifacts": lambda: client.log_artifacts(run_id, str(folder / op["dir"])),
+        "resume": lambda: client.update_run(run_id, status="RUNNING"),
+        "end": lambda: client.set_terminated(run_id, status=op["status"], end_time=op["time"]),
+    }
+    if kind not in calls:
         raise JournalError(f"unknown operation {kind!r} in the MLflow journal {folder} (written by a newer editwatch?)")
+    try:
+        calls[kind]()
+    except Exception as error:
+        if (status := _rejection(error)) is None:
+            raise
+        return [{**op, "status": status, "message": _message(error)}]
+    return []
+
+
+def _log_batches(client: Any, run_id: str, field: str, items: list[Any], size: int) -> list[dict[str, Any]]:
+    """log_batch `items` (journal form: [key, value, time, step] rows or (key, value) pairs) `size` at a time;
+    the dead letters, one per item MLflow rejected."""
+    letters: list[dict[str, Any]] = []
+    for start in range(0, len(items), size):
+        _log_halves(client, run_id, field, items[start : start + size], letters)
+    return letters
+
+
+def _log_halves(client: Any, run_id: str, field: str, items: list[Any], letters: list[dict[str, Any]]) -> None:
+    """One log_batch call; when MLflow rejects it (the whole batch, for any bad item), each half on its own:
+    k bad items among n cost about 2k log2(n) calls, and every good item arrives."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.log_batch(run_id, **{field: _entities(field, items)})
+    except MlflowException as error:
+        if (status := _rejection(error)) is None:
+            raise
+        if len(items) == 1:
+            rejected = items if field == "metrics" else dict(items)
+            letters.append({"op": field, field: rejected, "status": status, "message": _message(error)})
+            return
+        half = len(items) // 2
+        _log_halves(client, run_id, field, items[:half], letters)
+        _log_halves(client, run_id, field, items[half:], letters)
+
+
+def _entities(field: str, items: list[Any]) -> list[Any]:
+    """MLflow's Metric, Param or RunTag objects of journal items."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    if field == "metrics":
+        # A journal written before non-finite values were kept holds null for NaN and infinities alike.
+        return [Metric(key, math.nan if value is None else float(value), stamp, step)
+                for key, value, stamp, step in items]
+    return [(Param if field == "params" else RunTag)(key, value) for key, value in items]
+
+
+def _rejection(error: Exception) -> int | None:
+    """The HTTP status of an answer that rejects the operation itself: 4xx, not one of RETRIED_4XX; else None."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, MlflowException):
+        status = error.get_http_status_code()
+    elif isinstance(error, requests.HTTPError) and error.response is not None:  # an artifact upload
+        status = error.response.status_code
+    else:
+        return None
+    return status if 400 <= status < 500 and status not in RETRIED_4XX else None
+
+
+def _message(error: Exception) -> str:
+    """The server's answer: an MlflowException's message, else the error as text."""
+    return str(getattr(error, "message", error))
 
 
 def _dataset_input(spec: dict[str, str]) -> Any:

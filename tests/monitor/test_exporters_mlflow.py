@@ -1,21 +1,26 @@
 """MLflow exporter: one run per simulation, journaled so an unreachable server loses nothing.
 
-These tests use a local sqlite store; tests/simulator/test_compare.py runs `simulate` against a
+Most tests use a local sqlite store; tests/simulator/test_compare.py runs `simulate` against a
 real `mlflow server` that is killed and restarted mid-run, and checks there what these check here
 (the whole config as params, the stream as a dataset input, the experiment's kind, base metrics at
-step 0, a --follow run stopped by SIGTERM ending FINISHED).
+step 0, a --follow run stopped by SIGTERM ending FINISHED). The dead-letter tests provoke a real
+`mlflow server`'s own 4xx answers.
 """
 
 import json
 import logging
+import math
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from monitor.exporters import MlflowSink, sync
-from monitor.exporters.journal import Journal
-from tests.services import free_port
+from monitor.exporters import tracking
+from monitor.exporters.journal import DeadLetters, Journal
+from tests.services import free_port, mlflow_service, url_of
 
 PARAMS = {"method": "ft-llm", "model": "tiny", "mode": "sequential", "gaps": [1, 3], "seed": 7,
           "data_hash": "abc", "stream": "edits.jsonl", "prompt_format": "plain", "vlkeb_compat": False,
@@ -264,3 +269,152 @@ def test_an_interrupted_run_is_killed_unless_it_follows_its_stream(store, tmp_pa
     play(MlflowSink(uri, experiment), run_folder(tmp_path, follow=follow), summary={**SUMMARY, "stopped": "interrupted"})
     run = only_run(client, experiment)
     assert run.info.status == status and run.data.tags["editwatch.stopped"] == "interrupted"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `mlflow server` (sqlite store behind it) and a client on it: the 4xx answers below are its own."""
+    from mlflow import MlflowClient
+
+    service = mlflow_service(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield url_of(service), MlflowClient(url_of(service))
+    service.stop()
+
+
+def dead_letters(folder):
+    return [json.loads(line) for line in DeadLetters(folder / "mlflow").path.read_text().splitlines()]
+
+
+def journaled_metrics(folder):
+    """(key, step, value) of every metric the run journaled."""
+    return [(key, step, float(value)) for op in map(json.loads, Journal(folder / "mlflow").path.read_text().splitlines())
+            if op["op"] == "metrics" for key, value, _, step in op["metrics"]]
+
+
+def test_rejected_writes_are_dead_letters_with_the_servers_answer_and_everything_else_arrives(server, tmp_path):
+    uri, client = server
+    folder = run_folder(tmp_path)
+    sink = MlflowSink(uri, "exp-rejected", tags={"team": "vision", "bad?tag": "x"})  # MLflow refuses "?" in a key
+    sink.on_start("run-a", PARAMS, folder, 0)
+    sink.on_round(4, {"retention": 1.0, "ref_ppl_ratio": math.nan, "bad!key": 0.5}, 0.01, {"gap_1": {"reliability": 0.5}})
+    sink.journal.append({"op": "params", "params": {"seed": "8", "late": "1"}})  # seed was 7: MLflow keeps a param
+    sink.on_round(8, {"retention": 0.75, "ref_ppl_ratio": math.inf}, 0.01, {"../up": {"reliability": 0.25}})
+    sink.on_finish(SUMMARY, folder)
+    assert sink.flush() and sink.dead_letters() == 4  # final before close: what run.py writes into the summary
+    sink.close()
+
+    letters = dead_letters(folder)
+    assert [(d["op"], d["status"], d["part"]) for d in letters] == [("tags", 400, 0), ("metrics", 400, 0),
+                                                                    ("params", 400, 0), ("metrics", 400, 0)]
+    assert letters[0]["tags"] == {"bad?tag": "x"} and "Names may only contain alphanumerics" in letters[0]["message"]
+    assert [row[0::3] for row in letters[1]["metrics"]] == [["bad!key", 4]]
+    assert letters[2]["params"] == {"seed": "8"} and "Changing param values is not allowed" in letters[2]["message"]
+    assert [row[0::3] for row in letters[3]["metrics"]] == [["../up/reliability", 8]]
+    assert "must not resolve to other names" in letters[3]["message"]
+    run = only_run(client, "exp-rejected")
+    assert {(d["run_id"], d["uri"]) for d in letters} == {(run.info.run_id, uri)}
+    assert len({d["offset"] for d in letters}) == 4  # four operations, each rejected in part
+
+    # Everything else arrived: the run, its tags, the other param, every other metric (NaN and infinity too).
+    assert run.info.status == "FINISHED" and run.data.tags["team"] == "vision" and "bad?tag" not in run.data.tags
+    assert (run.data.params["seed"], run.data.params["late"]) == ("7", "1")
+    rejected = {("bad!key", 4), ("../up/reliability", 8)}
+    expected = [(key, step, value) for key, step, value in journaled_metrics(folder) if (key, step) not in rejected]
+    assert len(expected) == 19  # 4 + 3 in the rounds; at the end 2 results, 4 counts, 6 base accuracies
+    for key, step, value in expected:
+        logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        assert logged[step] == value or (math.isnan(value) and math.isnan(logged[step])) or (
+            value == math.inf and logged[step] == sys.float_info.max), (key, step)  # MLflow's infinity
+    assert "bad!key" not in run.data.metrics and history(client, run, "gap_1/reliability")[0] == (4, 0.5)
+    assert Journal(folder / "mlflow").unsent() == 0
+
+
+def test_a_batch_with_a_few_bad_metrics_is_halved_until_only_they_are_left_out(server, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    uri, client = server
+    calls = []
+    log_batch = MlflowClient.log_batch
+    monkeypatch.setattr(MlflowClient, "log_batch", lambda self, run_id, **kw: (calls.append(kw), log_batch(
+        self, run_id, **kw))[1])
+    bad = {17, 500, 998}
+    values = {f"m{i:03d}#" if i in bad else f"m{i:03d}": float(i) for i in range(999)}  # + probe_seconds: one batch
+    sink = MlflowSink(uri, "exp-split")
+    sink.on_start("run-a", PARAMS, run_folder(tmp_path), 0)
+    sink.on_round(4, values, 0.01, {})
+    assert sink.flush() and sink.dead_letters() == 3
+    sink.close()
+    assert sorted(d["metrics"][0][0] for d in dead_letters(tmp_path)) == ["m017#", "m500#", "m998#"]
+    metrics = only_run(client, "exp-split").data.metrics
+    assert metrics == {**{k: v for k, v in values.items() if "#" not in k}, "probe_seconds": 0.01}
+    batches = [len(kw["metrics"]) for kw in calls if "metrics" in kw]
+    assert batches[0] == 1000 and len(batches) <= 1 + 2 * 3 * 10  # halving: about 2k log2(n) calls, not n
+
+
+def test_an_operation_sent_again_after_a_kill_adds_no_dead_letter_twice(server, store, tmp_path):
+    uri, _ = server
+    folder = run_folder(tmp_path)
+    sink = MlflowSink(uri, "exp-again")
+    sink.on_start("run-a", PARAMS, folder, 0)
+    sink.on_round(4, {"a#": 1.0, "retention": 1.0, "b#": 2.0}, 0.01, {})
+    sink.close()
+    dead = DeadLetters(folder / "mlflow")
+    first, second = dead.path.read_text().splitlines(keepends=True)
+    # Killed while writing the second dead letter, before the operation was recorded as sent.
+    dead.path.write_text(first + second[:25])
+    journal = Journal(folder / "mlflow")
+    journal.save_state({**journal.state(), "offset": json.loads(first)["offset"]})
+    assert sync(folder) == 1 and dead.count() == 2
+    assert [(d["part"], d["metrics"]) for d in dead_letters(folder)] == [
+        (d["part"], d["metrics"]) for d in map(json.loads, (first, second))]
+    assert sync(folder) == 0 and dead.count() == 2  # never sent again
+    # Another tracking server gets the whole run anew: its own rejections, the first server's kept aside.
+    assert sync(folder, store[0]) == 4 and dead.count() == 2
+    (aside,) = (folder / "mlflow").glob("dead_letter-*.jsonl")
+    assert {d["uri"] for d in dead_letters(folder)} == {store[0]} and len(aside.read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("code, retried", [("INVALID_PARAMETER_VALUE", False), ("RESOURCE_DOES_NOT_EXIST", False),
+                                           ("UNAUTHENTICATED", True), ("PERMISSION_DENIED", True),
+                                           ("REQUEST_LIMIT_EXCEEDED", True), ("INTERNAL_ERROR", True)])
+def test_answers_about_credentials_rate_or_the_server_are_retried_not_dead_letters(tmp_path, monkeypatch, code,
+                                                                                   retried):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import ErrorCode
+
+    class Refusing:
+        def log_batch(self, run_id, **kw):
+            raise MlflowException(f"{code}: no", error_code=ErrorCode.Value(code))
+
+    monkeypatch.setattr(tracking, "_client", lambda uri: Refusing())
+    journal = Journal(tmp_path / "mlflow")
+    journal.append({"op": "metrics", "metrics": [["a", 1.0, 1, 0]]})
+    journal.save_state({"offset": 0, "uri": "http://tracking.example", "run_id": "r1"})
+    if retried:
+        with pytest.raises(tracking.TrackingUnavailable):
+            tracking.send(journal)
+        assert (journal.unsent(), DeadLetters(journal.folder).count()) == (1, 0)
+    else:
+        assert tracking.send(journal) == 1
+        assert (journal.unsent(), DeadLetters(journal.folder).count()) == (0, 1)
+
+
+def test_an_experiment_the_server_refuses_stops_the_sender_with_everything_kept(server, tmp_path, caplog):
+    uri, _ = server
+    with caplog.at_level(logging.WARNING, logger="monitor.exporters.tracking"):
+        play(MlflowSink(uri, "x" * 600, flush_seconds=60), run_folder(tmp_path))  # MLflow takes 500 characters
+    reported = [r.getMessage() for r in caplog.records if r.getMessage().startswith("the MLflow sender stopped on an error")]
+    assert len(reported) == 1 and "TrackingRejected" in reported[0] and "10 operations unsent" in reported[0]
+    assert not DeadLetters(tmp_path / "mlflow").path.exists()
+
+
+def test_a_flush_then_a_close_wait_flush_seconds_in_all_while_the_server_is_down(tmp_path):
+    sink = MlflowSink(f"http://127.0.0.1:{free_port()}", "exp-down", flush_seconds=2)
+    folder = run_folder(tmp_path)
+    sink.on_start("run-a", PARAMS, folder, 0)
+    sink.on_finish(SUMMARY, folder)
+    start = time.monotonic()
+    assert not sink.flush() and sink.dead_letters() == 0  # nothing sent: nothing rejected yet
+    sink.close()
+    assert 2 <= time.monotonic() - start < 3.5  # not 2 + 2
+    assert Journal(folder / "mlflow").unsent() == 7  # create, params, input, final metrics, tags, artifacts, end

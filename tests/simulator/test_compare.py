@@ -14,7 +14,7 @@ import pytest
 from simulator import compare
 from monitor.sink import short_model_name
 from simulator.compare import RunView, find_runs, histories, latest_per_step, table, write_table
-from tests.services import SIMULATE, mlflow_service, url_of, wait_until
+from tests.services import SIMULATE, free_port, mlflow_service, url_of, wait_until
 
 METRICS = ["reliability", "t_gen", "t_loc", "retention", "ref_ppl_ratio", "memory_size"]
 MODEL = "/home/me/models/tiny-llava"
@@ -200,6 +200,59 @@ def test_a_resumed_run_logs_the_rounds_after_its_checkpoint_again_and_compare_ke
     lines = histories(client, runs, METRICS)
     assert lines["retention"] == {"run-a (ft-llm)": [(4, 1.0), (8, 0.7), (12, 0.5)]}
     assert lines["gap_1/reliability"] == {"run-a (ft-llm)": [(4, 1.0), (8, 0.7), (12, 0.5)]}
+
+
+@pytest.mark.slow
+def test_sync_sends_what_a_run_left_and_reports_the_writes_the_server_rejected_without_resending_them(tmp_path,
+                                                                                                     caplog):
+    from mlflow import MlflowClient
+
+    from monitor.exporters import MlflowSink
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"stream": "w1/eval.jsonl", "method": "ft-llm", "gap": [1]}))
+    summary = {"stopped": "end of stream", "edits_applied": 8, "results": {"gap_1": {"reliability": 0.5}},
+               "alarms": {"collapse": {"raised": False}}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    sink = MlflowSink(f"http://127.0.0.1:{free_port()}", "synced", flush_seconds=0.5)  # nothing listens there
+    sink.on_start("run-a", {"method": "ft-llm", "model": MODEL, "seed": 0}, folder, 0)
+    sink.on_round(4, {"retention": 1.0, "bad!key": 0.5}, 0.01, {"gap_1": {"reliability": 1.0}})
+    sink.journal.append({"op": "params", "params": {"seed": "1"}})  # MLflow refuses to change a param
+    sink.on_round(8, {"retention": 0.5}, 0.01, {"gap_1": {"reliability": 0.5}})
+    sink.on_finish(summary, folder)
+    sink.close()
+    letters = folder / "mlflow" / "dead_letter.jsonl"
+    reported = (f"{folder}: 2 MLflow writes were rejected by the tracking server and are not sent again; they are in "
+                f"{letters} with the server's answers")
+    server = mlflow_service(tmp_path / "mlflow")
+    try:
+        server.start()
+        uri = url_of(server)
+
+        def compared():
+            caplog.clear()
+            args = compare.parser().parse_args(["--sync", str(folder), "--mlflow-uri", uri, "--mlflow-experiment",
+                                                "synced", "--out", str(tmp_path / "out")])
+            with caplog.at_level(logging.INFO, logger="simulator.compare"):
+                assert compare.main(args) == 0
+            return caplog.text
+
+        first = compared()
+        assert f"{folder}: 9 MLflow operations sent" in first and reported in first
+        written = letters.read_text()
+        second = compared()  # the rejected writes are reported again, never re-sent
+        assert f"{folder}: 0 MLflow operations sent" in second and reported in second
+        assert letters.read_text() == written
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("synced").experiment_id])
+        retention = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "retention"))
+    finally:
+        server.stop()
+    assert [(d["op"], d["status"]) for d in rows(letters)] == [("metrics", 400), ("params", 400)]
+    assert "Changing param values is not allowed" in rows(letters)[1]["message"]
+    assert retention == [(4, 1.0), (8, 0.5)] and "bad!key" not in run.data.metrics
+    assert run.data.params["seed"] == "0" and run.info.status == "FINISHED"
 
 
 @pytest.mark.slow

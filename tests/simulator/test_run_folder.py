@@ -9,6 +9,7 @@ import pytest
 from memory.files import FolderLockedError, locked
 from simulator.cli import main
 from simulator.config import RunConfig
+from monitor.exporters import build_sinks
 from simulator.run import simulate
 
 GOOD = 6  # records of the small world's stream, then three bad lines
@@ -140,3 +141,25 @@ def test_a_stream_folder_and_an_out_file_are_one_line_errors(small_world, tmp_pa
     assert main(["--stream", str(small_world / "eval.jsonl"), "--no-mlflow", "--out", str(tmp_path / "file")]) == 2
     assert capsys.readouterr().err.strip() == f"simulate: error: --out {tmp_path / 'file'} is a file: give a folder " \
                                               "for the run's outputs"
+
+
+def test_mlflow_writes_the_server_rejects_are_counted_in_the_summary(stream, small_world, small_model, tmp_path):
+    """A tag key MLflow refuses becomes a dead letter: the run goes on, its summary counts it, its metrics arrive."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = config(stream, small_world, small_model, tmp_path / "run", limit=4, mlflow_uri=uri,
+                      mlflow_experiment="dead-letters", mlflow_tags={"bad?key": "1"}).model_copy(
+                          update={"no_mlflow": False})
+    sinks = build_sinks(settings)
+    try:
+        summary = simulate(settings, sinks, progress=False)
+    finally:
+        sinks[0].close()
+    assert summary["mlflow_dead_letters"] == 1
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["mlflow_dead_letters"] == 1
+    letters = [json.loads(line) for line in (tmp_path / "run" / "mlflow" / "dead_letter.jsonl").read_text().splitlines()]
+    assert len(letters) == 1 and "bad?key" in json.dumps(letters[0])
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("dead-letters").experiment_id])
+    assert run.data.metrics["gap_1/reliability"] == summary["results"]["gap_1"]["reliability"]
