@@ -268,6 +268,11 @@ class LVLM:
             return dict(self._vision_parameters(parts))
         raise ValueError(f"Unknown parameter group {group!r}. Available: {', '.join(GROUPS)}")
 
+    def check(self, queries: Sequence[Query]) -> None:
+        """InputError for the first query the model cannot take (see `InputBuilder.encode`), without a forward pass."""
+        for query in queries:
+            self.inputs.encode(query)
+
     def nonfinite_parameters(self, limit: int = 5) -> list[str]:
         """Names of (up to `limit`) parameters holding NaN or Inf: the first sign of a collapsed model."""
         bad = []

@@ -83,6 +83,11 @@ class InputBuilder:
         self.plain_template = plain_template
         self.image_token_id = self._image_token_id()
         self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+        # Text a record may not carry: the tokenizer's special and added tokens (the image placeholder among them).
+        self.reserved = sorted({*tokenizer.all_special_tokens, *tokenizer.get_added_vocab(), family.image_token} - {""})
+        # Longest input the model takes (its text context); a run may lower it (--max-tokens).
+        text_config = getattr(config, "text_config", None) or config
+        self.max_tokens: int | None = getattr(text_config, "max_position_embeddings", None)
 
     def _image_token_id(self) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(self.family.image_token)
@@ -116,8 +121,21 @@ class InputBuilder:
         image = self.family.image_text if query.image is not None else ""
         return self.plain_template.format(image=image, prompt=query.prompt)
 
+    def check(self, query: Query, with_answer: bool = True) -> None:
+        """Refuse what a record must not bring: a blank question, or the tokenizer's special tokens in its text."""
+        texts = {"question": query.prompt, **({"answer": query.answer} if with_answer else {})}
+        for what, text in texts.items():
+            if not text.strip():
+                raise InputError(f"blank {what}")
+            if found := [token for token in self.reserved if token in text]:
+                raise InputError(f"the {what} holds the tokenizer's special token(s) {', '.join(map(repr, found))}")
+
     def encode(self, query: Query, with_answer: bool = True) -> Encoded:
-        """Token ids of prompt (+ answer), image placeholders expanded to the image's slots."""
+        """Token ids of prompt (+ answer), image placeholders expanded to the image's slots.
+
+        InputError for a query `check` refuses, or one longer than `max_tokens` with its image tokens.
+        """
+        self.check(query, with_answer)
         text = self.prompt_text(query)
         answer_char = len(text)
         if with_answer:
@@ -156,6 +174,9 @@ class InputBuilder:
                 ids = ids[:at] + image_ids + ids[at + 1 :]
             if at < start:
                 start += n - (0 if self.family.placement == "prefix" else 1)
+        if self.max_tokens is not None and len(ids) > self.max_tokens:
+            raise InputError(f"the query is {len(ids)} tokens long with its image; the model takes at most "
+                             f"{self.max_tokens}")
         return Encoded(ids, start, length, pixels)
 
     def pixels(self, images: Sequence[Image.Image], prompt: str = "") -> dict[str, torch.Tensor]:

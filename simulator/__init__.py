@@ -10,7 +10,15 @@ from simulator.records import (
     RecordFormat,
     VLKEBRecord,
 )
-from simulator.stream import ImageRoot, RecordError, RecordsError, StreamReader, load_records, parse_record
+from simulator.stream import (
+    ImageRoot,
+    ImageRootError,
+    RecordError,
+    RecordsError,
+    StreamReader,
+    load_records,
+    parse_record,
+)
 
 __all__ = [
     "RECORD_FORMATS",
@@ -19,6 +27,7 @@ __all__ = [
     "EditRecord",
     "HopQA",
     "ImageRoot",
+    "ImageRootError",
     "Portability",
     "RecordError",
     "RecordFormat",

@@ -47,6 +47,10 @@ class RunConfig(BaseModel):
         False, description="run Python code shipped with the checkpoint (models transformers does not include); "
         "only for checkpoints you trust"
     )
+    max_tokens: PositiveInt | None = Field(
+        None, description="longest query (prompt, answer and image tokens) a record may bring; longer records are "
+        "quarantined (default: the model's context)"
+    )
     probe_every: PositiveInt | None = Field(None, description="edits between probe rounds (default: the smallest gap)")
     retention_sample: PositiveInt = Field(100, description="earlier edits re-measured per probe round (random sample)")
     reference_size: PositiveInt = Field(

@@ -27,7 +27,7 @@ from simulator.records import EditRecord
 from simulator.requests import edit_example
 from simulator.settings import cache_root
 from simulator.signals import stopping_on_signals
-from simulator.stream import ImageRoot, StreamReader, is_json_array, load_records
+from simulator.stream import ImageRoot, ImageRootError, StreamReader, is_json_array, load_records
 from simulator.timeline import Timeline
 from simulator.world.default import load_world_model
 from simulator.world.export import read_manifest
@@ -58,16 +58,22 @@ def image_root(config: RunConfig) -> ImageRoot:
 
 def load_model(config: RunConfig) -> LVLM:
     """`default`: the model of the stream's synthetic world (the embedded one unless the world says
-    otherwise); anything else loads as a hub id or folder through the adapter."""
+    otherwise); anything else loads as a hub id or folder through the adapter. `--max-tokens` lowers
+    the longest query it takes."""
     _check_device(config.device)
     try:
         if config.model != "default":
-            return LVLM.load(config.model, config.dtype, config.device, config.prompt_format, config.trust_remote_code)
-        world = read_manifest(Path(config.stream).parent) if config.stream != "-" else None
-        return load_world_model(world or WorldConfig(), device=config.device, dtype=config.dtype,
-                                prompt_format=config.prompt_format)
+            lvlm = LVLM.load(config.model, config.dtype, config.device, config.prompt_format, config.trust_remote_code)
+        else:
+            world = read_manifest(Path(config.stream).parent) if config.stream != "-" else None
+            lvlm = load_world_model(world or WorldConfig(), device=config.device, dtype=config.dtype,
+                                    prompt_format=config.prompt_format)
     except OSError as error:  # a missing folder or file, a hub id that cannot be reached
         raise RunError(f"cannot load model {config.model!r}: {error}") from None
+    if config.max_tokens is not None:
+        context = lvlm.inputs.max_tokens
+        lvlm.inputs.max_tokens = config.max_tokens if context is None else min(context, config.max_tokens)
+    return lvlm
 
 
 def _check_device(name: str) -> None:
@@ -231,7 +237,7 @@ def _simulate(config: RunConfig, out: Path, checkpoint: Checkpoint | None, sinks
         editor, report = prepare_editor(config, lvlm, images)
     else:  # the checkpoint's editor state holds the trained parts: no training again
         editor, report = create_editor(config.method, lvlm, config.method_config), checkpoint.progress["train_report"]
-    timeline = Timeline(editor, config, images, files, sinks)
+    timeline = Timeline(editor, config, images, files, sinks)  # its reject hook is the reader's, set below
     start_line, quarantined = 0, 0
     if checkpoint is not None:
         for file_name, size in checkpoint.progress["files"].items():
@@ -247,6 +253,7 @@ def _simulate(config: RunConfig, out: Path, checkpoint: Checkpoint | None, sinks
     reader = StreamReader(config.stream, config.record_format, images, files.path(QUARANTINE), start_line,
                           config.follow, stop=stop)
     reader.quarantined = quarantined
+    timeline.reject = reader.reject
     stream_file = Path(config.stream) if config.stream != "-" else None
     params = {"method": config.method, "model": lvlm.name, "protocol": config.protocol, "mode": config.mode,
               "gaps": timeline.gaps,
@@ -267,6 +274,11 @@ def _simulate(config: RunConfig, out: Path, checkpoint: Checkpoint | None, sinks
         with stopping_on_signals(stop, "stopping after the current edit (checkpoint and summary follow); "
                                  "Ctrl-C again stops at once"):
             timeline.run(_tracked(reader, bar, timeline, sinks), lambda: save_timeline(timeline, counters()), stop)
+    except ImageRootError as error:  # a fault of the run, not of a record: stop where the stream was, checkpointed
+        timeline.line = reader.line
+        save_timeline(timeline, counters())
+        raise RunError(f"{error}; the run stopped after {timeline.applied} edits with a checkpoint: --resume "
+                       "continues once the images are back") from None
     except KeyboardInterrupt:
         log.warning("stopped at once: outputs past the last checkpoint are incomplete; --resume continues from it")
         raise

@@ -1,25 +1,35 @@
 """Reading edit records: JSONL (one record per line) or a JSON array, from a file or standard input.
 
-The first non-blank character decides (after an optional UTF-8 BOM): `[` starts a JSON array,
-which ijson parses element by element, so a large published file (VLKEB's `eval.json`) is never
-held whole; anything else is JSONL. Every bad record yields a `RecordError` naming its position
-(line, or 1-based item of an array) and field. A whole-file load gathers all of them before
-failing; a stream can instead quarantine bad records to a file and go on.
+The first non-blank character decides: `[` starts a JSON array, which ijson parses element by
+element, so a large published file (VLKEB's `eval.json`) is never held whole; anything else is
+JSONL. A byte-order mark sets the encoding (UTF-8 without one; UTF-16 and UTF-32 files are read
+too). Every bad record yields a `RecordError` naming its position (line, or 1-based item of an
+array) and field: each JSONL line is decoded and parsed on its own, so a bad byte or any parser
+error costs that line only. A whole-file load gathers all of them before failing; a stream can
+instead quarantine bad records to a file and go on. Images are decoded whole when a record is
+checked, bounded in pixels, scaled down and cached for the run.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
+import math
+import os
+import select
+import stat
 import sys
 import threading
+import warnings
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from decimal import Decimal
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Literal
+from typing import IO, Any, Callable, Iterator, Literal, NamedTuple
 
 import ijson
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import ValidationError
 
 from memory.files import append_jsonl
@@ -29,7 +39,24 @@ log = logging.getLogger(__name__)
 
 Unit = Literal["line", "item"]
 Wait = Callable[[], bool]  # at the end of a followed file: wait a little; False means stop
-BOM = b"\xef\xbb\xbf"
+# Byte-order marks, longest first: UTF-32-LE's begins with UTF-16-LE's.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
+        (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+_JSON_SPACE = " \t\r\n"  # JSON's whitespace: a line of nothing else is blank
+_CHUNK = 1 << 16  # bytes read at a time
+# Nesting deeper than this in an array element is a bad record (a record nests 4 levels: port_new[].Q&A);
+# it bounds the builder's work, and the memory a crafted `[[[[...` would otherwise take.
+MAX_DEPTH = 64
+
+# Pillow decodes the whole raster: an image over this many pixels is refused from its header, before it
+# is decoded (40 MP holds a full-frame camera photo; Pillow's own bomb warning starts at 89.5 MP).
+MAX_IMAGE_PIXELS = 40_000_000
+# Decoded images are scaled down to at most this many pixels before caching: the most any declared family
+# reads, Qwen2-VL's published max_pixels (16384 patches of 28 x 28 px: 3584 x 3584). The others read a
+# longest side of at most 2304 px (LLaVA-OneVision's largest tile grid), which an image of this many
+# pixels keeps at any aspect ratio: scaling down takes away no detail a model would read.
+CACHED_PIXELS = 12_845_056
+CACHE_BYTES = 256 * 2**20  # decoded images one ImageRoot keeps (RGB: 3 bytes a pixel)
 
 
 @dataclass(frozen=True)
@@ -59,39 +86,126 @@ class RecordsError(ValueError):
         super().__init__("\n  ".join([head + ":", *map(str, errors)]))
 
 
-class ImageRoot:
-    """Resolves record image paths under one folder; nothing outside it is ever opened."""
+class ImageRootError(FileNotFoundError):
+    """The image root itself is gone (deleted or unmounted mid-run): a fault of the run, not of a record."""
 
-    def __init__(self, root: str | Path, cache_size: int = 512) -> None:
+
+class ImageRoot:
+    """Resolves record image paths under one folder and decodes them; nothing outside it is ever opened.
+
+    An image is decoded whole when a record is checked (a truncated file or a decompression bomb is a
+    bad field, not a failed run), refused over `max_pixels`, scaled down to `cached_pixels` and kept
+    in a cache of `cache_bytes`, so the run's later `open` of the same path decodes nothing.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+        cached_pixels: int = CACHED_PIXELS,
+        cache_bytes: int = CACHE_BYTES,
+    ) -> None:
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image root {root} is not a directory")
-        # The same images are scored many times; a per-root bounded cache (a 336 px RGB image is
-        # ~0.3 MB, so 512 of them stay under 200 MB). Callers must not modify returned images.
-        self.open = lru_cache(maxsize=cache_size)(self._open)
+        self.max_pixels = max_pixels
+        self.cached_pixels = cached_pixels
+        self._cache = _ImageCache(cache_bytes)
 
     def resolve(self, relative: str) -> Path:
-        """The file behind a record's image path; ValueError if it escapes the root or is unreadable."""
+        """The file behind a record's image path; ValueError if it escapes the root or is missing."""
         path = (self.root / relative).resolve()
         if not path.is_relative_to(self.root):
             raise ValueError(f"image path {relative!r} resolves outside the image root {self.root}")
         if not path.is_file():
+            self._check_root()
             raise ValueError(f"image {relative!r} not found under {self.root}")
         return path
 
     def check(self, relative: str) -> None:
-        """Raise ValueError unless the image exists under the root and its header is readable."""
+        """Raise ValueError unless the image is under the root, decodes whole and is within the pixel bound."""
+        self.open(relative)
+
+    def open(self, relative: str) -> Image.Image:
+        """The image as RGB, scaled down to `cached_pixels` at most; cached, so callers must not modify it."""
+        image = self._cache.get(relative)
+        if image is None:
+            image = _scaled_down(self._decode(relative), self.cached_pixels)
+            self._cache.put(relative, image)
+        return image
+
+    def _check_root(self) -> None:
+        """ImageRootError when the root folder is gone: every record after this one would be quarantined."""
+        if not self.root.is_dir():
+            raise ImageRootError(f"image root {self.root} is gone: it was deleted or unmounted during the run")
+
+    def _decode(self, relative: str) -> Image.Image:
         path = self.resolve(relative)
         try:
-            with Image.open(path) as image:
-                image.size
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"image {relative!r} is not a readable image: {error}") from None
+            with warnings.catch_warnings():
+                # Pillow only warns between its MAX_IMAGE_PIXELS and twice that: here a bomb is refused.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    width, height = image.size
+                    if width * height <= self.max_pixels:  # from the header: a bigger image is never decoded
+                        return image.convert("RGB")  # decodes every pixel: a truncated file fails here
+        except FileNotFoundError:  # removed since it was resolved
+            self._check_root()
+            raise ValueError(f"image {relative!r} not found under {self.root}") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ValueError(f"image {relative!r} is refused as a decompression bomb: {error}") from None
+        except Exception as error:  # Pillow's decoders raise OSError, SyntaxError, struct.error, ... on bad data
+            raise ValueError(f"image {relative!r} is not a readable image: {_described(error)}") from None
+        raise ValueError(f"image {relative!r} is {width} x {height} = {width * height:,} pixels, over the bound "
+                         f"of {self.max_pixels:,}")
 
-    def _open(self, relative: str) -> Image.Image:
-        """The image as RGB (use `open`, its cached front)."""
-        with Image.open(self.resolve(relative)) as image:
-            return image.convert("RGB")
+
+class _ImageCache:
+    """Decoded images by path; the least recently used go once their pixels pass `max_bytes`."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.images: OrderedDict[str, Image.Image] = OrderedDict()
+        self.lock = threading.Lock()  # probes may open images from a scheduler thread
+
+    def get(self, key: str) -> Image.Image | None:
+        with self.lock:
+            image = self.images.get(key)
+            if image is not None:
+                self.images.move_to_end(key)
+            return image
+
+    def put(self, key: str, image: Image.Image) -> None:
+        size = _image_bytes(image)
+        with self.lock:
+            if key in self.images or size > self.max_bytes:
+                return
+            self.images[key] = image
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self.images.popitem(last=False)
+                self.bytes -= _image_bytes(old)
+
+
+def _image_bytes(image: Image.Image) -> int:
+    """Bytes of a decoded image's pixels."""
+    return image.width * image.height * len(image.getbands())
+
+
+def _scaled_down(image: Image.Image, max_pixels: int) -> Image.Image:
+    """`image` with its aspect ratio, scaled down to at most `max_pixels` pixels; as it is if it has no more."""
+    pixels = image.width * image.height
+    if pixels <= max_pixels:
+        return image
+    scale = math.sqrt(max_pixels / pixels)
+    size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)  # bicubic, as the families' processors resize
+
+
+def _described(error: BaseException) -> str:
+    """An exception as `Type: message` (the type alone when it has no message)."""
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def parse_record(
@@ -137,9 +251,9 @@ def load_records(
     records, errors = [], []
     unknown = _UnknownFields(record_format, str(path))
     with open(path, "rb") as stream:
-        is_array, head = _sniff(stream)
-        unit: Unit = "item" if is_array else "line"
-        for position, value, _raw in _values(stream, head, is_array):
+        sniffed = _sniff(stream)
+        unit: Unit = "item" if sniffed.is_array else "line"
+        for position, value, _raw in _values(stream, sniffed):
             if isinstance(value, RecordError):
                 errors.append(value)
                 continue
@@ -160,6 +274,9 @@ class StreamReader:
     and `line` count what has been consumed (`line` in lines, or array items: `unit`), so a run
     can report and resume: `start_line` skips what a previous run consumed, `follow` waits for a
     growing JSONL file like `tail -f` (an array is complete once written: it is read once).
+    Setting `stop` ends the iteration within `poll_seconds`, even while a pipe or terminal (standard
+    input) sends nothing; such a stream is read from its file descriptor, so nothing else may read it.
+    A missing image root raises ImageRootError, with `line` left before the record that met it.
     """
 
     def __init__(
@@ -188,16 +305,17 @@ class StreamReader:
         self._last_rejected = 0
 
     def __iter__(self) -> Iterator[EditRecord]:
-        stream, close = self._open()
+        stream, opened = self._open()
+        wait = self._wait if self.follow else None
         try:
-            is_array, head = _sniff(stream, self._wait if self.follow else None)
-            self.unit = "item" if is_array else "line"
-            if is_array and self.follow:
+            sniffed = _sniff(stream, wait)
+            self.unit = "item" if sniffed.is_array else "line"
+            if sniffed.is_array and self.follow:
                 log.warning("%s is a JSON array: it is read once (--follow waits for lines appended to JSONL)",
                             self.source)
             unknown = _UnknownFields(self.record_format, str(self.source))
-            for position, value, raw in _values(stream, head, is_array, self._wait if self.follow else None):
-                self.line = position
+            for position, value, raw in _values(stream, sniffed, wait):
+                consumed, self.line = self.line, position
                 if position <= self.start_line:
                     continue
                 if isinstance(value, RecordError):
@@ -210,11 +328,16 @@ class StreamReader:
                     for item in error.errors:
                         self._reject(item, raw)
                     continue
+                except ImageRootError:
+                    self.line = consumed  # not this record's fault: a resume reads it again
+                    raise
                 self.read += 1
                 yield record
+        except _Stopped:
+            return
         finally:
-            if close:
-                stream.close()
+            if opened is not None:
+                opened.close()
 
     def tally(self) -> str:
         """What has been consumed, for a diagnosis: `12 lines read, 12 quarantined`."""
@@ -224,12 +347,20 @@ class StreamReader:
         """At the end of a followed file: wait a poll interval; False once the run is stopping."""
         return not self.stop.wait(self.poll_seconds)
 
-    def _open(self) -> tuple[IO[bytes], bool]:
-        if isinstance(self.source, (str, Path)):
-            if str(self.source) == "-":
-                return _binary(sys.stdin), False
-            return open(self.source, "rb"), True
-        return _binary(self.source), False
+    def _open(self) -> tuple[Any, IO[bytes] | None]:
+        """(the byte stream to read, the file this reader opened and closes, if any)."""
+        if isinstance(self.source, (str, Path)) and str(self.source) != "-":
+            opened: IO[bytes] | None = open(self.source, "rb")
+            stream: Any = opened
+        else:
+            opened, stream = None, _binary(sys.stdin if isinstance(self.source, (str, Path)) else self.source)
+        fd = _blocking_fd(stream)
+        return (_Pipe(fd, self.stop, self.poll_seconds) if fd is not None else stream), opened
+
+    def reject(self, line: int, message: str) -> None:
+        """Quarantine a record read earlier that its consumer cannot use (e.g. the model cannot take it)."""
+        self.read -= 1
+        self._reject(RecordError(line, None, message, self.unit), "")
 
     def _reject(self, error: RecordError, raw: str) -> None:
         if self.quarantine is None:
@@ -273,93 +404,174 @@ def _field(loc: tuple) -> str | None:
 def is_json_array(path: Path) -> bool:
     """True when the file holds a JSON array of records rather than JSONL."""
     with path.open("rb") as handle:
-        return _sniff(handle)[0]
+        return _sniff(handle).is_array
 
 
-def _sniff(stream: IO[bytes], wait: Wait | None = None) -> tuple[bool, bytes]:
-    """(is a JSON array, bytes consumed without a BOM): reads up to the first non-blank byte.
+class _Sniffed(NamedTuple):
+    """What the start of a stream says: JSON array or JSONL, its encoding, the bytes read past the BOM."""
+
+    is_array: bool
+    encoding: str
+    head: bytes
+
+
+def _sniff(stream: Any, wait: Wait | None = None) -> _Sniffed:
+    """Reads a byte-order mark, if any, and up to the first character that is not JSON whitespace.
 
     With `wait`, an empty or blank file is waited on until a record starts (or `wait` says stop).
     """
+
+    def byte() -> bytes:
+        while not (read := stream.read(1)) and wait is not None and wait():
+            pass
+        return read
+
     head = b""
+    while any(bom.startswith(head) and len(bom) > len(head) for bom, _ in _BOMS):  # (part of) a BOM so far
+        if not (read := byte()):
+            break
+        head += read
+    bom, encoding = next(((bom, encoding) for bom, encoding in _BOMS if head.startswith(bom)), (b"", "utf-8"))
+    body = bytearray(head[len(bom):])
+    width = len(" ".encode(encoding))  # bytes a code unit
+    checked = 0
     while True:
-        byte = stream.read(1)
-        if not byte:
-            if wait is not None and wait():
-                continue
-            return False, head.removeprefix(BOM)
-        head += byte
-        if BOM.startswith(head):  # (part of) a UTF-8 byte-order mark
-            continue
-        if not byte.isspace():
-            return byte == b"[", head.removeprefix(BOM)
+        while checked + width <= len(body):
+            char = body[checked : checked + width].decode(encoding, "replace")
+            if char not in _JSON_SPACE:
+                return _Sniffed(char == "[", encoding, bytes(body))
+            checked += width
+        if not (read := byte()):
+            return _Sniffed(False, encoding, bytes(body))
+        body += read
 
 
-def _values(
-    stream: IO[bytes], head: bytes, is_array: bool, wait: Wait | None = None
-) -> Iterator[tuple[int, Any, str]]:
+def _values(stream: Any, sniffed: _Sniffed, wait: Wait | None = None) -> Iterator[tuple[int, Any, str]]:
     """(position, decoded value or RecordError, raw text) of every non-blank line or array item."""
-    if is_array:
-        yield from _array_values(_Prefixed(head, stream))
+    if sniffed.is_array:
+        source: Any = _Prefixed(sniffed.head, stream)
+        yield from _array_values(source if sniffed.encoding == "utf-8" else _Transcoded(source, sniffed.encoding))
         return
-    for number, raw in enumerate(_lines(stream, head, wait), start=1):
-        if not raw.strip():
-            continue
+    encoding = sniffed.encoding
+    for number, raw in enumerate(_lines(stream, sniffed.head, "\n".encode(encoding), wait), start=1):
         try:
-            text = raw.decode("utf-8")
+            # A BOM can start any line: files joined with `cat`.
+            text = raw.decode(encoding).removeprefix("\ufeff")
         except UnicodeDecodeError as error:
-            message = f"not UTF-8 text: {error.reason} at byte {error.start + 1} of the line"
-            yield number, RecordError(number, None, message), raw.decode("utf-8", "replace").rstrip("\r\n")
+            message = f"not {encoding.upper()} text: {error.reason} at byte {error.start + 1} of the line"
+            yield number, RecordError(number, None, message), raw.decode(encoding, "replace").rstrip("\r\n")
+            continue
+        if not text.strip(_JSON_SPACE):
             continue
         try:
-            yield number, json.loads(text), text.rstrip("\r\n")
+            value = json.loads(text)
         except json.JSONDecodeError as error:
             message = f"malformed JSON: {error.msg} (column {error.colno})"
-            yield number, RecordError(number, None, message), text.rstrip("\r\n")
-
-
-def _lines(stream: IO[bytes], head: bytes, wait: Wait | None) -> Iterator[bytes]:
-    """Lines of `head` + `stream`; with `wait`, complete lines only, waiting at the end for more."""
-    partial = head
-    while True:
-        chunk = stream.readline()
-        if not chunk:
-            if wait is None:
-                if partial:
-                    yield from partial.splitlines(keepends=True)
-                return
-            if not wait():
-                return
+        except Exception as error:  # RecursionError (deep nesting), ValueError (an integer of 5000 digits), ...
+            message = f"unreadable JSON: {_described(error)}"
+        else:
+            yield number, value, text.rstrip("\r\n")
             continue
-        partial += chunk
-        if partial.endswith(b"\n"):
-            yield from partial.splitlines(keepends=True)
-            partial = b""
+        yield number, RecordError(number, None, message), text.rstrip("\r\n")
 
 
-def _array_values(stream: IO[bytes]) -> Iterator[tuple[int, Any, str]]:
-    """The elements of a top-level JSON array, parsed one at a time.
+def _lines(stream: Any, head: bytes, newline: bytes, wait: Wait | None) -> Iterator[bytes]:
+    """Lines of `head` + `stream`, each ending in `newline` where a character starts (UTF-16/32: 2/4 bytes).
 
-    A bad element is only a bad record; broken JSON syntax cannot be resynchronised, so it is
-    reported at the item being read and the rest of the file is not.
+    The last may lack its newline; with `wait`, complete lines only, waiting at the end for more.
+    """
+    width = len(newline)
+    buffer, start, search = bytearray(head), 0, 0
+    while True:
+        while (end := buffer.find(newline, search)) != -1:
+            search = end + 1
+            if (end - start) % width == 0:  # else the bytes of two other characters, as U+0A41 U+2000 in UTF-16-LE
+                search = end + width
+                yield bytes(buffer[start:search])
+                start = search
+        del buffer[:start]
+        search, start = max(search - start, len(buffer) - width + 1, 0), 0
+        chunk = stream.read(_CHUNK)
+        if chunk:
+            buffer += chunk
+        elif wait is None:
+            if buffer:
+                yield bytes(buffer)
+            return
+        elif not wait():
+            return
+
+
+def _array_values(stream: Any) -> Iterator[tuple[int, Any, str]]:
+    """The elements of a top-level JSON array, built one at a time from the parser's events.
+
+    An element nested deeper than MAX_DEPTH is a bad record and the rest is read. Broken JSON syntax,
+    or any other error of the parser, cannot be resynchronised: it is reported at the item being
+    read and the rest of the file is not.
     """
     index = 0
     try:
-        for index, value in enumerate(ijson.items(stream, "item", use_float=True), start=1):
-            yield index, value, json.dumps(value)
-    except ijson.JSONError as error:
-        # yajl's message: what is wrong, then the text around it and a caret line.
-        text = error.args[0] if error.args else str(error)
-        lines = (text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)).splitlines()
-        near = lines[1].strip() if len(lines) > 1 else ""
-        message = f"malformed JSON: {lines[0] if lines else 'parse error'}" + (f" near {near!r}" if near else "")
+        # Not use_float: yajl's own integers stop at 64 bits, ijson's are Python's; numbers with a point or an
+        # exponent come as Decimal and are made floats (as json.loads reads them) by _element.
+        events = ijson.basic_parse(stream)
+        next(events)  # start_array: the sniff saw '['
+        for event, value in events:
+            if event == "end_array":
+                break
+            element = _element(event, value, events)
+            index += 1  # counted once whole: an error while building it is at index + 1, the item being read
+            if element is _TOO_DEEP:
+                yield index, RecordError(index, None, f"nested deeper than {MAX_DEPTH} levels", "item"), ""
+            else:
+                yield index, element, json.dumps(element)
+        for _ in events:  # anything after the array is an error of the parser's
+            pass
+    except (_Stopped, OSError):  # a stop, or a fault of the disk or pipe: not the record's
+        raise
+    except Exception as error:
+        message, near = _parse_error(error)
         yield index + 1, RecordError(index + 1, None, message + "; the rest of the array is not read", "item"), near
+
+
+_TOO_DEEP = object()
+
+
+def _element(event: str, value: Any, events: Iterator[tuple[str, Any]]) -> Any:
+    """One array element from its first parser event on; _TOO_DEEP (its events consumed) past MAX_DEPTH."""
+    builder: ijson.ObjectBuilder | None = ijson.ObjectBuilder()
+    depth = 0
+    while True:
+        depth += event in ("start_map", "start_array")
+        if builder is not None and depth > MAX_DEPTH:
+            builder = None  # the events still go by, so the rest of the array can be read
+        if builder is not None:
+            builder.event(event, float(value) if isinstance(value, Decimal) else value)
+        depth -= event in ("end_map", "end_array")
+        if depth == 0:
+            return _TOO_DEEP if builder is None else builder.value
+        event, value = next(events)
+
+
+def _parse_error(error: Exception) -> tuple[str, str]:
+    """(message, the text near the error) for an exception of the array parser."""
+    if not isinstance(error, ijson.JSONError):
+        # ijson's C backend wraps an error of Python's (an integer of 5000 digits) in a SystemError.
+        return f"unreadable JSON: {_described(error.__cause__ or error)}", ""
+    # yajl's message: what is wrong, then the text around it and a caret line.
+    text = error.args[0] if error.args else str(error)
+    lines = (text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)).splitlines()
+    near = lines[1].strip() if len(lines) > 1 else ""
+    return f"malformed JSON: {lines[0] if lines else 'parse error'}" + (f" near {near!r}" if near else ""), near
+
+
+class _Stopped(Exception):
+    """Raised by a read that saw the reader's stop: the iteration ends."""
 
 
 class _Prefixed:
     """A binary stream with the bytes format sniffing consumed put back in front."""
 
-    def __init__(self, head: bytes, stream: IO[bytes]) -> None:
+    def __init__(self, head: bytes, stream: Any) -> None:
         self.head, self.stream = head, stream
 
     def read(self, size: int = -1) -> bytes:
@@ -368,6 +580,48 @@ class _Prefixed:
             out, self.head = self.head, b""
             return out
         return self.stream.read(size)
+
+
+class _Transcoded:
+    """A UTF-16 or UTF-32 byte stream read as UTF-8, which ijson parses.
+
+    A lone surrogate passes through as bytes no UTF-8 parser takes, so yajl reports it where it is;
+    an error of the decoder itself (a truncated last character) is reported at the item being read.
+    """
+
+    def __init__(self, stream: Any, encoding: str) -> None:
+        self.stream = stream
+        self.decoder = codecs.getincrementaldecoder(encoding)("surrogatepass")
+
+    def read(self, size: int = -1) -> bytes:
+        if size == 0:
+            return b""
+        while True:
+            chunk = self.stream.read(size)
+            text = self.decoder.decode(chunk, final=not chunk)
+            if text or not chunk:  # half a character decodes to nothing yet: read on
+                return text.encode("utf-8", "surrogatepass")
+
+
+class _Pipe:
+    """A pipe, FIFO or terminal read after `poll`, so that a stop is seen while no data comes.
+
+    A blocking read would only return when the writer sends a line or closes its end.
+    """
+
+    def __init__(self, fd: int, stop: threading.Event, poll_seconds: float) -> None:
+        self.fd, self.stop = fd, stop
+        self.timeout_ms = max(1, round(poll_seconds * 1000))
+        self.poll = select.poll()
+        self.poll.register(fd, select.POLLIN)
+
+    def read(self, size: int = -1) -> bytes:
+        if size == 0:
+            return b""
+        while not self.poll.poll(self.timeout_ms):  # data, the writer's end closed, or an error
+            if self.stop.is_set():
+                raise _Stopped
+        return os.read(self.fd, size if size > 0 else _CHUNK)
 
 
 class _Encoded:
@@ -379,12 +633,21 @@ class _Encoded:
     def read(self, size: int = -1) -> bytes:
         return self.stream.read(size).encode("utf-8")
 
-    def readline(self) -> bytes:
-        return self.stream.readline().encode("utf-8")
-
 
 def _binary(stream: IO[Any]) -> IO[bytes]:
     """`stream` as bytes: its binary buffer when it has one."""
     if hasattr(stream, "buffer"):
         return stream.buffer
     return _Encoded(stream) if isinstance(stream.read(0), str) else stream  # type: ignore[return-value]
+
+
+def _blocking_fd(stream: Any) -> int | None:
+    """The file descriptor of a stream whose reads can wait for a writer (pipe, FIFO, terminal, socket).
+
+    None for a regular file (a read returns at its end) and for a stream without one (in memory).
+    """
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
+    return None if stat.S_ISREG(os.fstat(fd).st_mode) else fd

@@ -17,9 +17,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from editors import Editor, EditOutcome
+from editors import Editor, EditOutcome, InputError
 from monitor.metrics import RunningMeans, fill_references, measure, measure_base
-from monitor.plan import base_probes, edit_probes
+from monitor.plan import LOCALITY, base_probes, edit_probes
 from monitor.probes import ReferenceSet
 from monitor.reference import ReferenceStore
 from monitor.round import AlarmLog, PoolEntry, ProbeRound, announce, round_row
@@ -46,12 +46,13 @@ class Timeline:
     """Drives `editor` through records and writes what it measures into `files`."""
 
     def __init__(self, editor: Editor, config: RunConfig, images: ImageRoot, files: RunFiles,
-                 sinks: Iterable[Sink] = ()) -> None:
+                 sinks: Iterable[Sink] = (), reject: Callable[[int, str], None] | None = None) -> None:
         self.editor = editor
         self.config = config
         self.images = images
         self.files = files
         self.sinks = list(sinks)
+        self.reject = reject  # quarantines a record the model cannot take (line, reason); None: raise
         self.sequential = config.mode == "sequential"
         self.gaps = sorted(set(config.gap))
         self.probe_every = config.probe_every or self.gaps[0]
@@ -97,15 +98,29 @@ class Timeline:
         self.stopped = "interrupted" if stop is not None and stop.is_set() else "end of stream"
 
     def step(self, line: int, record: EditRecord) -> None:
-        """Read one record: references and base accuracy on the unedited model, apply, measure."""
+        """Read one record: references and base accuracy on the unedited model, apply, measure.
+
+        Every query of the record is scored before the edit is applied, so a record the model
+        cannot take (too long for its context, special tokens, blank text) is quarantined with
+        the reason and changes nothing.
+        """
         self.line = line
-        self.edits_read += 1
         probes = edit_probes(record, self.images.open, one_hop=self.config.one_hop_edit)
         references = ReferenceStore()
-        with self._unedited():
-            fill_references(self.editor, probes, references, self.config.vlkeb_compat)
-            self.base.add(measure_base(self.editor, base_probes(record, self.images.open)))
-            if self.sequential and self.refset_records < self.config.reference_size:
+        try:
+            with self._unedited():
+                fill_references(self.editor, probes, references, self.config.vlkeb_compat)
+                base = measure_base(self.editor, base_probes(record, self.images.open))
+                self.editor.lvlm.check([p.query for p in probes if p.metric not in LOCALITY])  # the rest, unscored
+        except InputError as error:
+            if self.reject is None:
+                raise
+            self.reject(line, f"the model cannot take this record: {error}")
+            return
+        self.edits_read += 1
+        self.base.add(base)
+        if self.sequential and self.refset_records < self.config.reference_size:
+            with self._unedited():
                 self.refset_records += 1
                 self.refset.add(self.editor, probes)
         start = time.perf_counter()

@@ -161,13 +161,30 @@ def test_chat_format_uses_the_template_and_separates_the_answer():
 
 def test_input_errors_are_specific():
     llava = tiny("llava")
-    with pytest.raises(InputError, match="no image"):
+    with pytest.raises(InputError, match="the question holds the tokenizer's special token\\(s\\) '<image>'"):
         llava.inputs.encode(Query("<image> what?", "Paris"))
-    with pytest.raises(InputError, match="empty answer"):
+    eos = llava.inputs.tokenizer.eos_token
+    with pytest.raises(InputError, match=f"the answer holds the tokenizer's special token\\(s\\) '{eos}'"):
+        llava.inputs.encode(Query("what?", f"Paris{eos}"))
+    with pytest.raises(InputError, match="^blank answer$"):
         llava.inputs.encode(Query("what?", "  "))
+    with pytest.raises(InputError, match="^blank question$"):
+        llava.inputs.encode(Query(" \n", "Paris"))
     with pytest.raises(InputError, match="chat template"):
         type(llava.inputs)(llava.family, llava.model.config, llava.inputs.tokenizer, llava.inputs.image_processor,
                            None, "chat")
+
+
+def test_a_query_longer_than_the_models_context_is_refused_before_any_forward():
+    llava = tiny("llava")
+    limit = llava.inputs.max_tokens
+    assert limit == llava.model.config.text_config.max_position_embeddings
+    fits = llava.inputs.encode(Query("what?", "Paris"))
+    llava.inputs.max_tokens = len(fits.input_ids)  # exactly full: accepted
+    llava.inputs.encode(Query("what?", "Paris"))
+    with pytest.raises(InputError, match=f"is {len(fits.input_ids) + 1} tokens long .* at most {len(fits.input_ids)}"):
+        llava.inputs.encode(Query("what?", "Paris Paris"))
+    llava.inputs.max_tokens = limit
 
 
 def test_blip2_without_image_token_id_is_refused():

@@ -1,15 +1,25 @@
-"""Record formats and readers: validation, line/field errors, image-root safety, quarantine."""
+"""Record formats and readers: validation, line/field errors, encodings, images, quarantine, stopping."""
 
 import io
 import json
 import os
+import queue
+import shutil
+import signal
+import struct
+import subprocess
+import sys
 import threading
 import time
+import zlib
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from simulator import ImageRoot, RecordsError, StreamReader, load_records, parse_record
 from simulator.records import EICRecord, EVQARecord, VLKEBRecord
+from simulator.stream import ImageRootError
 from tests.tiny_models import random_image
 
 
@@ -342,3 +352,232 @@ def test_a_blank_answer_is_a_bad_record_not_a_failed_run(tmp_path):
               "loc": "l?", "loc_ans": "x", "m_loc": "a.png", "m_loc_q": "m?", "m_loc_a": "y"}
     with pytest.raises(RecordsError, match="line 3, field 'alt': Value error, must not be blank"):
         parse_record(record, 3)
+
+
+def quarantine_entries(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+
+def test_each_line_is_decoded_and_parsed_on_its_own(tmp_path):
+    lines = [
+        json.dumps(vlkeb(id="e1")).encode(),
+        json.dumps(vlkeb(src="Qu'est-ce, ce bâtiment ?"), ensure_ascii=False).encode("latin-1"),  # a Latin-1 line
+        b'{"id": ' + b"1" * 5000 + b"}",  # json.loads: ValueError, over Python's int max str digits
+        b'{"src": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # json.loads: RecursionError
+        json.dumps(vlkeb(src="a\ud800b")).encode(),  # a \ud800 escape: valid JSON, not text
+        json.dumps(vlkeb(id="e6")).encode(),
+    ]
+    path = tmp_path / "edits.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    quarantine = tmp_path / "quarantine.jsonl"
+    reader = StreamReader(path, quarantine=quarantine)
+    assert [r.id for r in reader] == ["e1", "e6"]
+    assert (reader.read, reader.quarantined, reader.line) == (2, 4, 6)
+    entries = quarantine_entries(quarantine)
+    assert [(e["line"], e["field"]) for e in entries] == [(2, None), (3, None), (4, None), (5, "src")]
+    assert "not UTF-8 text: invalid continuation byte" in entries[0]["message"]
+    assert "Qu'est-ce, ce b\ufffdtiment" in entries[0]["raw"]
+    assert "unreadable JSON: ValueError: Exceeds the limit (4300 digits)" in entries[1]["message"]
+    assert "unreadable JSON: RecursionError" in entries[2]["message"]
+    assert "unicode" in entries[3]["message"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+@pytest.mark.parametrize("layout", ["jsonl", "array"])
+def test_a_utf16_or_utf32_file_is_read_by_its_byte_order_mark(tmp_path, encoding, layout):
+    # U+0A41 U+2000 in UTF-16-LE (41 0A 00 20) and U+2000 U+0A41 in -BE (20 00 0A 41) hold a newline's bytes.
+    records = [vlkeb(id="a", src="Welches Gebäude ist das? 这是什么建筑？ 🏛"), vlkeb(id="b", src="\u0a41\u2000\u0a41")]
+    text = json.dumps(records, ensure_ascii=False, indent=2) if layout == "array" else "\r\n".join(
+        json.dumps(r, ensure_ascii=False) for r in records) + "\r\n"
+    path = tmp_path / "edits.json"
+    path.write_bytes("\ufeff".encode(encoding) + text.encode(encoding))  # as Windows tools write UTF-16
+    reader = StreamReader(path, quarantine=tmp_path / "q.jsonl")
+    assert [(r.id, r.src) for r in reader] == [(r["id"], r["src"]) for r in records]
+    assert (reader.read, reader.quarantined, reader.unit) == (2, 0, "item" if layout == "array" else "line")
+    assert [r.id for r in load_records(path)] == ["a", "b"]
+
+
+def test_a_broken_line_of_a_utf16_file_costs_that_line_only(tmp_path):
+    good = [json.dumps(vlkeb(id=name), ensure_ascii=False).encode("utf-16-le") for name in ("a", "c")]
+    lone = json.dumps(vlkeb(id="b"))[:-1].encode("utf-16-le") + b"\x00\xd8" + b"}\x00"  # a lone high surrogate
+    newline = "\n".encode("utf-16-le")
+    path = tmp_path / "edits.jsonl"
+    path.write_bytes(b"\xff\xfe" + newline.join([good[0], lone, good[1]]) + newline)
+    quarantine = tmp_path / "quarantine.jsonl"
+    reader = StreamReader(path, quarantine=quarantine)
+    assert [r.id for r in reader] == ["a", "c"]
+    ((entry),) = quarantine_entries(quarantine)
+    assert entry["line"] == 2 and "not UTF-16-LE text" in entry["message"]
+
+
+def test_a_utf8_bom_never_costs_a_record(tmp_path, monkeypatch):
+    record = json.dumps(vlkeb(id="a")).encode()
+    first = tmp_path / "first.jsonl"
+    first.write_bytes(b"\xef\xbb\xbf" + record + b"\n")
+    joined = tmp_path / "joined.jsonl"  # `cat a.jsonl b.jsonl` of two files saved with a BOM
+    joined.write_bytes(first.read_bytes() + b"\xef\xbb\xbf" + json.dumps(vlkeb(id="b")).encode() + b"\n")
+    quarantine = tmp_path / "q.jsonl"
+    assert [r.id for r in StreamReader(first, quarantine=quarantine)] == ["a"]
+    assert [r.id for r in StreamReader(joined, quarantine=quarantine)] == ["a", "b"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\ufeff" + record.decode() + "\n"))
+    assert [r.id for r in StreamReader("-", quarantine=quarantine)] == ["a"]
+    assert not quarantine.exists()
+
+
+def test_an_array_item_nested_too_deep_is_one_bad_item_and_the_rest_is_read(tmp_path):
+    path = tmp_path / "eval.json"
+    deep = "[" * 5000 + "]" * 5000
+    path.write_text(f"[{json.dumps(vlkeb(id='a'))},\n{deep},\n{json.dumps(vlkeb(id='c'))}]")
+    quarantine = tmp_path / "quarantine.jsonl"
+    reader = StreamReader(path, quarantine=quarantine)
+    assert [r.id for r in reader] == ["a", "c"]
+    ((entry),) = quarantine_entries(quarantine)
+    assert (entry["line"], entry["unit"]) == (2, "item") and "nested deeper than" in entry["message"]
+
+
+def test_any_parser_error_ends_an_array_with_one_entry(tmp_path):
+    path = tmp_path / "eval.json"
+    good = json.dumps(vlkeb(id="a")).encode("utf-16-le")
+    path.write_bytes(b"\xff\xfe" + "[".encode("utf-16-le") + good + ",\n".encode("utf-16-le") + b"\x00\xd8"
+                     + json.dumps(vlkeb(id="b")).encode("utf-16-le") + "]".encode("utf-16-le"))
+    quarantine = tmp_path / "quarantine.jsonl"
+    reader = StreamReader(path, quarantine=quarantine)
+    assert [r.id for r in reader] == ["a"]
+    ((entry),) = quarantine_entries(quarantine)
+    assert entry["line"] == 2 and "malformed JSON" in entry["message"]
+    assert entry["message"].endswith("the rest of the array is not read")
+    # Python's own error inside ijson (an integer of 5000 digits): ijson loses the events of the block it
+    # was parsing, so the entry names the first item not read.
+    path.write_text(f"[{json.dumps(vlkeb(id='a'))}, {'1' * 5000}, {json.dumps(vlkeb(id='c'))}]")
+    quarantine.unlink()
+    reader = StreamReader(path, quarantine=quarantine)
+    assert [r.id for r in reader] == []
+    ((entry),) = quarantine_entries(quarantine)
+    assert entry["line"] == 1 and "ValueError: Exceeds the limit (4300 digits)" in entry["message"]
+    assert entry["message"].endswith("the rest of the array is not read")
+
+
+def test_an_array_keeps_integers_past_64_bits():
+    path = io.BytesIO(json.dumps([vlkeb(id=2**64), vlkeb(t=1.5e300)]).encode())
+    assert [(r.id, r.t) for r in StreamReader(path)] == [(str(2**64), None), ("2", 1.5e300)]
+
+
+def png_header(width, height):
+    """A PNG that is only a header: signature, IHDR and IEND, no pixel data."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(
+        b"IEND", b"")
+
+
+def test_images_are_decoded_whole_when_a_record_is_checked(root):
+    whole = (root.root / "a" / "1.png").read_bytes()
+    (root.root / "a" / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    (root.root / "a" / "header.png").write_bytes(png_header(5000, 5000))  # opens as a PNG, has no pixels
+    (root.root / "a" / "bomb.png").write_bytes(png_header(30_000, 30_000))  # 900 MP: Pillow's bomb error
+    cases = {"a/truncated.png": "not a readable image", "a/header.png": "not a readable image",
+             "a/bomb.png": "decompression bomb"}
+    for relative, message in cases.items():
+        with pytest.raises(RecordsError) as caught:
+            parse_record(vlkeb(image=relative), line=4, images=root)
+        (error,) = caught.value.errors
+        assert (error.line, error.field) == (4, "image") and message in error.message, error.message
+
+
+def test_pixel_bounds_ours_and_pillows(tmp_path, monkeypatch):
+    random_image(1, (40, 40)).save(tmp_path / "square.png")  # 1600 pixels
+    with pytest.raises(ValueError, match="40 x 40 = 1,600 pixels, over the bound of 1,000"):
+        ImageRoot(tmp_path, max_pixels=1000).check("square.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # Pillow's check off: ours still holds
+    with pytest.raises(ValueError, match="over the bound"):
+        ImageRoot(tmp_path, max_pixels=1000).check("square.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow only warns below twice its limit
+    with pytest.raises(ValueError, match="decompression bomb"):
+        ImageRoot(tmp_path, max_pixels=10**9).check("square.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 700)
+    with pytest.raises(ValueError, match="decompression bomb"):
+        ImageRoot(tmp_path, max_pixels=10**9).check("square.png")
+
+
+def test_images_are_scaled_down_before_caching(tmp_path):
+    random_image(1, (60, 40)).save(tmp_path / "wide.png")
+    image = ImageRoot(tmp_path, cached_pixels=1200).open("wide.png")
+    assert (image.width, image.height, image.mode) == (28, 42, "RGB")  # 2400 pixels scaled by sqrt(1/2)
+    assert ImageRoot(tmp_path).open("wide.png").size == (40, 60)
+
+
+def test_a_checked_image_is_not_decoded_again_and_the_cache_is_bounded_in_bytes(tmp_path, monkeypatch):
+    for name in "abcd":
+        random_image(ord(name)).save(tmp_path / f"{name}.png")  # 20 x 24 RGB: 1440 bytes decoded
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda path, *a, **k: opened.append(Path(path).name) or real_open(path, *a, **k))
+    images = ImageRoot(tmp_path, cache_bytes=3 * 1440)
+    images.check("a.png")
+    images.open("a.png")
+    assert opened == ["a.png"]
+    for name in "bcd":
+        images.open(f"{name}.png")
+    images.open("d.png")
+    images.open("a.png")  # the least recently used: dropped for d
+    assert opened == ["a.png", "b.png", "c.png", "d.png", "a.png"]
+
+
+def test_a_deleted_image_root_stops_the_stream_instead_of_quarantining_it(tmp_path):
+    images = tmp_path / "images"
+    for rel in ("a/1.png", "a/2.png", "b/1.png", "c/1.png", "c/2.png", "d/1.png"):
+        (images / rel).parent.mkdir(parents=True, exist_ok=True)
+        random_image(len(rel)).save(images / rel)
+    path = write_lines(tmp_path / "edits.jsonl", [
+        json.dumps(vlkeb(id="e1")),
+        json.dumps(vlkeb(id="e2", image="c/1.png", image_rephrase="c/2.png", m_loc="d/1.png")),
+    ])
+    quarantine = tmp_path / "quarantine.jsonl"
+    reader = StreamReader(path, images=ImageRoot(images), quarantine=quarantine)
+    records = iter(reader)
+    assert next(records).id == "e1"
+    shutil.rmtree(images)
+    with pytest.raises(ImageRootError, match="is gone"):
+        next(records)
+    assert (reader.line, reader.read, reader.quarantined) == (1, 1, 0)  # a resume reads line 2 again
+    assert not quarantine.exists()
+    with pytest.raises(ImageRootError):
+        reader.images.open("c/2.png")
+
+
+STOPPING_CHILD = """
+import sys, threading
+from simulator.signals import stopping_on_signals
+from simulator.stream import StreamReader
+stop = threading.Event()
+with stopping_on_signals(stop):
+    print("ready", flush=True)
+    for record in StreamReader("-", quarantine=sys.argv[1], stop=stop, poll_seconds=0.1):
+        print(record.id, flush=True)
+print("stopped", flush=True)
+"""
+
+
+@pytest.mark.parametrize("first", [json.dumps(vlkeb(id="a")) + "\n", "[" + json.dumps(vlkeb(id="a")) + ",\n"])
+def test_sigterm_stops_a_reader_of_standard_input_that_gets_no_data(tmp_path, first):
+    quarantine = tmp_path / "quarantine.jsonl"
+    child = subprocess.Popen([sys.executable, "-c", STOPPING_CHILD, str(quarantine)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in child.stdout], daemon=True).start()
+    try:
+        assert lines.get(timeout=60) == "ready\n"
+        child.stdin.write(first)  # a record, then nothing; the writer keeps its end open
+        child.stdin.flush()
+        assert lines.get(timeout=10) == "a\n"
+        sent = time.monotonic()
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=5) == 0 and time.monotonic() - sent < 2
+        assert lines.get(timeout=5) == "stopped\n"
+        assert not quarantine.exists()  # a stop is not a broken array
+    finally:
+        child.kill()
+        child.wait()
+        child.stdin.close()

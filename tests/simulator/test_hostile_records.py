@@ -1,0 +1,85 @@
+"""Records the model cannot take are quarantined with their reason; a vanished image root stops the run, resumably."""
+
+import json
+import shutil
+
+import pytest
+
+from monitor.sink import Sink
+from simulator.config import RunConfig
+from simulator.run import RunError, simulate
+
+GOOD = 4
+
+
+@pytest.fixture
+def good(small_world):
+    return [json.loads(line) for line in (small_world / "eval.jsonl").read_text().splitlines()[:GOOD]]
+
+
+def config(stream, images, small_model, out, **extra):
+    return RunConfig(stream=str(stream), images=images, model=str(small_model), method="ft-llm", gap=[1],
+                     probe_every=2, checkpoint_every=2, retention_sample=3, reference_size=2, no_mlflow=True, out=out,
+                     **extra)
+
+
+def write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_records_the_model_cannot_take_are_quarantined_and_change_nothing(good, small_world, small_model, tmp_path):
+    hostile = [
+        {**good[0], "id": "long", "src": " ".join(["what"] * 400)},  # far past the model's 256-token context
+        {**good[1], "id": "placeholder", "rephrase": "<image> " + good[1]["rephrase"]},
+        {**good[2], "id": "blank", "alt": "   "},
+        {**good[3], "id": "eos", "loc_ans": good[3]["loc_ans"] + "</s>"},
+    ]
+    images = small_world / "images"
+    clean = simulate(config(write(tmp_path / "clean.jsonl", good), images, small_model, tmp_path / "clean"),
+                     progress=False)
+    mixed = [good[0], hostile[0], good[1], hostile[1], hostile[2], good[2], hostile[3], good[3]]
+    run = simulate(config(write(tmp_path / "mixed.jsonl", mixed), images, small_model, tmp_path / "mixed"),
+                   progress=False)
+    assert (run["edits_read"], run["edits_applied"], run["quarantined"], run["failed"]) == (GOOD, GOOD, 4, 0)
+    reasons = {json.loads(line)["line"]: json.loads(line)["message"]
+               for line in (tmp_path / "mixed" / "quarantine.jsonl").read_text().splitlines()}
+    assert set(reasons) == {2, 4, 5, 7}  # every line accounted for: 4 applied + 4 quarantined = 8
+    assert "at most 256" in reasons[2] and "'<image>'" in reasons[4] and "must not be blank" in reasons[5]
+    assert "'</s>'" in reasons[7]
+    # The good records were measured exactly as in a stream without the hostile ones.
+    assert run["results"] == clean["results"] and run["base"] == clean["base"]
+
+
+def test_max_tokens_lowers_the_longest_query(good, small_world, small_model, tmp_path):
+    with pytest.raises(RunError, match="no usable record .*: 4 lines read, 4 quarantined"):
+        simulate(config(write(tmp_path / "s.jsonl", good), small_world / "images", small_model, tmp_path / "r",
+                        max_tokens=8), progress=False)
+    reasons = [json.loads(line)["message"] for line in (tmp_path / "r" / "quarantine.jsonl").read_text().splitlines()]
+    assert len(reasons) == GOOD and all(r.endswith("the model takes at most 8") for r in reasons)
+
+
+class Vanish(Sink):
+    """Moves the image root away after `after` edits, as a deleted or unmounted folder."""
+
+    def __init__(self, images, after):
+        self.images, self.after = images, after
+
+    def on_edit(self, applied, seconds, step):
+        if step == self.after:
+            self.images.rename(self.images.with_name("gone"))
+
+
+def test_a_vanished_image_root_stops_the_run_with_a_checkpoint_and_resume_finishes_it(good, small_world, small_model,
+                                                                                       tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(small_world / "images", images)
+    stream = write(tmp_path / "s.jsonl", good)
+    whole = simulate(config(stream, images, small_model, tmp_path / "whole"), progress=False)
+    with pytest.raises(RunError, match="the run stopped after 2 edits with a checkpoint: --resume continues"):
+        simulate(config(stream, images, small_model, tmp_path / "run"), [Vanish(images, 2)], progress=False)
+    assert not (tmp_path / "run" / "quarantine.jsonl").exists()  # nothing blamed on the records
+    (tmp_path / "gone").rename(images)
+    resumed = simulate(config(stream, images, small_model, tmp_path / "run", resume=True), progress=False)
+    assert {k: v for k, v in resumed.items() if k not in ("run", "last_round")} == \
+        {k: v for k, v in whole.items() if k not in ("run", "last_round")}
