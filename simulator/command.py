@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import types
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, NoReturn, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
@@ -68,8 +69,9 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], p
         if annotation is bool:
             kwargs["action"] = "store_true"
         elif get_origin(annotation) is list:
-            numeric = _unwrap_optional(get_args(annotation)[0])
-            kwargs.update(nargs="+", metavar="N" if getattr(numeric, "__origin__", numeric) in (int, float) else "VALUE")
+            item = _unwrap_optional(get_args(annotation)[0])
+            item = getattr(item, "__origin__", item)  # PositiveInt is Annotated[int, ...]
+            kwargs.update(nargs="+", metavar="N" if item in (int, float) else "PATH" if item is Path else "VALUE")
         elif get_origin(annotation) is Literal:
             kwargs["choices"] = get_args(annotation)
         elif get_origin(annotation) is dict:

@@ -454,9 +454,6 @@ def parser() -> argparse.ArgumentParser:
     )
     report.add_argument("run_dir", metavar="RUN_DIR", help="the run's --out folder")
     add_model_options(report, ReportOptions)
-    for action in report._actions:  # a list of folders, not numbers
-        if action.dest == "against":
-            action.metavar = "OTHER"
     report.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return report
 
