@@ -238,6 +238,7 @@ class EditMemory:
             "manifest": manifest,
             "ids": ids,
             "edits": [[self.edits[i].prompt, self.edits[i].target, self.edits[i].key] for i in ids],
+            "counters": self.memory.stats.counters(),  # hits and misses of `score`'s routing continue on resume
         }
 
     def load_from(self, state: EditorState) -> None:
@@ -248,6 +249,8 @@ class EditMemory:
         self.vision.projection = None if projection is None else projection.numpy().astype(np.float32)
         self.keys = MultimodalKeys(self.keys.text, self.vision, self.config.image_weight)
         self.memory = VectorMemory.from_bytes(state.tensors["memory.index"].numpy(), saved["manifest"], self.memory.stats)
+        if "counters" in saved:  # states written before the counters were kept start them anew
+            self.memory.stats.restore(saved["counters"])
         self.edits = {int(i): StoredEdit(*edit) for i, edit in zip(saved["ids"], saved["edits"])}
         if set(self.edits) != set(self.memory.ids().tolist()):
             raise ValueError("editor state is inconsistent: its edit list and its memory index hold different ids")

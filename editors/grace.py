@@ -197,12 +197,15 @@ class Codebook:
         blob, manifest = self.keys.to_bytes()
         state.tensors |= {"codebook.keys": torch.from_numpy(blob), "codebook.values": self.values.clone(),
                           "codebook.radii": self.radii.clone()}
-        state.meta["codebook"] = {"manifest": manifest, "targets": self.targets, "edit_keys": self.edit_keys}
+        state.meta["codebook"] = {"manifest": manifest, "targets": self.targets, "edit_keys": self.edit_keys,
+                                  "counters": self.stats.counters()}  # routing hits and misses continue on resume
 
     def load_from(self, state: EditorState) -> None:
         """Restore what `save_into` wrote."""
         saved = state.meta["codebook"]
         self.keys = VectorMemory.from_bytes(state.tensors["codebook.keys"].numpy(), saved["manifest"], self.stats)
+        if "counters" in saved:  # states written before the counters were kept start them anew
+            self.stats.restore(saved["counters"])
         self._values = state.tensors["codebook.values"].float().clone()
         self._radii = state.tensors["codebook.radii"].float().clone()
         self.targets, self.edit_keys = list(saved["targets"]), list(saved["edit_keys"])

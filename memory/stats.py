@@ -84,6 +84,16 @@ class RetrievalStats:
         with self._lock:
             self._rebuilds += 1
 
+    def counters(self) -> dict[str, int]:
+        """The running totals a resumed run must continue from: hits, misses, rebuilds (latency is wall clock)."""
+        with self._lock:
+            return {"hits": self._hits, "misses": self._misses, "rebuilds": self._rebuilds}
+
+    def restore(self, counters: dict[str, int]) -> None:
+        """Set the running totals `counters` returned."""
+        with self._lock:
+            self._hits, self._misses, self._rebuilds = counters["hits"], counters["misses"], counters["rebuilds"]
+
     def snapshot(self, size: int, index_kind: str) -> StatsSnapshot:
         """A copy of every counter, with the memory's current size and index kind."""
         with self._lock:

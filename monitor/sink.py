@@ -24,6 +24,10 @@ class Sink:
     def on_start(self, run: str, params: dict[str, Any], folder: Path, step: int) -> None:
         """The run begins (`step` 0) or resumes (`step` > 0) writing into `folder`: its name and parameters."""
 
+    def on_resume(self, counts: Mapping[str, int]) -> None:
+        """Right after `on_start`, when the run continues from a checkpoint: what it had counted by then
+        (`applied`, `failed`, `quarantined`, `rounds`), so running totals go on from there."""
+
     def on_edit(self, applied: bool, seconds: float, step: int) -> None:
         """One edit was applied (or failed and was rolled back) in `seconds`."""
 

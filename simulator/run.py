@@ -264,6 +264,9 @@ def _simulate(config: RunConfig, out: Path, checkpoint: Checkpoint | None, sinks
               "method_config": editor.config.model_dump(mode="json")}
     for sink in sinks:
         sink.on_start(name, params, out, timeline.applied)
+        if checkpoint is not None:
+            sink.on_resume({"applied": timeline.applied, "failed": timeline.failed, "quarantined": reader.quarantined,
+                            "rounds": timeline.rounds})
 
     def counters() -> dict[str, Any]:
         return {"quarantined": reader.quarantined, "train_report": report}

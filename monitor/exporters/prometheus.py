@@ -143,6 +143,14 @@ class PrometheusSink(Sink):
         self.progress.labels(**self.labels).set_to_current_time()
         self._push(force=True)
 
+    def on_resume(self, counts: Mapping[str, int]) -> None:
+        """Continue the run's counters from its checkpoint, so `_total` series never fall back to 0."""
+        for counter, key in ((self.applied, "applied"), (self.failed, "failed"), (self.quarantined, "quarantined"),
+                             (self.rounds, "rounds")):
+            counter.labels(**self.labels).inc(counts.get(key, 0))
+        self._seen_quarantined = counts.get("quarantined", 0)
+        self._push(force=True)
+
     def on_edit(self, applied: bool, seconds: float, step: int) -> None:
         """Count the edit and its duration."""
         (self.applied if applied else self.failed).labels(**self.labels).inc()

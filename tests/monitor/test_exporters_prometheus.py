@@ -164,3 +164,17 @@ def test_a_run_never_scraped_does_not_linger(tmp_path):
     start = time.monotonic()
     sink.close()
     assert time.monotonic() - start < 1
+
+
+def test_a_resumed_run_continues_its_counters(tmp_path):
+    registry = CollectorRegistry()
+    sink = PrometheusSink(registry=registry)
+    sink.on_start("r1", {"method": "ft-llm", "model": "tiny"}, tmp_path, 40)
+    sink.on_resume({"applied": 40, "failed": 2, "quarantined": 3, "rounds": 10})
+    sink.on_edit(True, 0.01, 41)
+    sink.on_quarantine(4)  # the reader's running total: one more line
+    value = registry.get_sample_value
+    assert value("editwatch_edits_applied_total", LABELS) == 41
+    assert value("editwatch_edits_failed_total", LABELS) == 2
+    assert value("editwatch_edits_quarantined_total", LABELS) == 4
+    assert value("editwatch_probe_rounds_total", LABELS) == 10
