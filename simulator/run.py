@@ -294,7 +294,8 @@ def _simulate(config: RunConfig, out: Path, checkpoint: Checkpoint | None, sinks
     save_timeline(timeline, counters())
     result = {"run": name, **params, "method_config": editor.config.model_dump(mode="json"),  # as run, state included
               "train_report": report, **timeline.summary(reader.quarantined),
-              "health": reduce_rounds(files.rows(ROUNDS))}  # probe-round metrics, each by its aggregation
+              "health": reduce_rounds(files.rows(ROUNDS)),  # probe-round metrics, each by its aggregation
+              "lines_read": timeline.line}  # stream position consumed: applied + failed + quarantined records
     files.write_summary(result)
     for sink in sinks:
         sink.on_finish(result, out)

@@ -104,6 +104,7 @@ class MlflowSink(Sink):
         self.kind = kind
         self.flush_seconds = flush_seconds
         self.tags = tags or {}  # extra tags of the new run, e.g. mlflow.parentRunId of a sweep's cell
+        self._logged: set[tuple[str, int]] = set()  # (key, step) logged after the checkpoint a run resumes from
         self.journal: Journal | None = None
         self._sender: _Sender | None = None
         self._follow = False
@@ -125,6 +126,9 @@ class MlflowSink(Sink):
         if step and self.journal.exists():
             if self.uri is not None and state.get("uri") not in (None, self.uri):
                 log.warning("resuming: the MLflow run continues at %s, where it started", state["uri"])
+            # The run replays what it did between its checkpoint and its end: what was logged then is not again.
+            self._logged = {(row[0], row[3]) for _, op in self.journal.pending(0) if op.get("op") == "metrics"
+                            for row in op["metrics"] if row[3] > step}
             self.journal.append({"op": "resume"})
         else:
             if self.journal.exists():
@@ -228,6 +232,10 @@ class MlflowSink(Sink):
     def _log_metrics(self, rows: list[list[Any]]) -> None:
         if self.journal is None:
             return
+        if self._logged:  # a resumed run's replay of rounds it had logged before it died: no second value per step
+            rows = [row for row in rows if (row[0], row[3]) not in self._logged]
+            if not rows:
+                return
         self.journal.append({"op": "metrics", "metrics": rows})
         self._wake()
 

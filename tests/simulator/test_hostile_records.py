@@ -45,6 +45,7 @@ def test_records_the_model_cannot_take_are_quarantined_and_change_nothing(good, 
     reasons = {json.loads(line)["line"]: json.loads(line)["message"]
                for line in (tmp_path / "mixed" / "quarantine.jsonl").read_text().splitlines()}
     assert set(reasons) == {2, 4, 5, 7}  # every line accounted for: 4 applied + 4 quarantined = 8
+    assert run["lines_read"] == 8 == run["edits_applied"] + run["failed"] + run["quarantined"]
     assert "at most 256" in reasons[2] and "'<image>'" in reasons[4] and "must not be blank" in reasons[5]
     assert "'</s>'" in reasons[7]
     # The good records were measured exactly as in a stream without the hostile ones.

@@ -85,3 +85,38 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_outputs(me
     whole, resumed = outputs(tmp_path / "whole"), outputs(tmp_path / "run")
     assert resumed == whole
     assert whole["summary"]["edits_applied"] == EDITS
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_mlflow_history_of_a_resumed_run_has_one_value_per_step(small_world, small_model, tmp_path):
+    """The rounds between the last checkpoint and the kill are replayed by the resumed run, but logged once."""
+    from mlflow import MlflowClient
+
+    from monitor.exporters import build_sinks
+
+    stream = tmp_path / "stream.jsonl"
+    stream.write_text("".join((small_world / "eval.jsonl").read_text().splitlines(keepends=True)[:EDITS]))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def run(out, name, dies=None, **extra):
+        config = RunConfig(stream=str(stream), images=small_world / "images", model=str(small_model), method="ft-llm",
+                           gap=[1], probe_every=2, checkpoint_every=3, retention_sample=3, reference_size=2, seed=3,
+                           mlflow_uri=uri, mlflow_experiment="resume", run_name=name, out=out, **extra)
+        sinks = build_sinks(config)
+        try:
+            simulate(config, [*sinks, *([DieAt(dies)] if dies else [])], progress=False)
+        finally:
+            for sink in sinks:
+                sink.close()
+
+    run(tmp_path / "whole", "whole")
+    with pytest.raises(Killed):
+        run(tmp_path / "run", "resumed", dies=9)  # inside edit 9: after the round at 8, past the checkpoint at 6
+    run(tmp_path / "run", "resumed", resume=True)
+    client = MlflowClient(uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("resume").experiment_id])}
+    for key in ("retention", "gap_1/reliability", "ref_ppl_ratio"):
+        whole = [(m.step, m.value) for m in client.get_metric_history(runs["whole"].info.run_id, key)]
+        resumed = [(m.step, m.value) for m in client.get_metric_history(runs["resumed"].info.run_id, key)]
+        assert sorted(resumed) == sorted(whole), key  # one value per step, the same values
+        assert len({step for step, _ in resumed}) == len(resumed)
