@@ -149,7 +149,19 @@ class Timeline:
             self.probe_round()
 
     def _apply(self, record: EditRecord) -> EditOutcome:
-        """Apply the record's edit (and with --one-hop-edit its one-hop edit: both or neither)."""
+        """Apply the record's edit (and with --one-hop-edit its one-hop edit: both or neither).
+
+        An exception inside the method (out of memory, a failure of its own on this record) fails
+        the record with the reason and the run goes on: parameter editors restore the touched
+        weights themselves (editors.weights.WeightTracker), memory editors add nothing until the
+        edit is embedded.
+        """
+        try:
+            return self._apply_pair(record)
+        except Exception as error:  # not KeyboardInterrupt: a stop is not a failed record
+            return EditOutcome(applied=False, message=f"{type(error).__name__}: {error}")
+
+    def _apply_pair(self, record: EditRecord) -> EditOutcome:
         second = one_hop_request(record, self.images) if self.config.one_hop_edit else None
         saved = self.editor.state() if second is not None else None
         outcome = self.editor.apply(edit_request(record, self.images))

@@ -84,3 +84,38 @@ def test_a_vanished_image_root_stops_the_run_with_a_checkpoint_and_resume_finish
     resumed = simulate(config(stream, images, small_model, tmp_path / "run", resume=True), progress=False)
     assert {k: v for k, v in resumed.items() if k not in ("run", "last_round")} == \
         {k: v for k, v in whole.items() if k not in ("run", "last_round")}
+
+
+def test_an_exception_inside_the_method_fails_that_record_and_the_run_goes_on(good, small_world, small_model,
+                                                                                tmp_path, monkeypatch, caplog):
+    """Out of memory while applying one edit: the record fails with the reason, its weights are restored, and
+    every other record is measured exactly as in a stream without it."""
+    import torch
+
+    from editors.ft import FineTune
+
+    images = small_world / "images"
+    others = [good[0], good[1], good[3]]
+    clean = simulate(config(write(tmp_path / "clean.jsonl", others), images, small_model, tmp_path / "clean"),
+                     progress=False)
+    real = FineTune.apply
+
+    def apply(self, edit):
+        if edit.key == str(good[2]["id"]):
+            # Inside the update, after the weights began to move: the tracker must put them back.
+            def change():
+                _touch(self)
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
+
+            return self.tracker.edit(change)
+        return real(self, edit)
+
+    def _touch(editor):
+        for parameter in editor.tracker.params.values():
+            parameter.data.add_(1.0)
+
+    monkeypatch.setattr(FineTune, "apply", apply)
+    run = simulate(config(write(tmp_path / "s.jsonl", good), images, small_model, tmp_path / "r"), progress=False)
+    assert (run["edits_read"], run["edits_applied"], run["failed"], run["quarantined"]) == (GOOD, GOOD - 1, 1, 0)
+    assert "OutOfMemoryError: CUDA out of memory. Tried to allocate 40.00 GiB" in caplog.text
+    assert run["results"] == clean["results"]
