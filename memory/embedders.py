@@ -68,6 +68,10 @@ class TextEmbedder:
             self._model = SentenceTransformer(folder, device="cpu", local_files_only=True)
         return self._model
 
+    def clear(self) -> None:
+        """Forget the cached embeddings (a new process starts without them)."""
+        self._cache.clear()
+
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-norm embeddings (N, 384) of `texts`; repeated texts are encoded once."""
         with self._lock:

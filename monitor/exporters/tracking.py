@@ -104,7 +104,7 @@ class MlflowSink(Sink):
         self.kind = kind
         self.flush_seconds = flush_seconds
         self.tags = tags or {}  # extra tags of the new run, e.g. mlflow.parentRunId of a sweep's cell
-        self._logged: set[tuple[str, int]] = set()  # (key, step) logged after the checkpoint a run resumes from
+        self._logged: dict[tuple[str, int], Any] = {}  # (key, step) -> value logged past the resumed checkpoint
         self.journal: Journal | None = None
         self._sender: _Sender | None = None
         self._follow = False
@@ -126,9 +126,10 @@ class MlflowSink(Sink):
         if step and self.journal.exists():
             if self.uri is not None and state.get("uri") not in (None, self.uri):
                 log.warning("resuming: the MLflow run continues at %s, where it started", state["uri"])
-            # The run replays what it did between its checkpoint and its end: what was logged then is not again.
-            self._logged = {(row[0], row[3]) for _, op in self.journal.pending(0) if op.get("op") == "metrics"
-                            for row in op["metrics"] if row[3] > step}
+            # The run replays what it did between its checkpoint and its end: a value logged then is not logged
+            # again; a replay that measured otherwise is logged, so MLflow's latest value is the run's own.
+            self._logged = {(row[0], row[3]): row[1] for _, op in self.journal.pending(0)
+                            if op.get("op") == "metrics" for row in op["metrics"] if row[3] > step}
             self.journal.append({"op": "resume"})
         else:
             if self.journal.exists():
@@ -233,7 +234,7 @@ class MlflowSink(Sink):
         if self.journal is None:
             return
         if self._logged:  # a resumed run's replay of rounds it had logged before it died: no second value per step
-            rows = [row for row in rows if (row[0], row[3]) not in self._logged]
+            rows = [row for row in rows if not _replayed(row, self._logged)]
             if not rows:
                 return
         self.journal.append({"op": "metrics", "metrics": rows})
@@ -257,6 +258,13 @@ def _snapshot(folder: Path, target: Path) -> None:
         config = folder / "config.json"
         given = json.loads(config.read_text(encoding="utf-8")).get("collapse", {}) if config.is_file() else {}
         round_plots(rows, target / "plots", collapse_thresholds(CollapseThresholds.model_validate(given)))
+
+
+def _replayed(row: list[Any], logged: dict[tuple[str, int], Any]) -> bool:
+    """Whether a resumed run's metric row repeats one logged before it died: the same value, or any value of a
+    wall-clock timing (those differ between any two runs)."""
+    key, value, _, step = row
+    return (key, step) in logged and (logged[key, step] == value or "seconds" in key)
 
 
 def _rows(metrics: dict[str, Any], step: int) -> list[list[Any]]:

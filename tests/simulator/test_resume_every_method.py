@@ -50,8 +50,12 @@ def outputs(folder):
 
 @pytest.fixture
 def one_thread():
-    """One torch thread here and in the resumed process: with two, IKE's sums over differently shaped batches
-    differ in their last bits after a resume (issue 11 keeps that open); with one, every method is exact."""
+    """One torch thread here and in the resumed process, and no text embeddings cached by earlier tests (a new
+    process has none): with two threads or a cache filled by other batches, IKE's sums over differently shaped
+    batches differ in their last bits after a resume (issue 11 keeps that open); so, every method is exact."""
+    from editors.edit_memory import shared_text_embedder
+
+    shared_text_embedder().clear()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from editors.edit_memory import shared_text_embedder
 from memory.files import current_folder
 from simulator import cli
 from simulator.sweep_config import load_sweep
@@ -88,7 +89,9 @@ def alone(small_world, small_model, tmp_path_factory):
                     "--seed", str(seed), "--run-name", name, "--out", str(out), "--no-mlflow"]
             for flag, value in zip(flags, SETTINGS.values()):
                 args += [flag, *map(str, value if isinstance(value, list) else [value])]
-            # One thread, as the cells' workers (OMP_NUM_THREADS=1): float sums depend on the thread count.
+            # One thread, as the cells' workers (OMP_NUM_THREADS=1), and no embeddings cached by earlier tests:
+            # float sums depend on the thread count and on the shapes of the batches a text was embedded in.
+            shared_text_embedder().clear()
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
