@@ -32,7 +32,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from editors.adapter import LVLM, SpanScore
-from editors.editor import EditOutcome, Editor, EditRequest, HasMemory, Retrieval
+from editors.editor import EditOutcome, Editor, EditRequest, HasMemory, Retrieval, bypassing
 from editors.inputs import Query
 from editors.state import EditorState
 from memory import MemoryConfig, MultimodalKeys, TextEmbedder, VectorMemory
@@ -290,11 +290,8 @@ class MemoryEditor(Editor, HasMemory):
     @contextmanager
     def unedited(self) -> Iterator[None]:
         """Bypass the memory inside the block: the base model answers every query unprompted."""
-        self._bypass = True
-        try:
+        with bypassing(self):
             yield
-        finally:
-            self._bypass = False
 
     def memory_size(self) -> int:
         """Number of edits in memory."""

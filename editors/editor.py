@@ -223,6 +223,16 @@ def _described(identity: dict[str, str]) -> str:
     return f"{identity.get('name')!r} ({identity.get('config_class')}, config {identity.get('config_hash')})"
 
 
+@contextmanager
+def bypassing(editor: Any) -> Iterator[None]:
+    """Inside the block `editor._bypass` is set, so its memory answers nothing; what it was comes back after."""
+    previous, editor._bypass = editor._bypass, True
+    try:
+        yield
+    finally:
+        editor._bypass = previous
+
+
 def weak_hook(owner: object, method: str) -> Callable[..., Any]:
     """A module hook calling `owner.<method>` without keeping the owner alive (a model outlives its editors)."""
     ref = weakref.ref(owner)

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from editors.adapter import LVLM, SpanScore
-from editors.editor import EditOutcome, Editor, EditRequest, HasMemory, Retrieval, weak_hook
+from editors.editor import EditOutcome, Editor, EditRequest, HasMemory, Retrieval, bypassing, weak_hook
 from editors.inputs import Query, image_index_groups
 from editors.losses import answer_nll, fit_answer
 from editors.state import EditorState
@@ -373,7 +373,7 @@ class Grace(Editor, HasMemory):
 
         handle = module.register_forward_hook(grab)
         try:
-            with self._no_codebook():
+            with bypassing(self):
                 self.lvlm.span_logits([query])
         finally:
             handle.remove()
@@ -433,17 +433,9 @@ class Grace(Editor, HasMemory):
         return out
 
     @contextmanager
-    def _no_codebook(self) -> Iterator[None]:
-        previous, self._bypass = self._bypass, True
-        try:
-            yield
-        finally:
-            self._bypass = previous
-
-    @contextmanager
     def unedited(self) -> Iterator[None]:
         """Disable the hook inside the block: the layer's output is the unedited model's."""
-        with self._no_codebook():
+        with bypassing(self):
             yield
 
     def memory_size(self) -> int:

@@ -73,6 +73,7 @@ from editors.editor import (
     HasMemory,
     HasWeightDelta,
     Retrieval,
+    bypassing,
     weak_hook,
 )
 from editors.inputs import Query, image_index_groups
@@ -396,11 +397,8 @@ class Wise(Editor, HasMemory, HasWeightDelta):
     @contextmanager
     def unedited(self) -> Iterator[None]:
         """Every query goes to the main memory inside the block."""
-        self._bypass = True
-        try:
+        with bypassing(self):
             yield
-        finally:
-            self._bypass = False
 
     def weight_change(self) -> float:
         """Frobenius norm of (side memory - main) over the merged memory, pending shards and the current shard."""
