@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "CollapseThresholds": "monitor.alarms",
-    "collapse_alarms": "monitor.alarms",
+    "crossed_checks": "monitor.alarms",
     "forgetting_significant": "monitor.alarms",
     "METRICS": "monitor.metrics",
     "Metric": "monitor.metrics",
@@ -46,7 +46,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from monitor.alarms import CollapseThresholds, collapse_alarms, forgetting_significant
+    from monitor.alarms import CollapseThresholds, crossed_checks, forgetting_significant
     from monitor.metrics import (
         METRICS,
         Metric,

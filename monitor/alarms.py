@@ -64,11 +64,6 @@ def crossed_checks(values: dict[str, float], nonfinite: Sequence[str], limits: C
     return crossed
 
 
-def collapse_alarms(values: dict[str, float], nonfinite: Sequence[str], limits: CollapseThresholds) -> list[str]:
-    """Why a round counts as collapsed: one reason a crossed threshold, empty when healthy."""
-    return list(crossed_checks(values, nonfinite, limits).values())
-
-
 def forgetting_significant(values: dict[str, float]) -> bool:
     """The sampled edits are reliably worse now than right after they were applied.
 

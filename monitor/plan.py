@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Protocol
 
 from PIL import Image
 
@@ -101,14 +101,9 @@ def planned(edit: Any, metric: str, open_image: ImageOpener, plan: dict[str, Ask
     return make_probe(metric, getattr(edit, ask.question), getattr(edit, ask.answer), image, open_image)
 
 
-def planned_all(edit: Any, metrics: Iterable[str], open_image: ImageOpener) -> list[Probe]:
-    """`planned` for several metrics of the edit plan, in order."""
-    return [planned(edit, metric, open_image) for metric in metrics]
-
-
 def edit_probes(edit: EditFacts, open_image: ImageOpener, one_hop: bool = False) -> list[Probe]:
     """The queries of every post-edit metric of one edit; `one_hop` adds VLKEB Table 3's `port_onehop`."""
-    probes = planned_all(edit, EDIT_PLAN, open_image)
+    probes = [planned(edit, metric, open_image) for metric in EDIT_PLAN]
     for k in HOP_RANGE:
         if (qa := edit.hop(k)) is not None:
             probes.append(make_probe(f"port_{k}hop", qa.question, qa.answer, edit.image, open_image))

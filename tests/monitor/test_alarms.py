@@ -5,7 +5,13 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from monitor import CollapseThresholds, collapse_alarms, forgetting_significant
+from monitor import CollapseThresholds, crossed_checks, forgetting_significant
+
+
+def collapse_alarms(values, nonfinite, limits):
+    """The round's reasons, in reporting order (what rounds.jsonl holds as `alarms`)."""
+    return list(crossed_checks(values, nonfinite, limits).values())
+
 
 # Every check switched on, at thresholds that are exact in binary floating point.
 ALL_ON = CollapseThresholds(ppl_ratio=2.0, agreement=0.5, weight_change=3.0, retention=0.75)
