@@ -20,10 +20,12 @@ sees each image at its own resolution.
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
@@ -31,13 +33,34 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from editors.adapter import LVLM, SpanScore
-from editors.editor import EditOutcome, Editor, EditRequest, HasMemory, Retrieval, bypassing
-from editors.inputs import Query
+from editors.adapter import LVLM, ScoreMemo, SpanScore
+from editors.editor import (
+    CanRetract,
+    EditOutcome,
+    Editor,
+    EditRequest,
+    HasJournal,
+    HasMemory,
+    Retrieval,
+    StateMismatchError,
+    bypassing,
+)
+from editors.inputs import Query, image_digest
 from editors.state import EditorState
-from memory import MemoryConfig, MultimodalKeys, TextEmbedder, VectorMemory
+from memory import (
+    Change,
+    JournalPosition,
+    MemoryConfig,
+    MemoryJournal,
+    MultimodalKeys,
+    TextEmbedder,
+    VectorMemory,
+    read_journal,
+)
+from memory.cache import LRUCache
 
 Pooling = Literal["flat", "mean"]
+FEATURE_CACHE_BYTES = 256 * 2**20
 
 
 class KeyConfig(BaseModel):
@@ -72,6 +95,8 @@ class VisionKeys:
         probe = [Image.new("RGB", (8, 8) if self.size is None else self.size[::-1])]
         self.token_dim = int(lvlm.embed_images(probe, pooling="mean").shape[1])
         self.tokens = int(lvlm.embed_images(probe, pooling=pooling).shape[1]) // self.token_dim
+        # The vision path is frozen under a memory editor, so an image's features never change.
+        self._features: LRUCache[np.ndarray] = LRUCache(FEATURE_CACHE_BYTES, lambda f: f.nbytes)
         self.center: np.ndarray | None = None  # (token_dim,)
         self.projection: np.ndarray | None = None  # (token_dim, components)
 
@@ -81,8 +106,24 @@ class VisionKeys:
         return self.tokens * (self.token_dim if self.projection is None else self.projection.shape[1])
 
     def _tokens(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Raw features (B, tokens, token_dim)."""
-        images = list(images)
+        """Raw features (B, tokens, token_dim); each distinct image (by content) runs through the vision path once."""
+        digests = [image_digest(image) for image in images]
+        found = {d: f for d in dict.fromkeys(digests) if (f := self._features.get(d)) is not None}
+        todo = {d: image for d, image in zip(digests, images) if d not in found}
+        if todo:
+            for digest, features in zip(todo, self._compute_tokens(list(todo.values()))):
+                self._features.put(digest, features)
+                found[digest] = features
+        if not digests:
+            return np.zeros((0, self.tokens, self.token_dim), np.float32)
+        return np.stack([found[d] for d in digests])
+
+    def clear(self) -> None:
+        """Forget the cached image features."""
+        self._features.clear()
+
+    def _compute_tokens(self, images: list[Image.Image]) -> np.ndarray:
+        """Raw features (B, tokens, token_dim) from the vision path."""
         if self.size is not None:
             height, width = self.size
             images = [image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC) for image in images]
@@ -141,17 +182,37 @@ def shared_text_embedder() -> TextEmbedder:
     return TextEmbedder()
 
 
+# The image of an edit saved before edits kept their image's digest: never the same fact as any edit made now.
+UNKNOWN_IMAGE = "unknown"
+
+
 @dataclass(frozen=True)
 class StoredEdit:
-    """An edit as memory editors keep it: its question, new answer and stream key."""
+    """An edit as memory editors keep it: its question, new answer, stream key and image digest."""
 
     prompt: str
     target: str
     key: str
+    image: str | None = None  # `image_digest` of the edit's image; None: a text-only edit
+
+    @classmethod
+    def of(cls, edit: EditRequest) -> StoredEdit:
+        """What the memory keeps of `edit`."""
+        return cls(edit.prompt, edit.target, edit.key, None if edit.image is None else image_digest(edit.image))
+
+    @property
+    def fact(self) -> tuple[str, str | None]:
+        """What an edit of the same fact shares: the question and the image's content."""
+        return self.prompt, self.image
+
+    def row(self) -> list[str | None]:
+        """The edit as JSON data (states and journals)."""
+        return [self.prompt, self.target, self.key, self.image]
 
 
 class EditMemory:
-    """Edits under multimodal keys: add, nearest edits of queries, state round trip."""
+    """Edits under multimodal keys: add (newest edit of a fact wins), retract, nearest edits of queries, state round
+    trip, and the changes since the last journal write (`memory.MemoryJournal`)."""
 
     def __init__(self, vision: VisionKeys, config: KeyConfig) -> None:
         self.config = config
@@ -159,6 +220,11 @@ class EditMemory:
         self.keys = MultimodalKeys(shared_text_embedder(), vision, config.image_weight)
         self.memory = VectorMemory(self.keys.dim, config.memory)
         self.edits: dict[int, StoredEdit] = {}
+        self.facts: dict[tuple[str, str | None], int] = {}  # fact -> the entry holding it
+        self.text_only = 0  # edits without an image (see `route`)
+        self.keyed: dict[str, int] = {}  # stream key -> the entry holding that edit
+        # Changes since the last journal write; None: not journaled yet or replaced since (the next write compacts).
+        self.changes: list[Change] | None = None
 
     @classmethod
     def for_model(cls, lvlm: LVLM, config: KeyConfig) -> EditMemory:
@@ -173,11 +239,44 @@ class EditMemory:
         """Keys (N, dim) of queries or edits (their prompt and image)."""
         return self.keys.embed([q.prompt for q in queries], [q.image for q in queries])
 
-    def add(self, edit: EditRequest) -> int:
-        """Store one edit; returns its memory id."""
-        entry = int(self.memory.add(self.embed([edit]))[0])
-        self.edits[entry] = StoredEdit(edit.prompt, edit.target, edit.key)
-        return entry
+    def add(self, edit: EditRequest) -> tuple[int, StoredEdit | None]:
+        """Store one edit; returns its memory id and the older edit of the same fact it replaced (None: a new fact).
+
+        A fact edited again (same question, same image content) keeps only its newest answer: the memory holds one
+        entry per live fact, and retrieval cannot return the stale answer through a tie.
+        """
+        stored = StoredEdit.of(edit)
+        vector = self.embed([edit])
+        entry = int(self.memory.add(vector)[0])  # added before the old entry goes: a failed add changes nothing
+        if self.changes is not None:  # in the order the memory changed: a replay then rebuilds the same index
+            self.changes.append(Change(entry, vector[0], stored.row()))
+        older = self.facts.get(stored.fact)
+        replaced = None if older is None else self._remove(older)
+        self.edits[entry] = stored
+        self.text_only += stored.image is None
+        self.facts[stored.fact] = self.keyed[stored.key] = entry
+        return entry, replaced
+
+    def retract(self, key: str) -> StoredEdit | None:
+        """Delete the edit with stream key `key`; returns it, or None when no entry holds it."""
+        entry = self.keyed.get(key)
+        return None if entry is None else self._remove(entry)
+
+    def holder(self, edit: EditRequest) -> int | None:
+        """The entry holding `edit`'s fact (its newest edit), if any."""
+        return self.facts.get(StoredEdit.of(edit).fact)
+
+    def _remove(self, entry: int) -> StoredEdit:
+        self.memory.remove([entry])
+        stored = self.edits.pop(entry)
+        self.text_only -= stored.image is None
+        if self.facts.get(stored.fact) == entry:
+            del self.facts[stored.fact]
+        if self.keyed.get(stored.key) == entry:  # a stream key given twice points at its newest edit
+            del self.keyed[stored.key]
+        if self.changes is not None:
+            self.changes.append(Change(entry))
+        return stored
 
     def nearest(self, queries: Sequence[Query], k: int) -> tuple[np.ndarray, list[list[StoredEdit]]]:
         """Scores (Q, k') and up to k' = min(k, size) nearest edits of each query, best first.
@@ -196,20 +295,27 @@ class EditMemory:
         """Forget every edit; the image centre and projection stay (they are trained parts)."""
         self.keys = MultimodalKeys(self.keys.text, self.vision, self.config.image_weight)  # dim follows a new fit
         self.memory = VectorMemory(self.keys.dim, self.config.memory, self.memory.stats)
-        self.edits = {}
+        self.edits, self.facts, self.keyed, self.changes, self.text_only = {}, {}, {}, None, 0
 
     def route(
-        self, queries: Sequence[Query], threshold: float | None, count: bool = True
+        self, queries: Sequence[Query], threshold: float | None, count: bool = True, scored: bool = True
     ) -> list[tuple[StoredEdit | None, float]]:
         """Top-1 edit of each query and its score; the edit is None below `threshold` (None: all route).
 
         With `count`, the routing is counted as hits and misses in the memory's statistics.
+        Without `scored` only the edits matter: a query without an image scores at most
+        sqrt(1 - image_weight) against an edit with one (`memory.MultimodalKeys`), so while every
+        stored edit has an image and the threshold is above that bound, such a query is out of
+        scope without being embedded or searched (its score is then -inf).
         """
-        scores, edits = self.nearest(queries, 1)
-        out: list[tuple[StoredEdit | None, float]] = []
-        for row, found in zip(scores, edits):
+        bound = math.sqrt(1 - self.config.image_weight)
+        blind = not scored and threshold is not None and not self.text_only and threshold > bound
+        asked = [i for i, query in enumerate(queries) if not (blind and query.image is None)]
+        scores, edits = self.nearest([queries[i] for i in asked], 1)
+        out: list[tuple[StoredEdit | None, float]] = [(None, float("-inf"))] * len(queries)
+        for i, row, found in zip(asked, scores, edits):
             hit = bool(found) and (threshold is None or row[0] >= threshold)
-            out.append((found[0] if hit else None, float(row[0]) if found else float("-inf")))
+            out[i] = (found[0] if hit else None, float(row[0]) if found else float("-inf"))
         if count:
             self.count_routing([edit is not None for edit, _ in out])
         return out
@@ -229,21 +335,57 @@ class EditMemory:
         """Put the memory (FAISS-serialised), the edits and the image centre into an editor state."""
         blob, manifest = self.memory.to_bytes()
         state.tensors["memory.index"] = torch.from_numpy(blob)
-        if self.vision.center is not None:
-            state.tensors["keys.image_center"] = torch.from_numpy(self.vision.center)
-        if self.vision.projection is not None:
-            state.tensors["keys.image_projection"] = torch.from_numpy(self.vision.projection)
+        self._save_keys(state)
         ids = sorted(self.edits)
         state.meta["memory"] = {
             "manifest": manifest,
             "ids": ids,
-            "edits": [[self.edits[i].prompt, self.edits[i].target, self.edits[i].key] for i in ids],
+            "edits": [self.edits[i].row() for i in ids],
             "counters": self.memory.stats.counters(),  # hits and misses of `score`'s routing continue on resume
         }
+
+    def save_journaled(self, state: EditorState, journal: MemoryJournal) -> None:
+        """Write the changes since the last call into `journal` and put its position and the image centre into a state.
+
+        The state holds no entry: `whole_state` reads them back from the journal.
+        """
+        position = journal.write(self.memory, self.changes, lambda: {i: e.row() for i, e in self.edits.items()})
+        self.changes = []
+        self._save_keys(state)
+        state.meta["memory"] = {"journal": position.model_dump(), "counters": self.memory.stats.counters()}
+
+    def resume_journal(self, state: EditorState, journal: MemoryJournal) -> None:
+        """Continue `journal` from the position in `state`, a `whole_state` this memory was just loaded from."""
+        position = state.meta["memory"].get("journal")
+        if position is not None:  # else a checkpoint written whole (before journals): the next write compacts
+            journal.resume(JournalPosition.model_validate(position), self.memory)
+            self.changes = []
+
+    @staticmethod
+    def whole_state(state: EditorState, folder: Path) -> EditorState:
+        """A `save_journaled` state with its memory read from the journal in `folder`, as `save_into` writes it."""
+        saved = state.meta.get("memory", {})
+        if "journal" not in saved or "manifest" in saved:
+            return state
+        memory, rows = read_journal(folder, JournalPosition.model_validate(saved["journal"]))
+        blob, manifest = memory.to_bytes()
+        ids = sorted(rows)
+        whole = {**saved, "manifest": manifest, "ids": ids, "edits": [rows[i] for i in ids]}  # the position stays
+        return EditorState(state.method, {**state.meta, "memory": whole},
+                           {**state.tensors, "memory.index": torch.from_numpy(blob)})
+
+    def _save_keys(self, state: EditorState) -> None:
+        if self.vision.center is not None:
+            state.tensors["keys.image_center"] = torch.from_numpy(self.vision.center)
+        if self.vision.projection is not None:
+            state.tensors["keys.image_projection"] = torch.from_numpy(self.vision.projection)
 
     def load_from(self, state: EditorState) -> None:
         """Restore what `save_into` wrote."""
         saved = state.meta["memory"]
+        if "manifest" not in saved:  # a run's checkpoint/editor folder, read on its own
+            raise StateMismatchError("this editor state keeps its memory in the journal beside its run's checkpoint: "
+                                     "resume the run, or read the whole state with the checkpoint (Checkpoint.load)")
         center, projection = state.tensors.get("keys.image_center"), state.tensors.get("keys.image_projection")
         self.vision.center = None if center is None else center.numpy().astype(np.float32)
         self.vision.projection = None if projection is None else projection.numpy().astype(np.float32)
@@ -251,21 +393,30 @@ class EditMemory:
         self.memory = VectorMemory.from_bytes(state.tensors["memory.index"].numpy(), saved["manifest"], self.memory.stats)
         if "counters" in saved:  # states written before the counters were kept start them anew
             self.memory.stats.restore(saved["counters"])
-        self.edits = {int(i): StoredEdit(*edit) for i, edit in zip(saved["ids"], saved["edits"])}
+        # Rows of states saved before edits kept their image's digest have three fields.
+        self.edits = {int(i): StoredEdit(*row) if len(row) == 4 else StoredEdit(*row, image=UNKNOWN_IMAGE)
+                      for i, row in zip(saved["ids"], saved["edits"])}
         if set(self.edits) != set(self.memory.ids().tolist()):
             raise ValueError("editor state is inconsistent: its edit list and its memory index hold different ids")
+        self.facts = {edit.fact: entry for entry, edit in self.edits.items()}
+        self.keyed = {edit.key: entry for entry, edit in self.edits.items()}
+        self.text_only = sum(edit.image is None for edit in self.edits.values())
+        self.changes = None
 
 
-class MemoryEditor(Editor, HasMemory):
+class MemoryEditor(Editor, HasMemory, CanRetract, HasJournal):
     """An editor that keeps edits in an `EditMemory` and rewrites prompts instead of weights.
 
-    Subclasses say how a query is rewritten (`_prompted`) and what they learn (`_trained`).
+    Subclasses say how a query is rewritten (`_prompted`) and what they learn (`_trained`). An edit of a fact
+    already held replaces it (the newest answer wins), `retract` deletes one, and checkpoints journal the memory.
     """
 
     def __init__(self, lvlm: LVLM, config: BaseModel | dict[str, Any] | None = None) -> None:
         super().__init__(lvlm, config)
         self.edits = EditMemory.for_model(lvlm, self.config)
         self._bypass = False
+        self._journal: MemoryJournal | None = None  # where checkpoints write the memory's changes (`journal_state`)
+        self._memo = ScoreMemo()  # the weights never change under a memory editor: a query asked again is looked up
 
     @abstractmethod
     def _prompted(self, queries: Sequence[Query]) -> list[Query]:
@@ -279,19 +430,38 @@ class MemoryEditor(Editor, HasMemory):
         """Restore what `_trained` returned."""
 
     def apply(self, edit: EditRequest) -> EditOutcome:
-        """Store the edit in memory; the model's weights are not touched."""
-        self.edits.add(edit)
-        return EditOutcome(applied=True, message=f"{len(self.edits.edits)} edits in memory")
+        """Store the edit in memory, in place of an older edit of the same fact; the model's weights are not touched."""
+        _, replaced = self.edits.add(edit)
+        held = f"{len(self.edits.edits)} edits in memory"
+        if replaced is None:
+            return EditOutcome(applied=True, message=held)
+        return EditOutcome(applied=True, message=f"replaced edit {replaced.key!r} of the same fact; {held}")
+
+    def retract(self, key: str) -> EditOutcome:
+        """Delete the edit `key` from memory.
+
+        Retracting the newest edit of a fact edited again removes the fact: the older answer does not come back,
+        because the newer edit replaced it.
+        """
+        if self.edits.retract(key) is None:
+            return EditOutcome(applied=False, message=f"{self.name} holds no edit {key!r} to retract (never applied, "
+                               "retracted already, or replaced by a newer edit of the same fact)")
+        return EditOutcome(applied=True, message=f"retracted edit {key!r}; {len(self.edits.edits)} edits in memory")
 
     def score(self, queries: Sequence[Query], **kwargs: Any) -> list[SpanScore]:
         """Scores of the rewritten queries; the answer span is the query's own (see `LVLM.score`)."""
-        return self.lvlm.score(queries if self._bypass else self._prompted(queries), **kwargs)
+        return self.lvlm.score(queries if self._bypass else self._prompted(queries), memo=self._memo, **kwargs)
 
     @contextmanager
     def unedited(self) -> Iterator[None]:
         """Bypass the memory inside the block: the base model answers every query unprompted."""
         with bypassing(self):
             yield
+
+    def clear_caches(self) -> None:
+        """Forget memoised scores and image keys (see `Editor.clear_caches`)."""
+        self._memo.clear()
+        self.edits.vision.clear()
 
     def memory_size(self) -> int:
         """Number of edits in memory."""
@@ -323,3 +493,26 @@ class MemoryEditor(Editor, HasMemory):
     def reset(self) -> None:
         """Forget every edit; trained parts (threshold, image centre) stay."""
         self.edits.reset()
+
+    def journal_state(self, folder: Path) -> EditorState:
+        """Config, trained parts, image centre and the journal's position; the memory's changes go to the journal."""
+        if self._journal is None or self._journal.folder != Path(folder):
+            self._journal = MemoryJournal(folder)
+        state = self._new_state(self._trained())
+        self.edits.save_journaled(state, self._journal)
+        return state
+
+    def journal_committed(self) -> None:
+        """Older journal generations can go: a checkpoint names the last one written."""
+        if self._journal is not None:
+            self._journal.commit()
+
+    def resume_journal(self, state: EditorState, folder: Path) -> None:
+        """Continue the journal in `folder` from the position of `state` (loaded just before by `load_state`)."""
+        self._journal = MemoryJournal(folder)
+        self.edits.resume_journal(state, self._journal)
+
+    @classmethod
+    def whole_state(cls, state: EditorState, folder: Path) -> EditorState:
+        """A `journal_state` with the memory read from the journal in `folder`; a whole state as it is."""
+        return EditMemory.whole_state(state, folder)

@@ -9,6 +9,7 @@ import weakref
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
@@ -77,6 +78,8 @@ class Editor(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
     trainable: ClassVar[bool] = False  # True: `train` must run on a train split before editing
+    # Why `retract` refuses, completing "<name> cannot retract an edit: ..."; editors that can retract are `CanRetract`.
+    cannot_retract: ClassVar[str] = "it keeps no record of which change each edit made"
 
     def __init__(self, lvlm: LVLM, config: BaseModel | dict[str, Any] | None = None) -> None:
         self.lvlm = lvlm
@@ -87,9 +90,21 @@ class Editor(ABC):
     def apply(self, edit: EditRequest) -> EditOutcome:
         """Install one edit."""
 
+    def retract(self, key: str) -> EditOutcome:
+        """Undo the earlier edit with stream key `key`; this editor cannot, and says why (applied=False)."""
+        return EditOutcome(applied=False, message=f"{self.name} cannot retract an edit: {self.cannot_retract}")
+
     def score(self, queries: Sequence[Query], **kwargs: Any) -> list[SpanScore]:
         """Teacher-forced answer-span scores of the edited model (see `LVLM.score`)."""
         return self.lvlm.score(queries, **kwargs)
+
+    def clear_caches(self) -> None:
+        """Forget what the editor memoised (scores, keys): what it computes next depends on its state alone.
+
+        Results of a batch differ from those of the same query in another batch in the last float
+        bits, so a cache filled before a checkpoint would make the uninterrupted run and one resumed
+        from that checkpoint differ; the timeline calls this at every checkpoint. Nothing to forget here.
+        """
 
     def train(self, examples: Sequence[EditExample], progress: bool = True) -> dict[str, float]:
         """Fit what the method learns (hypernetwork, scope threshold) on a train split; returns a report.
@@ -164,11 +179,46 @@ class HasWeightDelta(ABC):
         """Frobenius norm of the accumulated change to the model's weights."""
 
 
+class CanRetract(ABC):
+    """Capability: `retract` undoes one earlier edit by its stream key (memory editors delete the stored edit)."""
+
+    @abstractmethod
+    def retract(self, key: str) -> EditOutcome:
+        """Undo the edit `key`; applied=False with the reason when there is no such edit to undo."""
+
+
+class HasJournal(ABC):
+    """Capability: checkpoints hold the editor's memory incrementally, as the changes since the last checkpoint
+    appended to a journal (`memory.MemoryJournal`) in a folder beside them, so checkpoint time does not grow with
+    the memory. `state()` / `load_state` stay whole (single mode, rollbacks, `train-editor` use them).
+    """
+
+    @abstractmethod
+    def journal_state(self, folder: Path) -> EditorState:
+        """The state with its memory left out: that goes to the journal in `folder`, and the state records where."""
+
+    @abstractmethod
+    def journal_committed(self) -> None:
+        """The last `journal_state` is in a written checkpoint now: what only older checkpoints named can go."""
+
+    @abstractmethod
+    def resume_journal(self, state: EditorState, folder: Path) -> None:
+        """After `load_state(state)` of a state `whole_state` read from `folder`: cut the journal back to the state's
+        position (a crash may have appended more) and continue it."""
+
+    @classmethod
+    @abstractmethod
+    def whole_state(cls, state: EditorState, folder: Path) -> EditorState:
+        """A `journal_state` made whole (as `state()` gives it) from the journal in `folder`, which is only read;
+        a state that is whole already comes back as it is."""
+
+
 def capabilities(editor: Editor | type[Editor]) -> list[str]:
-    """The capabilities an editor (or editor class) declares, by name: "memory", "weight_delta"."""
+    """The capabilities an editor (or editor class) declares: "memory", "weight_delta", "retract", "journal"."""
     cls = editor if isinstance(editor, type) else type(editor)
-    return [name for name, capability in (("memory", HasMemory), ("weight_delta", HasWeightDelta))
-            if issubclass(cls, capability)]
+    declared = (("memory", HasMemory), ("weight_delta", HasWeightDelta), ("retract", CanRetract),
+                ("journal", HasJournal))
+    return [name for name, capability in declared if issubclass(cls, capability)]
 
 
 class StateMismatchError(ValueError):

@@ -56,6 +56,7 @@ class FineTune(ParameterEditor):
     """Fine-tuning of one parameter group on the edit's answer NLL."""
 
     reaches_text: ClassVar[bool] = True  # False: the group only sees images, text-only edits cannot move it
+    cannot_retract = "it is written into the weights"
 
     def apply(self, edit: EditRequest) -> EditOutcome:
         """Tune the group on the edit for up to `steps` AdamW steps (a guarded, revertible edit)."""

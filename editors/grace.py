@@ -227,6 +227,9 @@ class Grace(Editor, HasMemory):
 
     name = "grace"
     Config = GraceConfig
+    # An entry's radius is grown or split by later edits and its value serves every edit inside it: deleting the
+    # entry of one edit could take others' answers with it, and keeping it would not undo the edit.
+    cannot_retract = "a codebook entry is shared by the edits that grew or split it"
 
     def __init__(self, lvlm: LVLM, config: GraceConfig | dict[str, Any] | None = None) -> None:
         super().__init__(lvlm, config)

@@ -77,6 +77,7 @@ class KnowledgeEditor(HyperEditor):
 
     name = "ke"
     Config = KEConfig
+    cannot_retract = "its update is written into the weights"
 
     def _build(self) -> nn.Module:
         embedding_dim = self.lvlm.model.get_input_embeddings().embedding_dim

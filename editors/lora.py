@@ -89,6 +89,7 @@ class LoRA(Editor, HasWeightDelta):
 
     name = "lora"
     Config = LoRAConfig
+    cannot_retract = "every edit trains the same adapter weights"
 
     def __init__(self, lvlm: LVLM, config: BaseModel | dict[str, Any] | None = None) -> None:
         super().__init__(lvlm, config)

@@ -57,6 +57,7 @@ class MEND(HyperEditor):
 
     name = "mend"
     Config = MENDConfig
+    cannot_retract = "its update is written into the weights"
 
     def _build(self) -> nn.Module:
         return nn.ModuleList(

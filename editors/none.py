@@ -19,6 +19,7 @@ class NoEdit(Editor):
 
     name = "none"
     Config = NoneConfig
+    cannot_retract = "it applies no edit"
 
     def apply(self, edit: EditRequest) -> EditOutcome:
         """Accept the edit without touching the model."""

@@ -56,7 +56,7 @@ class Serac(MemoryEditor):
 
     def _prompted(self, queries: Sequence[Query]) -> list[Query]:
         routed = []
-        for query, (edit, _) in zip(queries, self.edits.route(queries, self.threshold)):
+        for query, (edit, _) in zip(queries, self.edits.route(queries, self.threshold, scored=False)):
             if edit is not None:
                 query = Query(in_context_prompt([(edit.prompt, edit.target)], query.prompt), query.answer, query.image)
             routed.append(query)
@@ -91,7 +91,10 @@ class Serac(MemoryEditor):
             vision.fit(images, pairs, min(self.config.image_components, vision.token_dim))
         self.edits.reset()  # the key dimension follows the fitted projection
         scratch = self.edits.empty_copy()
-        owners = [scratch.add(e.edit) for e in examples]
+        for example in examples:
+            scratch.add(example.edit)
+        # A fact given twice (same question and image) is held once, by its newest edit: each example's own then.
+        owners = [scratch.holder(e.edit) for e in examples]
         # The edit's own question is in scope too (and the only in-scope query when an example has no generality set).
         positives = [(q, scratch.edits[o]) for e, o in zip(examples, owners) for q in (e.edit.query, *e.generality)]
         negatives = [q for e in examples for q in e.locality]

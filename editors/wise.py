@@ -147,6 +147,7 @@ class Wise(Editor, HasMemory, HasWeightDelta):
 
     name = "wise"
     Config = WiseConfig
+    cannot_retract = "its edits are trained into shared side-memory weights and merged"
     trainable = True  # keeps a sample of the train split's locality queries (the irrelevant set)
 
     def __init__(self, lvlm: LVLM, config: WiseConfig | dict[str, Any] | None = None) -> None:

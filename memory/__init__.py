@@ -6,12 +6,17 @@ are built there and handed in through the `ImageEmbedder` protocol.
 
 from memory.embedders import Embedder, ImageEmbedder, MultimodalKeys, TextEmbedder
 from memory.index import IndexPlan, MemoryConfig
+from memory.journal import Change, JournalError, JournalPosition, MemoryJournal, read_journal
 from memory.lock import ReadWriteLock
 from memory.stats import LATENCY_BUCKETS, RetrievalStats, StatsSnapshot
 from memory.store import MemoryInputError, SearchResult, VectorMemory
 
 __all__ = [
     "LATENCY_BUCKETS",
+    "Change",
+    "JournalError",
+    "JournalPosition",
+    "MemoryJournal",
     "Embedder",
     "ImageEmbedder",
     "IndexPlan",
@@ -24,4 +29,5 @@ __all__ = [
     "StatsSnapshot",
     "TextEmbedder",
     "VectorMemory",
+    "read_journal",
 ]

@@ -100,6 +100,11 @@ class VectorMemory:
         """The kind of index searches use right now."""
         return self._plan.kind
 
+    @property
+    def plan(self) -> IndexPlan:
+        """The plan of the index searches use right now; a rebuild replaces it (a journal compacts then)."""
+        return self._plan
+
     def ids(self) -> np.ndarray:
         """Every live id, sorted."""
         with self._lock.read():  # adds and removes change the set under the write lock

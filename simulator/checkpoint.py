@@ -3,7 +3,9 @@
 A checkpoint is one folder written through a temporary sibling and a rename, so a crash at
 any instant leaves the previous checkpoint or the new one. Append-only outputs (rounds,
 quarantine, the pool of applied edits) are recorded by byte size and cut back to it on
-resume, so nothing measured after the checkpoint is counted twice.
+resume, so nothing measured after the checkpoint is counted twice. A memory editor's memory
+(`HasJournal`) is not rewritten whole each time: its changes go to a journal beside the
+checkpoint (`memory.MemoryJournal`), whose position the editor's state records the same way.
 """
 
 from __future__ import annotations
@@ -17,20 +19,22 @@ from typing import Any, Callable, Iterable
 import torch
 from safetensors.torch import load_file, save_file
 
-from editors import EditorState
+from editors import EditorState, HasJournal, editor_class
 from monitor.metrics import RunningMeans
 from monitor.plan import make_probe
 from monitor.probes import ReferenceSet
 from monitor.reference import ReferenceStore
-from monitor.round import AlarmLog, PoolEntry
+from monitor.round import AlarmLog, Pool
 from simulator.records import RECORD_FORMATS
 from simulator.timeline import Pending, Timeline
 from memory.files import current_folder, fsync_tree, write_atomically
+from memory import JournalError
 
 FOLDER = "checkpoint"
 META = "checkpoint.json"
 TENSORS = "tensors.safetensors"
 EDITOR = "editor"
+JOURNAL = "memory-journal"  # beside FOLDER: a `HasJournal` editor's memory, as snapshots and changes since
 VERSION = 1
 
 
@@ -60,14 +64,22 @@ class Checkpoint:
 
     @classmethod
     def load(cls, out: Path) -> Checkpoint:
-        """Read `out/checkpoint`; CheckpointError when there is none or it is from another version."""
+        """Read `out/checkpoint`, the editor's state made whole from its journal; CheckpointError when there is
+        none, it is from another version, or its journal does not hold what it names."""
         folder = current_folder(out / FOLDER)
         if not (folder / META).is_file():
             raise CheckpointError(f"no checkpoint in {out} to resume from (run without --resume to start anew)")
         progress = json.loads((folder / META).read_text())
         if progress.pop("version", None) != VERSION:
             raise CheckpointError(f"checkpoint in {out} was written by another editwatch version")
-        return cls(progress, EditorState.load(folder / EDITOR), load_file(str(folder / TENSORS)))
+        state = EditorState.load(folder / EDITOR)
+        method = editor_class(state.method)
+        if issubclass(method, HasJournal):
+            try:
+                state = method.whole_state(state, out / JOURNAL)
+            except JournalError as error:
+                raise CheckpointError(f"the memory journal of the checkpoint in {out}: {error}") from None
+        return cls(progress, state, load_file(str(folder / TENSORS)))
 
 
 def truncate(path: Path, size: int) -> None:
@@ -94,13 +106,20 @@ def save_timeline(timeline: Timeline, extra: dict[str, Any]) -> None:
     progress = {
         "line": timeline.line, "stopped": timeline.stopped, "edits_read": timeline.edits_read,
         "applied": timeline.applied,
-        "failed": timeline.failed, "rounds": timeline.rounds, "last_round": timeline.last_round,
+        "failed": timeline.failed, "unmeasured": timeline.unmeasured, "retracted": timeline.retracted,
+        "rounds": timeline.rounds, "last_round": timeline.last_round,
         "alarms": timeline.alarms.as_dict(), "results": {k: m.data for k, m in timeline.results.items()},
-        "base": timeline.base.data, "pending": pending, "pool": len(timeline.pool),
+        "base": timeline.base.data, "retractions": timeline.retractions.data,
+        "hop_answers": {k: sorted(v) for k, v in timeline.hop_answers.items()},
+        "pending": pending, "pool": timeline.pool.rows,
         "rng": timeline.rng.bit_generator.state, "refset": {**refset, "records": timeline.refset_records},
         "files": timeline.files.sizes(), **extra,
     }
-    Checkpoint(progress, timeline.editor.state(), tensors).save(timeline.files.folder)
+    editor, out = timeline.editor, timeline.files.folder
+    journaled = isinstance(editor, HasJournal)
+    Checkpoint(progress, editor.journal_state(out / JOURNAL) if journaled else editor.state(), tensors).save(out)
+    if journaled:
+        editor.journal_committed()  # only now may the journal drop what the previous checkpoint named
 
 
 def restore_timeline(timeline: Timeline, checkpoint: Checkpoint, pool: Iterable[dict[str, Any]]) -> None:
@@ -110,9 +129,15 @@ def restore_timeline(timeline: Timeline, checkpoint: Checkpoint, pool: Iterable[
     """
     p, tensors = checkpoint.progress, checkpoint.tensors
     timeline.editor.load_state(checkpoint.editor)
+    if isinstance(timeline.editor, HasJournal):  # cut back what was journaled after the checkpoint, and go on
+        timeline.editor.resume_journal(checkpoint.editor, timeline.files.folder / JOURNAL)
     torch.set_rng_state(tensors["torch_rng"])
     timeline.line, timeline.edits_read, timeline.applied = p["line"], p["edits_read"], p["applied"]
     timeline.failed, timeline.rounds, timeline.last_round = p["failed"], p["rounds"], p["last_round"]
+    # Checkpoints written before these were kept had none.
+    timeline.unmeasured, timeline.retracted = p.get("unmeasured", 0), p.get("retracted", 0)
+    timeline.retractions = RunningMeans(p.get("retractions", {}))
+    timeline.hop_answers = {k: set(v) for k, v in p.get("hop_answers", {}).items()}
     timeline.alarms = AlarmLog(**p["alarms"])
     timeline.results = {k: RunningMeans(v) for k, v in p["results"].items()}
     timeline.base = RunningMeans(p["base"])
@@ -128,9 +153,9 @@ def restore_timeline(timeline: Timeline, checkpoint: Checkpoint, pool: Iterable[
     timeline.refset_records = p["refset"]["records"]
 
 
-def read_pool(rows: Iterable[dict[str, Any]], count: int) -> list[PoolEntry]:
-    """The first `count` rows of a pool file as pool entries."""
-    return [PoolEntry(**row) for row in itertools.islice(rows, count)]
+def read_pool(rows: Iterable[dict[str, Any]], count: int) -> Pool:
+    """The pool the first `count` rows of a pool file describe."""
+    return Pool.from_rows(itertools.islice(rows, count))
 
 
 def restored_refset(checkpoint: Checkpoint, open_image: Callable[[str], Any]) -> ReferenceSet:

@@ -22,6 +22,7 @@ from editors import (
     create_editor,
     editor_class,
 )
+from editors.editor import CanRetract
 from tests.tiny_models import BUILDERS, random_image, tiny_llava
 
 EDITS = [
@@ -86,6 +87,16 @@ def run_contract(method, build, tmp_path):
         assert editor.memory_size() == len(EDITS)
         assert len(editor.retrieve(queries)) == len(queries)
 
+    # Retraction: editors that can undo one edit do; the others refuse with their reason and change nothing.
+    outcome = editor.retract("e1")
+    if isinstance(editor, CanRetract):
+        assert outcome.applied, outcome.message
+        assert editor.memory_size() == len(EDITS) - 1 and "e1" not in [r.key for r in editor.retrieve(queries)]
+        assert not editor.retract("e1").applied  # gone already
+    else:
+        assert not outcome.applied and outcome.message.startswith(f"{method} cannot retract an edit: ")
+        assert_same(edited, scores(editor))
+
     editor.reset()
     assert_same(before, scores(editor))
     if isinstance(editor, HasWeightDelta):
@@ -95,13 +106,32 @@ def run_contract(method, build, tmp_path):
 
 
 # What each method declares; a new method must be added here on purpose.
-CAPABILITIES = {"none": [], "ike": ["memory"], "serac": ["memory"], "grace": ["memory"], "wise": ["memory", "weight_delta"],
-                "ft-llm": ["weight_delta"], "ft-vis": ["weight_delta"], "mend": ["weight_delta"],
-                "ke": ["weight_delta"], "lora": ["weight_delta"]}
+CAPABILITIES = {"none": [], "ike": ["memory", "retract", "journal"], "serac": ["memory", "retract", "journal"],
+                "grace": ["memory"], "wise": ["memory", "weight_delta"], "ft-llm": ["weight_delta"],
+                "ft-vis": ["weight_delta"], "mend": ["weight_delta"], "ke": ["weight_delta"], "lora": ["weight_delta"]}
+# Why the others cannot retract an edit: each says so in one line.
+REFUSALS = {
+    "none": "none cannot retract an edit: it applies no edit",
+    "ft-llm": "ft-llm cannot retract an edit: it is written into the weights",
+    "ft-vis": "ft-vis cannot retract an edit: it is written into the weights",
+    "mend": "mend cannot retract an edit: its update is written into the weights",
+    "ke": "ke cannot retract an edit: its update is written into the weights",
+    "lora": "lora cannot retract an edit: every edit trains the same adapter weights",
+    "wise": "wise cannot retract an edit: its edits are trained into shared side-memory weights and merged",
+    "grace": "grace cannot retract an edit: a codebook entry is shared by the edits that grew or split it",
+}
 
 
 def test_every_method_declares_its_capabilities():
     assert {method: capabilities(editor_class(method)) for method in METHODS} == CAPABILITIES
+
+
+@pytest.mark.parametrize("method", sorted(REFUSALS))
+def test_an_editor_that_cannot_retract_says_why(method):
+    editor = create_editor(method, tiny_llava())
+    outcome = editor.retract("e1")
+    assert (outcome.applied, outcome.message, outcome.changed) == (False, REFUSALS[method], {})
+    assert set(REFUSALS) | {m for m, c in CAPABILITIES.items() if "retract" in c} == set(METHODS)
     editor = create_editor("none", tiny_llava())
     assert not hasattr(editor, "retrieve") and not hasattr(editor, "weight_change")  # no sentinel methods left
 

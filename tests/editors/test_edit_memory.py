@@ -1,10 +1,12 @@
-"""The edit memory shared by IKE and SERAC: short IVF rows, and which routing its statistics count."""
+"""The edit memory shared by IKE and SERAC: short IVF rows, routing statistics, re-edits, retraction, journaling."""
 
 import numpy as np
 import pytest
+import torch
 
 from editors import EditRequest, Query, create_editor
 from editors.edit_memory import EditMemory, KeyConfig
+from editors.editor import StateMismatchError
 from memory import MemoryConfig
 from tests.tiny_models import random_image, tiny_llava
 
@@ -58,3 +60,80 @@ def test_score_counts_its_routing_and_retrieve_does_not(method):
                           "memory_rebuilds"}
     editor.reset()
     assert editor.retrieval_stats()["memory_hits"] == hits  # counters run across reset
+
+
+@pytest.mark.parametrize("method", ["ike", "serac"])
+def test_an_edit_of_a_fact_held_replaces_it_and_retract_deletes_one(method):
+    editor = create_editor(method, tiny_llava(seed=1), {"threshold": 0.99} if method == "serac" else {})
+    asked = Query(DOG.prompt, "a dog", DOG.image)
+    editor.apply(DOG)
+    editor.apply(EditRequest(FACTS[0][0], FACTS[0][1], key="paris"))
+    editor.score([asked, Query("the quick brown", "fox")])
+    counted = editor.retrieval_stats()
+    # The same question about the same picture (another image object, same pixels): the newest answer replaces it.
+    again = EditRequest(DOG.prompt, "a black cat", random_image(11), key="dog-2")
+    outcome = editor.apply(again)
+    assert (outcome.applied, outcome.message) == (True, "replaced edit 'dog' of the same fact; 2 edits in memory")
+    assert editor.memory_size() == 2 == len(editor.edits.memory)
+    (routed, score), = editor.edits.route([asked], None, count=False)
+    assert (routed.key, routed.target) == ("dog-2", "a black cat") and score == pytest.approx(1.0, abs=1e-5)
+    assert sorted(e.target for e in editor.edits.edits.values()) == ["Paris", "a black cat"]  # no stale answer left
+    # Another picture, or no picture, with the same question is another fact.
+    editor.apply(EditRequest(DOG.prompt, "a bird", random_image(12), key="bird"))
+    editor.apply(EditRequest(DOG.prompt, "a fish", key="fish"))
+    assert editor.memory_size() == 4
+
+    refused = editor.retract("dog")
+    assert not refused.applied and refused.message.startswith(f"{method} holds no edit 'dog' to retract")
+    outcome = editor.retract("dog-2")
+    assert (outcome.applied, outcome.message) == (True, "retracted edit 'dog-2'; 3 edits in memory")
+    # The fact is gone: the older answer it replaced does not come back.
+    assert {e.key for e in editor.edits.edits.values()} == {"paris", "bird", "fish"}
+    assert editor.retrieve([asked])[0].key != "dog-2" and len(editor.edits.memory) == 3
+    assert not editor.retract("dog-2").applied and not editor.retract("never").applied
+    assert editor.retrieval_stats()["memory_hits"] == counted["memory_hits"]  # counters run on through changes
+    editor.apply(again)  # the fact can be edited anew
+    assert editor.retrieve([asked])[0].key == "dog-2" and editor.memory_size() == 4
+
+
+@pytest.mark.parametrize("method", ["ike", "serac"])
+def test_a_journaled_checkpoint_restores_the_memory_a_whole_state_holds(method, tmp_path):
+    lvlm, folder = tiny_llava(seed=1), tmp_path / "journal"
+    editor = create_editor(method, lvlm)
+    edits = [EditRequest(p, t, random_image(20 + i) if i % 2 else None, key=str(i)) for i, (p, t) in enumerate(FACTS)]
+    for edit in edits[:10]:
+        editor.apply(edit)
+    first = editor.journal_state(folder)
+    editor.journal_committed()
+    assert first.meta["memory"]["journal"] == {"generation": 1, "log_bytes": 0}  # the first write is a snapshot
+    editor.apply(EditRequest(FACTS[0][0], "Lyon", key="0b"))  # a re-edit: an add and a removal
+    editor.retract("3")
+    editor.apply(edits[10])
+    editor.score([edit.query for edit in edits])
+    second = editor.journal_state(folder)
+    editor.journal_committed()
+    assert second.meta["memory"]["journal"]["generation"] == 1 and second.meta["memory"]["journal"]["log_bytes"] > 0
+    assert "memory.index" not in second.tensors and "edits" not in second.meta["memory"]  # the state is small
+    with pytest.raises(StateMismatchError, match="keeps its memory in the journal"):
+        create_editor(method, lvlm).load_state(second)
+
+    whole, reference = type(editor).whole_state(second, folder), editor.state()
+    for part in ("ids", "edits", "manifest", "counters"):
+        assert whole.meta["memory"][part] == reference.meta["memory"][part], part
+    assert torch.equal(whole.tensors["memory.index"], reference.tensors["memory.index"])  # the same index bytes
+    fresh = create_editor(method, lvlm)
+    fresh.load_state(whole)
+    fresh.resume_journal(whole, folder)
+    queries = [edit.query for edit in edits] + [Query("which animal is shown?", "a dog", random_image(21))]
+    assert fresh.retrieve(queries) == editor.retrieve(queries)
+    assert fresh.retrieval_stats()["memory_hits"] == editor.retrieval_stats()["memory_hits"] > 0
+    # The resumed journal goes on where the checkpoint left it.
+    for one in (editor, fresh):
+        one.apply(edits[11])
+    third = fresh.journal_state(folder)
+    assert third.meta["memory"]["journal"]["log_bytes"] > second.meta["memory"]["journal"]["log_bytes"]
+    assert torch.equal(type(fresh).whole_state(third, folder).tensors["memory.index"],
+                       editor.state().tensors["memory.index"])
+    # After `reset` or `load_state`, what changed is unknown: the next checkpoint writes a snapshot.
+    fresh.load_state(editor.state())
+    assert fresh.journal_state(folder).meta["memory"]["journal"] == {"generation": 2, "log_bytes": 0}

@@ -113,3 +113,66 @@ def test_resume_without_a_checkpoint_starts_from_the_beginning(small_world, smal
     assert "holds no checkpoint yet: the run starts from the beginning" in result.stderr
     assert json.loads((out / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
     assert rows(out / "pool.jsonl") == rows(whole / "pool.jsonl")  # the killed run's partial lines are gone
+
+
+def serac_args(world, model, out):
+    return [SIMULATE, "--stream", str(world / "eval.jsonl"), "--model", str(model), "--method", "serac",
+            "--gap", "1", "--probe-every", "5", "--checkpoint-every", "2", "--retention-sample", "5",
+            "--reference-size", "4", "--seed", "7", "--run-name", "journal-test", "--no-mlflow", "--out", str(out)]
+
+
+def untimed(value):
+    """`value` without wall-clock numbers (memory search latency, edits per second)."""
+    if isinstance(value, dict):
+        return {k: untimed(v) for k, v in value.items() if "seconds" not in k and "per_second" not in k}
+    return [untimed(item) for item in value] if isinstance(value, list) else value
+
+
+def journal_position(out):
+    """The journal position the checkpoint's editor state records."""
+    return json.loads((out / "checkpoint" / "editor" / "state.json").read_text())["meta"]["memory"]["journal"]
+
+
+@pytest.mark.slow
+def test_a_memory_editor_killed_mid_journal_resumes_to_the_uninterrupted_outputs(small_world, small_model, tmp_path):
+    """SERAC checkpoints its memory as a journal: a run killed after a checkpoint, whose journal then holds a torn
+    append past the recorded length and a half-written snapshot, resumes to the outputs of an uninterrupted run."""
+    from simulator.checkpoint import Checkpoint
+    from simulator.config import RunConfig
+    from simulator.probing import ProbeJob
+
+    whole = tmp_path / "whole"
+    done = subprocess.run(serac_args(small_world, small_model, whole), env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    killed = tmp_path / "killed"
+    process = started(serac_args(small_world, small_model, killed), 11)  # past the checkpoints at 8 and 10
+    process.kill()
+    assert process.wait() == -9
+    position = journal_position(killed)
+    journal = killed / "memory-journal"
+    log = journal / f"log-{position['generation']}.bin"
+    assert position["log_bytes"] > 0  # appended since its snapshot, not rewritten whole
+    with log.open("ab") as handle:  # what a kill inside the next append leaves
+        handle.write(b"\x01torn record")
+    (journal / f".snapshot-{position['generation'] + 1}.tmp-4242").mkdir()  # and one inside a compaction
+    assert len(Checkpoint.load(killed).editor.meta["memory"]["ids"]) >= 8  # readers get the whole state
+
+    resumed = subprocess.run(serac_args(small_world, small_model, killed) + ["--resume"], env=ENV,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    expected = json.loads((whole / "summary.json").read_text())
+    assert untimed(json.loads((killed / "summary.json").read_text())) == untimed(expected)
+    assert untimed(rows(killed / "rounds.jsonl")) == untimed(rows(whole / "rounds.jsonl"))
+    assert rows(killed / "pool.jsonl") == rows(whole / "pool.jsonl")
+    final = journal_position(killed)
+    assert final == journal_position(whole)  # the same journal writes as the uninterrupted run
+    assert sorted(p.name for p in journal.iterdir()) == [f"log-{final['generation']}.bin",
+                                                        f"snapshot-{final['generation']}"]
+    state = Checkpoint.load(killed).editor
+    assert len(state.meta["memory"]["ids"]) == expected["last_round"]["memory_size"] == expected["edits_applied"]
+    # `simulate probe` restores each run from its journaled checkpoint: the resumed one probes as the other does.
+    config = RunConfig.model_validate_json((killed / "config.json").read_text())
+    probed = [ProbeJob(run, tmp_path / f"probes-{run.name}", config, seed=7, sinks=[]).round()
+              for run in (killed, whole)]
+    assert untimed(probed[0]) == untimed(probed[1]) and probed[0]["memory_size"] == expected["edits_applied"]
