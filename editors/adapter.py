@@ -16,8 +16,9 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedModel
 
 from editors.families import Family, UnsupportedModelError, family_for, plugin_families, supported
-from editors.inputs import Batch, InputBuilder, InputError, Query, image_index_groups
+from editors.inputs import Batch, InputBuilder, InputError, Query, image_digest, image_index_groups
 from editors.prompts import PromptFormat
+from memory.cache import LRUCache
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GROUPS = ("llm", "vision")
@@ -44,6 +45,38 @@ class SpanLogits:
     logits: torch.Tensor  # (B, T, V)
     targets: torch.Tensor  # (B, T)
     mask: torch.Tensor  # (B, T) bool
+
+
+class ScoreMemo:
+    """Span scores of queries already run on an unchanged model, so a query asked again costs a lookup.
+
+    Sound only while the model's output for an input cannot change: memory editors (SERAC, IKE)
+    never touch the weights and rewrite prompts instead, so the same rewritten query gets the
+    same score, and probe rounds ask the same reference and retention queries again and again.
+    As a guard it is emptied when a parameter is added, replaced or changed in place (its
+    version counter moves). Least recently used entries go first beyond `capacity`.
+    """
+
+    def __init__(self, capacity: int = 65536) -> None:
+        self.scores: LRUCache[SpanScore] = LRUCache(capacity)
+        self._weights: tuple = ()
+
+    def key(self, query: Query, top_k: int, gather: torch.Tensor | None, sequence_top_k: int) -> tuple:
+        """What a score depends on besides the weights: the query's text and image, and what was asked of it."""
+        image = None if query.image is None else image_digest(query.image)
+        ids = None if gather is None else (tuple(gather.shape), gather.numpy().tobytes())
+        return query.prompt, query.answer, image, top_k, ids, sequence_top_k
+
+    def check(self, model: nn.Module) -> None:
+        """Empty the memo if `model`'s parameters changed since it was filled."""
+        weights = tuple((id(p), p._version) for p in model.parameters())
+        if weights != self._weights:
+            self.clear()
+            self._weights = weights
+
+    def clear(self) -> None:
+        """Forget every score."""
+        self.scores.clear()
 
 
 class LVLM:
@@ -151,29 +184,43 @@ class LVLM:
         gather: Sequence[torch.Tensor | None] | None = None,
         sequence_top_k: int = 0,
         batch_size: int = 16,
+        memo: ScoreMemo | None = None,
     ) -> list[SpanScore]:
         """Teacher-forced answer-span scores, batched; results in the order of `queries`.
 
         `gather[i]` (T_i, j), when not None, asks for the log-probs of query i at given ids
         (e.g. a cached pre-edit top-k); `sequence_top_k` > 0 also returns top ids at every
-        position of the sequence.
+        position of the sequence. Queries are encoded once, sorted by length inside each group
+        (image / text) so a batch pads little, and scored `batch_size` at a time. With a `memo`,
+        queries it already holds are not run again (see `ScoreMemo` for when that is sound).
         """
         if gather is not None and len(gather) != len(queries):
             raise ValueError(f"gather has {len(gather)} entries for {len(queries)} queries")
         results: list[SpanScore | None] = [None] * len(queries)
-        for group in image_index_groups(queries):
-            for start in range(0, len(group), batch_size):
-                chunk = group[start : start + batch_size]
+        keys: list[tuple] = []
+        if memo is not None:
+            keys = [memo.key(q, top_k, None if gather is None else gather[i], sequence_top_k)
+                    for i, q in enumerate(queries)]
+            memo.check(self.model)
+            for i, key in enumerate(keys):
+                results[i] = memo.scores.get(key)
+        todo = [i for i, r in enumerate(results) if r is None]
+        encoded = {i: self.inputs.encode(queries[i]) for i in todo}
+        for group in image_index_groups([queries[i] for i in todo]):
+            rows = sorted((todo[j] for j in group), key=lambda i: len(encoded[i].input_ids))
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
+                batch = self.inputs.collate([encoded[i] for i in chunk], self.dtype, self.device)
                 gathered = None if gather is None else [gather[i] for i in chunk]
-                scores = self._score_batch([queries[i] for i in chunk], top_k, gathered, sequence_top_k)
-                for i, score in zip(chunk, scores):
+                for i, score in zip(chunk, self._score_batch(batch, top_k, gathered, sequence_top_k)):
                     results[i] = score
+                    if memo is not None:
+                        memo.scores.put(keys[i], score)
         return results  # type: ignore[return-value]
 
     def _score_batch(
-        self, queries: Sequence[Query], top_k: int, gather: list[torch.Tensor | None] | None, sequence_top_k: int
+        self, batch: Batch, top_k: int, gather: list[torch.Tensor | None] | None, sequence_top_k: int
     ) -> list[SpanScore]:
-        batch = self._batch(queries)
         if sequence_top_k:
             full = self._forward(batch, None)  # (B, L, V)
             span = torch.take_along_dim(full, batch.positions[..., None], dim=1)

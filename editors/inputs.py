@@ -8,6 +8,7 @@ answer token (Llama's "▁Paris") all align the same way.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -16,7 +17,11 @@ from PIL import Image
 from transformers import PreTrainedConfig
 
 from editors.families import Family
+from memory.cache import LRUCache
 from editors.prompts import PLAIN_TEMPLATE, VLKEB_TEMPLATE, PromptFormat
+
+
+PROCESSED_CACHE_BYTES = 256 * 2**20
 
 
 class InputError(ValueError):
@@ -88,6 +93,9 @@ class InputBuilder:
         # Longest input the model takes (its text context); a run may lower it (--max-tokens).
         text_config = getattr(config, "text_config", None) or config
         self.max_tokens: int | None = getattr(text_config, "max_position_embeddings", None)
+        # A run asks about the same few images again and again: each is processed once (by content).
+        self._processed: LRUCache[dict[str, Any]] = LRUCache(PROCESSED_CACHE_BYTES, _nbytes)
+        self._encoded: LRUCache[Encoded] = LRUCache(PROCESSED_CACHE_BYTES, lambda e: _nbytes(e.pixels or {}) + 256)
 
     def _image_token_id(self) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(self.family.image_token)
@@ -134,8 +142,24 @@ class InputBuilder:
         """Token ids of prompt (+ answer), image placeholders expanded to the image's slots.
 
         InputError for a query `check` refuses, or one longer than `max_tokens` with its image tokens.
+        Encodings are cached by content: a run asks the same questions of the same images often.
         """
         self.check(query, with_answer)
+        image = None if query.image is None else image_digest(query.image)
+        # The format is part of the key: tests and protocols switch it on a live builder.
+        key = (self.prompt_format, self.plain_template, self.chat_template, query.prompt, query.answer, image,
+               with_answer)
+        encoded = self._encoded.get(key)
+        if encoded is None:
+            encoded = self._encode(query, with_answer)
+            self._encoded.put(key, encoded)
+        if self.max_tokens is not None and len(encoded.input_ids) > self.max_tokens:
+            raise InputError(f"the query is {len(encoded.input_ids)} tokens long with its image; the model takes at "
+                             f"most {self.max_tokens}")
+        return encoded
+
+    def _encode(self, query: Query, with_answer: bool) -> Encoded:
+        """`encode` without the checks and the cache."""
         text = self.prompt_text(query)
         answer_char = len(text)
         if with_answer:
@@ -160,7 +184,7 @@ class InputBuilder:
             if slots:
                 raise InputError(f"prompt {query.prompt!r} holds the image placeholder but the query has no image")
         else:
-            pixels = self.pixels([query.image], query.prompt)
+            pixels = self._query_pixels(query.image, query.prompt)
             image_ids = self.family.image_tokens(self.config, pixels, self.tokenizer)
             n = len(image_ids)
             if self.family.placement == "prefix":
@@ -174,16 +198,25 @@ class InputBuilder:
                 ids = ids[:at] + image_ids + ids[at + 1 :]
             if at < start:
                 start += n - (0 if self.family.placement == "prefix" else 1)
-        if self.max_tokens is not None and len(ids) > self.max_tokens:
-            raise InputError(f"the query is {len(ids)} tokens long with its image; the model takes at most "
-                             f"{self.max_tokens}")
         return Encoded(ids, start, length, pixels)
 
     def pixels(self, images: Sequence[Image.Image], prompt: str = "") -> dict[str, torch.Tensor]:
         """The family's vision inputs for `images` (RGB), with whatever its vision path reads from `prompt`."""
-        processed = dict(self.image_processor(
+        return self.family.query_pixels(prompt, self._process(images), self.extras)
+
+    def _process(self, images: Sequence[Image.Image]) -> dict[str, Any]:
+        """The image processor's output for `images`, converted to RGB."""
+        return dict(self.image_processor(
             images=[image.convert("RGB") for image in images], return_tensors="pt", **self.family.processor_kwargs
         ))
+
+    def _query_pixels(self, image: Image.Image, prompt: str) -> dict[str, torch.Tensor]:
+        """`pixels([image], prompt)`, with the processed image cached by content."""
+        key = image_digest(image)
+        processed = self._processed.get(key)
+        if processed is None:
+            processed = self._process([image])
+            self._processed.put(key, processed)
         return self.family.query_pixels(prompt, processed, self.extras)
 
     def collate(self, items: Sequence[Encoded], dtype: torch.dtype, device: torch.device | str) -> Batch:
@@ -216,6 +249,18 @@ class InputBuilder:
         inputs.update(self.family.prefix_inputs(self.config, input_ids, [item.answer_start for item in items]))
         inputs = {k: v.to(device) for k, v in inputs.items()}
         return Batch(inputs, positions.to(device), targets.to(device), mask.to(device), lengths)
+
+
+def _nbytes(values: dict[str, Any]) -> int:
+    """Bytes held by the tensors among `values` (plus a little for the rest)."""
+    return sum(v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 64 for v in values.values())
+
+
+def image_digest(image: Image.Image) -> str:
+    """Content hash of an image (mode, size, pixels): the same picture gives the same digest whatever object holds it."""
+    digest = hashlib.sha1(f"{image.mode}{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 def image_index_groups(queries: Sequence[Query]) -> list[list[int]]:

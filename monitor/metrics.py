@@ -68,6 +68,12 @@ _DEFINED = [
     Metric("i_loc_vlkeb", "VLKEB's image locality: top-10 ids agreeing rank by rank at every position"),
     *[Metric(f"port_{k}hop", f"token accuracy of the {k}-hop answer given `image` + the hop question") for k in HOP_RANGE],
     Metric("port_onehop", "token accuracy of `port_a` given `image` + `port_q` after also editing the one-hop fact"),
+    Metric("stale_rate", "fraction of re-edited facts still answered in full with an older value of the fact",
+           higher_is_better=False),
+    Metric("retracted_recall", "token accuracy of a retracted edit's value right after the retraction (0: undone)",
+           higher_is_better=False),
+    Metric("retraction_restore", "token accuracy of the answer the fact had before the retracted edit (`pred`), "
+           "right after the retraction"),
     # Probe rounds (monitor/round.py): health of the long-lived model.
     _round("retention", "reliability of earlier edits re-measured later in the stream (random sample)"),
     _round("retention_ci_low", "lower end of the 95% confidence interval of `retention`"),
@@ -192,28 +198,42 @@ def vlkeb_locality(post: SpanScore, reference: Reference, k: int) -> float:
     return (after == before).float().mean().item()
 
 
-def fill_references(
-    editor: Editor, probes: Iterable[Probe], store: ReferenceStore, vlkeb_compat: bool = False, top_k: int = 10
-) -> None:
-    """Score the locality probes not yet in `store` with `editor` (meant unedited) and cache them."""
-    todo = {p.key: p for p in probes if p.metric in LOCALITY and p.key not in store}
-    if not todo:
-        return
+def score_probes(
+    editor: Editor,
+    probes: Iterable[Probe],
+    references: ReferenceStore | None = None,
+    top_k: int = 1,
+    vlkeb_compat: bool = False,
+) -> dict[str, SpanScore]:
+    """Scores of `probes` by probe key, from one `editor.score` call: each distinct probe is run once.
+
+    Locality probes whose key is in `references` also gather the log-probs at the pre-edit top-k
+    ids (what `locality` compares); with `vlkeb_compat` every score carries sequence top-k ids.
+    """
+    unique = list({p.key: p for p in probes}.values())
+    if not unique:
+        return {}
+    gather = [references[p.key].topk_ids.long() if references is not None and p.metric in LOCALITY
+              and p.key in references else None for p in unique]
     sequence_k = max(VLKEB_TOP_K.values()) if vlkeb_compat else 0
-    scores = editor.score([p.query for p in todo.values()], top_k=top_k, sequence_top_k=sequence_k)
-    for key, score in zip(todo, scores):
-        store[key] = Reference.from_score(score)
+    scores = editor.score([p.query for p in unique], top_k=top_k, gather=gather, sequence_top_k=sequence_k)
+    return {p.key: score for p, score in zip(unique, scores)}
 
 
-def measure(
-    editor: Editor, probes: list[Probe], references: ReferenceStore, vlkeb_compat: bool = False
+def keep_references(probes: Iterable[Probe], scores: dict[str, SpanScore], store: ReferenceStore) -> None:
+    """Cache the unedited model's scores of the locality probes not yet in `store` as references."""
+    for probe in probes:
+        if probe.metric in LOCALITY and probe.key not in store:
+            store[probe.key] = Reference.from_score(scores[probe.key])
+
+
+def edit_values(
+    probes: Iterable[Probe], scores: dict[str, SpanScore], references: ReferenceStore, vlkeb_compat: bool = False
 ) -> dict[str, float]:
-    """Every metric of one edit's probes on the edited model, keyed as in METRICS."""
-    gather = [references[p.key].topk_ids.long() if p.metric in LOCALITY else None for p in probes]
-    sequence_k = max(VLKEB_TOP_K.values()) if vlkeb_compat else 0
-    scores = editor.score([p.query for p in probes], gather=gather, sequence_top_k=sequence_k)
+    """Every metric of one edit's probes from their post-edit scores, keyed as in METRICS."""
     values: dict[str, float] = {}
-    for probe, score in zip(probes, scores):
+    for probe in probes:
+        score = scores[probe.key]
         if probe.metric in LOCALITY:
             reference = references[probe.key]
             values[probe.metric], values[f"{probe.metric}_kl"] = locality(score, reference)
@@ -224,10 +244,30 @@ def measure(
     return values
 
 
+def base_values(probes: Iterable[Probe], scores: dict[str, SpanScore]) -> dict[str, float]:
+    """Token accuracy of the (unedited) model on the original answers, keyed by probe metric."""
+    return {p.metric: token_accuracy(scores[p.key]) for p in probes}
+
+
+def fill_references(
+    editor: Editor, probes: Iterable[Probe], store: ReferenceStore, vlkeb_compat: bool = False, top_k: int = 10
+) -> None:
+    """Score the locality probes not yet in `store` with `editor` (meant unedited) and cache them."""
+    todo = [p for p in probes if p.metric in LOCALITY and p.key not in store]
+    keep_references(todo, score_probes(editor, todo, top_k=top_k, vlkeb_compat=vlkeb_compat), store)
+
+
+def measure(
+    editor: Editor, probes: list[Probe], references: ReferenceStore, vlkeb_compat: bool = False
+) -> dict[str, float]:
+    """Every metric of one edit's probes on the edited model, keyed as in METRICS."""
+    scores = score_probes(editor, probes, references, vlkeb_compat=vlkeb_compat)
+    return edit_values(probes, scores, references, vlkeb_compat)
+
+
 def measure_base(editor: Editor, probes: list[Probe]) -> dict[str, float]:
     """Token accuracy of the (unedited) model on the original answers, keyed by probe metric."""
-    scores = editor.score([p.query for p in probes])
-    return {p.metric: token_accuracy(s) for p, s in zip(probes, scores)}
+    return base_values(probes, score_probes(editor, probes))
 
 
 class RunningMeans:

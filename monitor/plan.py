@@ -19,6 +19,7 @@ from PIL import Image
 from editors import Query
 
 HOP_RANGE = range(1, 5)
+PORTABILITY = tuple(f"port_{k}hop" for k in HOP_RANGE)
 ImageOpener = Callable[[str], Image.Image]
 
 
@@ -94,11 +95,14 @@ def make_probe(metric: str, question: str, answer: str, image: str | None, open_
     return Probe(metric, Query(question, answer, open_image(image) if image else None), key, image)
 
 
-def planned(edit: Any, metric: str, open_image: ImageOpener, plan: dict[str, Ask] = EDIT_PLAN) -> Probe:
-    """The probe `plan` asks for `metric`, read from `edit`'s fields (a record, or anything with those fields)."""
+def planned(edit: Any, metric: str, open_image: ImageOpener, plan: dict[str, Ask] = EDIT_PLAN,
+            answer: str | None = None) -> Probe:
+    """The probe `plan` asks for `metric`, read from `edit`'s fields (a record, or anything with those fields);
+    `answer` replaces the planned answer (e.g. an older value of the fact)."""
     ask = plan[metric]
     image = getattr(edit, ask.image) if ask.image else None
-    return make_probe(metric, getattr(edit, ask.question), getattr(edit, ask.answer), image, open_image)
+    answer = getattr(edit, ask.answer) if answer is None else answer
+    return make_probe(metric, getattr(edit, ask.question), answer, image, open_image)
 
 
 def edit_probes(edit: EditFacts, open_image: ImageOpener, one_hop: bool = False) -> list[Probe]:

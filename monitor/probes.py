@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
-from editors import Editor, EditRequest, HasMemory, Query
-from monitor.metrics import fill_references, locality, token_accuracy
+from editors import Editor, EditRequest, HasMemory, Query, SpanScore
+from monitor.metrics import keep_references, locality, token_accuracy
 from monitor.plan import LOCALITY, Probe
 from monitor.reference import ReferenceStore
 
@@ -56,23 +56,17 @@ def estimate_mean(values: Sequence[float], population: int) -> Estimate:
     return Estimate(mean, max(0.0, mean - half), min(1.0, mean + half), n, population)
 
 
-@dataclass(frozen=True)
-class RetainedEdit:
-    """An edit applied earlier: its reliability query and its reliability right after it was applied."""
+def retention(scores: Sequence[SpanScore], at_edit: Sequence[float], population: int) -> dict[str, float]:
+    """Reliability of earlier edits now (`retention`, with its 95% CI) and how much it fell (`forgetting`).
 
-    key: str
-    query: Query
-    at_edit: float
-
-
-def retention(editor: Editor, sample: Sequence[RetainedEdit], population: int) -> dict[str, float]:
-    """Reliability of earlier edits now (`retention`, with its 95% CI) and how much it fell (`forgetting`)."""
-    if not sample:
+    `scores` are the sampled edits' reliability queries scored now, `at_edit` their reliability
+    right after each was applied, `population` how many edits the sample was drawn from.
+    """
+    if not scores:
         return {}
-    scores = editor.score([r.query for r in sample], top_k=1)
     now = [token_accuracy(s) for s in scores]
     estimate = estimate_mean(now, population)
-    drop = [r.at_edit - value for r, value in zip(sample, now)]
+    drop = [before - value for before, value in zip(at_edit, now)]
     return {
         "retention": estimate.mean,
         "retention_ci_low": estimate.low,
@@ -95,15 +89,14 @@ class ReferenceSet:
     base_nll: float = 0.0  # summed negative log-likelihood (nats) of the reference answers, unedited
     tokens: int = 0  # answer tokens those nats are summed over
 
-    def add(self, editor: Editor, probes: Sequence[Probe]) -> list[Probe]:
-        """Score the new locality probes with `editor`, which must answer unedited; returns those added."""
+    def add(self, probes: Sequence[Probe], scores: dict[str, SpanScore]) -> list[Probe]:
+        """Add the new locality probes with their unedited scores (by probe key); returns those added."""
         new = list({p.key: p for p in probes if p.metric in LOCALITY and p.key not in self.references}.values())
         if new:
-            fill_references(editor, new, self.references)
-            scores = editor.score([p.query for p in new], top_k=1)
+            keep_references(new, scores, self.references)
             self.probes += new
-            self.base_nll += _nll(scores)
-            self.tokens += sum(len(s.target_ids) for s in scores)
+            self.base_nll += _nll(scores[p.key] for p in new)
+            self.tokens += sum(len(scores[p.key].target_ids) for p in new)
         return new
 
 
@@ -122,25 +115,25 @@ def edit_success(editor: Editor, edits: Sequence[EditRequest]) -> float:
     return sum(hits) / len(hits)
 
 
-def _nll(scores) -> float:
+def _nll(scores: Iterable[SpanScore]) -> float:
     """Summed negative log-likelihood of the answer tokens of all scores, nats."""
     return sum(float(-s.target_logprobs.sum()) for s in scores)
 
 
-def reference_health(editor: Editor, refset: ReferenceSet) -> dict[str, float]:
-    """Unedited knowledge on the reference set: agreement, KL, accuracy, perplexity ratio, entropy."""
+def reference_health(refset: ReferenceSet, scores: dict[str, SpanScore]) -> dict[str, float]:
+    """Unedited knowledge on the reference set from its probes' scores now (by key, with the references'
+    top-k gathered: `score_probes`): agreement, KL, accuracy, perplexity ratio, entropy."""
     if not refset.probes:
         return {}
-    gather = [refset.references[p.key].topk_ids.long() for p in refset.probes]
-    scores = editor.score([p.query for p in refset.probes], gather=gather)
-    agreement, kl = zip(*(locality(s, refset.references[p.key]) for p, s in zip(refset.probes, scores)))
-    entropy = torch.cat([s.entropy for s in scores])
+    now = [scores[p.key] for p in refset.probes]
+    agreement, kl = zip(*(locality(s, refset.references[p.key]) for p, s in zip(refset.probes, now)))
+    entropy = torch.cat([s.entropy for s in now])
     return {
         "ref_agreement": sum(agreement) / len(agreement),
         "ref_kl": sum(kl) / len(kl),
-        "ref_accuracy": sum(token_accuracy(s) for s in scores) / len(scores),
+        "ref_accuracy": sum(token_accuracy(s) for s in now) / len(now),
         # exp(nll_post) / exp(nll_pre): the perplexity ratio, computed in log space
-        "ref_ppl_ratio": math.exp(min((_nll(scores) - refset.base_nll) / refset.tokens, 700.0)),
+        "ref_ppl_ratio": math.exp(min((_nll(now) - refset.base_nll) / refset.tokens, 700.0)),
         "generation_entropy": float(entropy.mean()),
     }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,10 +30,11 @@ class Reference:
     def from_score(cls, score: SpanScore) -> Reference:
         """Keep the compact part of an unedited model's span score."""
         sequence = score.sequence_topk_ids
+        # Copies: a score may be shared (editors' score memos), and a reference is saved on its own.
         return cls(
-            topk_ids=score.topk_ids.to(torch.int32),
-            topk_logprobs=score.topk_logprobs.float(),
-            sequence_topk_ids=None if sequence is None else sequence.to(torch.int32),
+            topk_ids=score.topk_ids.to(torch.int32, copy=True),
+            topk_logprobs=score.topk_logprobs.to(torch.float32, copy=True),
+            sequence_topk_ids=None if sequence is None else sequence.to(torch.int32, copy=True),
         )
 
     @property
@@ -59,6 +61,14 @@ class ReferenceStore:
 
     def __len__(self) -> int:
         return len(self._refs)
+
+    @classmethod
+    def merged(cls, stores: Iterable[ReferenceStore]) -> ReferenceStore:
+        """One store holding the references of all `stores` (keys are content hashes, so they agree)."""
+        merged = cls()
+        for store in stores:
+            merged._refs.update(store._refs)
+        return merged
 
     @property
     def nbytes(self) -> int:

@@ -16,9 +16,9 @@ import numpy as np
 
 from editors import Editor, HasMemory, HasWeightDelta
 from monitor.alarms import CollapseThresholds, crossed_checks, forgetting_significant
-from monitor.metrics import METRICS, token_accuracy
+from monitor.metrics import METRICS, score_probes
 from monitor.plan import GENERALITY, ImageOpener, planned
-from monitor.probes import ReferenceSet, RetainedEdit, reference_health, retention, retrieval_health
+from monitor.probes import ReferenceSet, reference_health, retention, retrieval_health
 from monitor.sink import Sink
 
 log = logging.getLogger(__name__)
@@ -35,16 +35,90 @@ class PoolEntry:
     rephrase: str
     image_rephrase: str
     at_edit: float  # its reliability right after it was applied
+    pred: str | None = None  # the fact's answer before the edit, when the record says
 
     @classmethod
-    def remembered(cls, editor: Editor, edit: Any, key: str, open_image: ImageOpener) -> PoolEntry:
-        """The pool entry of `edit` (a record) just applied to `editor`, with its reliability now."""
-        at_edit = token_accuracy(editor.score([planned(edit, "reliability", open_image).query], top_k=1)[0])
-        return cls(key, edit.src, edit.alt, edit.image, edit.rephrase, edit.image_rephrase, at_edit)
+    def remembered(cls, edit: Any, key: str, at_edit: float) -> PoolEntry:
+        """The pool entry of `edit` (a record) just applied, with its reliability `at_edit` measured then."""
+        return cls(key, edit.src, edit.alt, edit.image, edit.rephrase, edit.image_rephrase, at_edit, edit.pred)
+
+    @property
+    def fact(self) -> tuple[str, str]:
+        """What the edit is about: its image and question (a later edit of the same pair re-edits the fact)."""
+        return self.image, self.src
 
     def row(self) -> dict[str, Any]:
         """As a JSON line."""
         return asdict(self)
+
+
+RETRACTED = "retracted"  # the key of a pool line that retracts an earlier entry: {"retracted": key}
+
+
+@dataclass
+class Pool:
+    """The applied edits of a run in order (its pool file, line by line), and which of them are still live.
+
+    An entry dies when a later edit re-edits its fact (the newest value is the fact's value) or
+    when it is retracted; rounds re-ask live entries only, so a replaced value is not counted as
+    forgotten.
+    """
+
+    entries: list[PoolEntry] = field(default_factory=list)
+    dead: set[int] = field(default_factory=set)
+    rows: int = 0  # lines of the pool file this pool holds
+    _facts: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # fact -> its entries, oldest first
+    _keys: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.entries) - len(self.dead)
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[dict[str, Any]]) -> Pool:
+        """The pool a pool file's lines describe."""
+        pool = cls()
+        for row in rows:
+            if RETRACTED in row:
+                pool.retract(row[RETRACTED])
+            else:
+                pool.add(PoolEntry(**row))
+        return pool
+
+    def add(self, entry: PoolEntry) -> dict[str, Any]:
+        """Add a just-applied edit (the live one of its fact from now on); returns its pool line."""
+        chain = self._facts.setdefault(entry.fact, [])
+        self.dead.update(chain)
+        chain.append(len(self.entries))
+        self._keys[entry.key] = len(self.entries)
+        self.entries.append(entry)
+        self.rows += 1
+        return entry.row()
+
+    def live_entry(self, key: str) -> PoolEntry | None:
+        """The live entry of the edit `key`, if it is applied and neither re-edited nor retracted."""
+        index = self._keys.get(key)
+        return None if index is None or index in self.dead else self.entries[index]
+
+    def retract(self, key: str) -> dict[str, Any]:
+        """Mark the live entry `key` retracted; returns its pool line."""
+        index = self._keys.get(key)
+        if index is not None:
+            self.dead.add(index)
+        self.rows += 1
+        return {RETRACTED: key}
+
+    def older_values(self, fact: tuple[str, str], value: str, key: str) -> list[str]:
+        """Values `fact` had from edits before the edit `key` (all, when it is not in the pool yet), other than
+        `value`: what a stale answer would be."""
+        index = self._keys.get(key, len(self.entries))
+        values = [self.entries[i].alt for i in self._facts.get(fact, []) if i < index]
+        return [v for v in dict.fromkeys(values) if v != value]
+
+    def live(self) -> Sequence[PoolEntry]:
+        """The live entries, in order."""
+        if not self.dead:
+            return self.entries
+        return [e for i, e in enumerate(self.entries) if i not in self.dead]
 
 
 @dataclass
@@ -98,14 +172,15 @@ class ProbeRound:
         self.sample_size = sample_size
 
     def __call__(self, pool: Sequence[PoolEntry], refset: ReferenceSet, rng: np.random.Generator) -> RoundResult:
-        """Measure the editor now; `rng` draws the retention sample from `pool`."""
+        """Measure the editor now; `rng` draws the retention sample from `pool` (the live entries: `Pool.live`)."""
         start = time.perf_counter()
         editor = self.editor
         size = min(self.sample_size, len(pool))
         sample = [pool[i] for i in sorted(rng.choice(len(pool), size=size, replace=False).tolist())] if size else []
-        retained = [RetainedEdit(e.key, planned(e, "reliability", self.open_image).query, e.at_edit) for e in sample]
-        values = retention(editor, retained, len(pool))
-        values.update(reference_health(editor, refset))
+        retained = [planned(e, "reliability", self.open_image) for e in sample]
+        scores = score_probes(editor, [*retained, *refset.probes], refset.references)  # one call for both
+        values = retention([scores[p.key] for p in retained], [e.at_edit for e in sample], len(pool))
+        values.update(reference_health(refset, scores))
         if isinstance(editor, HasWeightDelta):
             values["weight_change_norm"] = editor.weight_change()
         if isinstance(editor, HasMemory):

@@ -18,7 +18,7 @@ from editors import create_editor
 from memory.files import current_folder
 from monitor.probes import ReferenceSet
 from monitor.metrics import RunningMeans
-from monitor.round import AlarmLog, PoolEntry, ProbeRound, announce, round_row
+from monitor.round import AlarmLog, Pool, ProbeRound, announce, round_row
 from monitor.sink import Sink
 from simulator.checkpoint import FOLDER, META, Checkpoint, CheckpointError, read_pool, restored_refset
 from simulator.config import RunConfig, apply_protocol
@@ -58,7 +58,7 @@ class ProbeJob:
         self.last: dict[str, Any] = {}
         self.progress: dict[str, int] = {}  # the run's counters at its checkpoint
         self.results: dict[str, dict[str, float]] = {}
-        self.pool: list[PoolEntry] = []
+        self.pool = Pool()
         self.refset = ReferenceSet()
         self._loaded: tuple[int, int] | None = None
         self.reload()
@@ -104,7 +104,7 @@ class ProbeJob:
     def round(self) -> dict[str, Any]:
         """One probe round on the latest state, with the fixed sample."""
         self.reload()
-        result = self.prober(self.pool, self.refset, np.random.default_rng(self.seed))
+        result = self.prober(self.pool.live(), self.refset, np.random.default_rng(self.seed))
         self.rounds += 1
         self.alarms.update(result, self.applied)
         self.last = round_row(self.rounds, self.progress, result, self.results)

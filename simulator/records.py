@@ -247,6 +247,16 @@ class VLKEBRecord(EditRecord):
         return self.hop(hops)
 
 
+class Retraction(BaseModel):
+    """A stream line that undoes an earlier edit: `{"op": "retract", "id": ...}` names the edit by its id."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    op: Literal["retract"] = Field(description="the operation; `retract` is the only one")
+    id: RecordId = Field(description="id of the earlier edit to undo")
+    t: float | str | None = Field(None, description="timestamp of the retraction in the timeline")
+
+
 RECORD_FORMATS: dict[str, type[EditRecord]] = {"vlkeb": VLKEBRecord, "evqa": EVQARecord, "eic": EICRecord}
 RecordFormat = Literal["vlkeb", "evqa", "eic"]
 

@@ -22,7 +22,6 @@ import stat
 import sys
 import threading
 import warnings
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -32,8 +31,17 @@ import ijson
 from PIL import Image
 from pydantic import ValidationError
 
+from memory.cache import LRUCache
 from memory.files import append_jsonl
-from simulator.records import PORT_TAGS, RECORD_FORMATS, EditRecord, RecordFormat, foreign_fields, unknown_fields
+from simulator.records import (
+    PORT_TAGS,
+    RECORD_FORMATS,
+    EditRecord,
+    RecordFormat,
+    Retraction,
+    foreign_fields,
+    unknown_fields,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +118,7 @@ class ImageRoot:
             raise FileNotFoundError(f"image root {root} is not a directory")
         self.max_pixels = max_pixels
         self.cached_pixels = cached_pixels
-        self._cache = _ImageCache(cache_bytes)
+        self._cache: LRUCache[Image.Image] = LRUCache(cache_bytes, _image_bytes)
 
     def resolve(self, relative: str) -> Path:
         """The file behind a record's image path; ValueError if it escapes the root or is missing."""
@@ -160,34 +168,6 @@ class ImageRoot:
                          f"of {self.max_pixels:,}")
 
 
-class _ImageCache:
-    """Decoded images by path; the least recently used go once their pixels pass `max_bytes`."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self.images: OrderedDict[str, Image.Image] = OrderedDict()
-        self.lock = threading.Lock()  # probes may open images from a scheduler thread
-
-    def get(self, key: str) -> Image.Image | None:
-        with self.lock:
-            image = self.images.get(key)
-            if image is not None:
-                self.images.move_to_end(key)
-            return image
-
-    def put(self, key: str, image: Image.Image) -> None:
-        size = _image_bytes(image)
-        with self.lock:
-            if key in self.images or size > self.max_bytes:
-                return
-            self.images[key] = image
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, old = self.images.popitem(last=False)
-                self.bytes -= _image_bytes(old)
-
-
 def _image_bytes(image: Image.Image) -> int:
     """Bytes of a decoded image's pixels."""
     return image.width * image.height * len(image.getbands())
@@ -214,14 +194,20 @@ def parse_record(
     record_format: RecordFormat = "vlkeb",
     images: ImageRoot | None = None,
     unit: Unit = "line",
-) -> EditRecord:
-    """Validate one decoded JSON value as a record; RecordsError lists every bad field.
+) -> EditRecord | Retraction:
+    """Validate one decoded JSON value as a record, or a retraction line (it has `op`); RecordsError lists every
+    bad field.
 
     A key that only another format reads is an error (`--format evqa` would drop VLKEB's
     `port_new`); keys no format reads are left to the caller to report (`unknown_fields`).
     """
     if not isinstance(data, dict):
         raise RecordsError([RecordError(line, None, f"expected a JSON object, got {type(data).__name__}", unit)])
+    if "op" in data:
+        try:
+            return Retraction.model_validate(data)
+        except ValidationError as error:
+            raise RecordsError([RecordError(line, _field(e["loc"]), e["msg"], unit) for e in error.errors()]) from None
     data = data if "id" in data else {**data, "id": str(line)}
     errors = [
         RecordError(line, key, f"belongs to --format {owner}; --format {record_format} has no such field and "
@@ -259,9 +245,14 @@ def load_records(
                 continue
             unknown.note(value, position, unit)
             try:
-                records.append(parse_record(value, position, record_format, images, unit))
+                record = parse_record(value, position, record_format, images, unit)
             except RecordsError as error:
                 errors.extend(error.errors)
+                continue
+            if isinstance(record, Retraction):
+                errors.append(RecordError(position, "op", "a retraction belongs in a stream, not in this file", unit))
+            else:
+                records.append(record)
     if errors:
         raise RecordsError(errors, str(path))
     return records
@@ -304,7 +295,7 @@ class StreamReader:
         self.unit: Unit = "line"
         self._last_rejected = 0
 
-    def __iter__(self) -> Iterator[EditRecord]:
+    def __iter__(self) -> Iterator[EditRecord | Retraction]:
         stream, opened = self._open()
         wait = self._wait if self.follow else None
         try:
@@ -382,7 +373,7 @@ class _UnknownFields:
         self.seen: set[str] = set()
 
     def note(self, value: object, position: int, unit: Unit) -> None:
-        if not isinstance(value, dict):
+        if not isinstance(value, dict) or "op" in value:  # an operation line is no record: its keys are its own
             return
         new = [key for key in unknown_fields(value, self.record_format) if key not in self.seen]
         if new:

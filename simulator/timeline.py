@@ -18,19 +18,21 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from editors import Editor, EditOutcome, InputError
-from monitor.metrics import RunningMeans, fill_references, measure, measure_base
-from monitor.plan import LOCALITY, base_probes, edit_probes
+from monitor.metrics import RunningMeans, base_values, edit_values, keep_references, score_probes, token_accuracy
+from monitor.plan import LOCALITY, PORTABILITY, base_probes, edit_probes, planned
 from monitor.probes import ReferenceSet
 from monitor.reference import ReferenceStore
-from monitor.round import AlarmLog, PoolEntry, ProbeRound, announce, round_row
+from monitor.round import AlarmLog, Pool, PoolEntry, ProbeRound, announce, round_row
 from monitor.sink import Sink
 from simulator.config import RunConfig
 from simulator.outputs import POOL, ROUNDS, RunFiles
-from simulator.records import EditRecord
+from simulator.records import EditRecord, Retraction
 from simulator.requests import edit_request, one_hop_request
 from simulator.stream import ImageRoot
 
 log = logging.getLogger(__name__)
+
+REFERENCE_TOP_K = 10  # pre-edit top-k ids kept per answer token: locality's KL is computed on them
 
 
 @dataclass
@@ -62,10 +64,12 @@ class Timeline:
         self.results = {key: RunningMeans() for key in settings}
         self.base = RunningMeans()
         self.pending: list[Pending] = []
-        self.pool: list[PoolEntry] = []
+        self.pool = Pool()
+        self.retractions = RunningMeans()  # what each applied retraction left behind (RETRACTION metrics)
+        self.hop_answers: dict[str, set[str]] = {}  # port_<k>hop -> the distinct answers read: its chance level
         self.refset = ReferenceSet()
         self.refset_records = 0  # records whose locality questions are in the reference set
-        self.line = self.edits_read = self.applied = self.failed = self.rounds = 0
+        self.line = self.edits_read = self.applied = self.failed = self.rounds = self.unmeasured = self.retracted = 0
         self.last_round: dict[str, Any] = {}
         self.alarms = AlarmLog()
         self.stopped: str | None = None
@@ -73,7 +77,7 @@ class Timeline:
         self._clock = time.monotonic()
         self._edits_since_round = 0
 
-    def run(self, records: Iterable[tuple[int, EditRecord]], checkpoint: Callable[[], None] = lambda: None,
+    def run(self, records: Iterable[tuple[int, EditRecord | Retraction]], checkpoint: Callable[[], None] = lambda: None,
             stop: threading.Event | None = None) -> None:
         """Consume `(line, record)` pairs until the stream ends, the limit is hit, a stop alarm, or `stop` is set.
 
@@ -81,17 +85,22 @@ class Timeline:
         `checkpoint()` runs every `checkpoint_every` records read. `line` is the stream position
         consumed: a record read but not applied (a stop, the limit) is read again on resume.
         """
+        self.editor.clear_caches()  # whatever training or a restore left: every run starts alike
         for line, record in records:
             interrupted = stop is not None and stop.is_set()
             if interrupted or (self.config.limit is not None and self.edits_read >= self.config.limit):
                 self.stopped = "interrupted" if interrupted else "limit"
                 self.line, self.held_back = line - 1, True
                 return
-            self.step(line, record)
+            if isinstance(record, Retraction):
+                self.retract(line, record)
+            else:
+                self.step(line, record)
             if self.config.limit is not None and self.edits_read >= self.config.limit:
                 self.stopped = "limit"
             if self.edits_read % self.config.checkpoint_every == 0 and not self.stopped:
                 checkpoint()
+                self.editor.clear_caches()  # a run resumed here starts with none: both go on alike
             if self.stopped:
                 return
         # A following reader ends when asked to stop: that is an interruption, not the stream's end.
@@ -100,29 +109,35 @@ class Timeline:
     def step(self, line: int, record: EditRecord) -> None:
         """Read one record: references and base accuracy on the unedited model, apply, measure.
 
-        Every query of the record is scored before the edit is applied, so a record the model
-        cannot take (too long for its context, special tokens, blank text) is quarantined with
-        the reason and changes nothing.
+        Every query of the record is scored or checked before the edit is applied, so a record the
+        model cannot take (too long for its context, special tokens, blank text) is quarantined
+        with the reason and changes nothing. What the unedited model is asked (locality
+        references, base accuracy, the reference set) is scored in one call.
         """
         self.line = line
         probes = edit_probes(record, self.images.open, one_hop=self.config.one_hop_edit)
+        base = base_probes(record, self.images.open)
+        locality = [p for p in probes if p.metric in LOCALITY]
         references = ReferenceStore()
         try:
             with self._unedited():
-                fill_references(self.editor, probes, references, self.config.vlkeb_compat)
-                base = measure_base(self.editor, base_probes(record, self.images.open))
+                scores = score_probes(self.editor, [*locality, *base], top_k=REFERENCE_TOP_K,
+                                      vlkeb_compat=self.config.vlkeb_compat)
                 self.editor.lvlm.check([p.query for p in probes if p.metric not in LOCALITY])  # the rest, unscored
         except InputError as error:
             if self.reject is None:
                 raise
             self.reject(line, f"the model cannot take this record: {error}")
             return
+        keep_references(locality, scores, references)
         self.edits_read += 1
-        self.base.add(base)
+        for probe in probes:
+            if probe.metric in PORTABILITY:
+                self.hop_answers.setdefault(probe.metric, set()).add(probe.query.answer)
+        self.base.add(base_values(base, scores))
         if self.sequential and self.refset_records < self.config.reference_size:
-            with self._unedited():
-                self.refset_records += 1
-                self.refset.add(self.editor, probes)
+            self.refset_records += 1
+            self.refset.add(locality, scores)
         start = time.perf_counter()
         outcome = self._apply(record)
         seconds = time.perf_counter() - start
@@ -136,17 +151,57 @@ class Timeline:
             return
         self.applied += 1
         if not self.sequential:
-            self.results["single"].add(measure(self.editor, probes, references, self.config.vlkeb_compat))
+            self._measure(record, [Pending(self.applied - 1, record, references)], "single")
             self.editor.reset()
             return
-        entry = PoolEntry.remembered(self.editor, record, str(record.id), self.images.open)
-        self.pool.append(entry)
-        self.files.append(POOL, entry.row())
         self.pending.append(Pending(self.applied - 1, record, references))
-        self._measure_due()
+        # An edit whose fact is edited again (or that was retracted) before its gap passed is not measured.
+        fact = (record.image, record.src)
+        self.pending = [p for p in self.pending if p.record is record or (
+            (p.record.image, p.record.src) != fact and self.pool.live_entry(str(p.record.id)) is not None)]
+        self._measure(record, [p for p in self.pending if self.applied - p.index - 1 in self.gaps], None)
+        self.pending = [p for p in self.pending if self.applied - p.index - 1 < self.gaps[-1]]
         self._edits_since_round += 1
         if self.applied % self.probe_every == 0:
             self.probe_round()
+
+    def retract(self, line: int, retraction: Retraction) -> None:
+        """Undo the applied edit `retraction.id` (sequential mode) and measure what the model answers now.
+
+        A retraction the editor refuses (a method that cannot undo an edit), of an edit that is not
+        live (never applied, re-edited since, retracted already) or in single mode (every edit is
+        rolled back anyway) counts as failed, with the reason logged.
+        """
+        self.line = line
+        self.edits_read += 1
+        key = str(retraction.id)
+        entry = self.pool.live_entry(key) if self.sequential else None
+        if entry is None:
+            reason = ("single mode rolls every edit back: there is nothing to retract" if not self.sequential
+                      else f"no live edit with id {key!r} (never applied, re-edited or retracted since)")
+            outcome = EditOutcome(applied=False, message=reason)
+        else:
+            try:
+                outcome = self.editor.retract(key)
+            except Exception as error:  # not KeyboardInterrupt: a stop is not a failed retraction
+                outcome = EditOutcome(applied=False, message=f"{type(error).__name__}: {error}")
+        if not outcome.applied:
+            self.failed += 1
+            log.warning("retraction of %s at line %d failed: %s", key, line, outcome.message)
+            return
+        self.retracted += 1
+        self.files.append(POOL, self.pool.retract(key))
+        self.pending = [p for p in self.pending if str(p.record.id) != key]
+        probes = {"retracted_recall": planned(entry, "reliability", self.images.open)}
+        if entry.pred:
+            probes["retraction_restore"] = planned(entry, "reliability", self.images.open, answer=entry.pred)
+        try:
+            scores = score_probes(self.editor, probes.values())
+        except Exception as error:  # as for edits: the measurement is lost, not the run
+            self.unmeasured += 1
+            log.warning("measuring retraction %s failed: %s: %s", key, type(error).__name__, error)
+            return
+        self.retractions.add({metric: token_accuracy(scores[p.key]) for metric, p in probes.items()})
 
     def _apply(self, record: EditRecord) -> EditOutcome:
         """Apply the record's edit (and with --one-hop-edit its one-hop edit: both or neither).
@@ -182,19 +237,49 @@ class Timeline:
         else:
             yield
 
-    def _measure_due(self) -> None:
-        """Measure each pending edit whose gap has passed (VLKEB: i + gap + 1 edits applied)."""
-        for pending in self.pending:
-            waited = self.applied - pending.index - 1
-            if waited in self.gaps:
-                probes = edit_probes(pending.record, self.images.open, one_hop=self.config.one_hop_edit)
-                values = measure(self.editor, probes, pending.references, self.config.vlkeb_compat)
-                self.results[f"gap_{waited}"].add(values)
-        self.pending = [p for p in self.pending if self.applied - p.index - 1 < self.gaps[-1]]
+    def _measure(self, record: EditRecord, due: list[Pending], setting: str | None) -> None:
+        """Score, in one call, the just-applied record's reliability (its pool entry, sequential only) and
+        every probe of the `due` edits; add each due edit's values to `setting` (None: gap_<edits since>).
+
+        A due edit of a fact edited before also asks its older values (`stale_rate`: 1 when the
+        model still gives one of them in full). A failure while scoring (a rewritten query too long
+        for the model, out of memory) loses these measurements and the record's place in the
+        retention pool, not the run: it is logged and counted as `unmeasured`.
+        """
+        one_hop = self.config.one_hop_edit
+        reliability = planned(record, "reliability", self.images.open)
+        plans = []
+        for item in due:
+            probes = edit_probes(item.record, self.images.open, one_hop=one_hop)
+            edit = item.record
+            older = self.pool.older_values((edit.image, edit.src), edit.alt, str(edit.id)) if setting is None else []
+            stale = [planned(edit, "reliability", self.images.open, answer=value) for value in older]
+            plans.append((item, probes, stale))
+        references = ReferenceStore.merged(item.references for item in due)
+        asked = [reliability] if setting is None else []
+        try:
+            scores = score_probes(self.editor, [*asked, *(p for _, probes, stale in plans for p in probes + stale)],
+                                  references, vlkeb_compat=self.config.vlkeb_compat)
+        except Exception as error:  # not KeyboardInterrupt: a stop is not a lost measurement
+            self.unmeasured += 1
+            log.warning("measuring after edit %s failed, its measurements are lost: %s: %s", record.id,
+                        type(error).__name__, error)
+            if setting is None:  # it still replaces its fact's older value, but rounds cannot re-ask it
+                self.files.append(POOL, self.pool.add(PoolEntry.remembered(record, str(record.id), 0.0)))
+                self.files.append(POOL, self.pool.retract(str(record.id)))
+            return
+        if setting is None:
+            entry = PoolEntry.remembered(record, str(record.id), token_accuracy(scores[reliability.key]))
+            self.files.append(POOL, self.pool.add(entry))
+        for item, probes, stale in plans:
+            values = edit_values(probes, scores, references, self.config.vlkeb_compat)
+            if stale:
+                values["stale_rate"] = float(any(token_accuracy(scores[p.key]) == 1.0 for p in stale))
+            self.results[setting or f"gap_{self.applied - item.index - 1}"].add(values)
 
     def probe_round(self) -> dict[str, Any]:
         """Run monitor's probe round after `applied` edits; write its row and tell the exporters."""
-        result = self.prober(self.pool, self.refset, self.rng)
+        result = self.prober(self.pool.live(), self.refset, self.rng)
         self.rounds += 1
         self.alarms.update(result, self.applied)
         if result.reasons and self.config.stop_on_collapse:
@@ -210,12 +295,18 @@ class Timeline:
         return row
 
     def summary(self, quarantined: int) -> dict[str, Any]:
-        """Final numbers (DESIGN.md keys): per setting means, base accuracy, counts, alarms."""
+        """Final numbers (DESIGN.md keys): per setting means, base accuracy, counts, retractions, alarms.
+
+        `port_chance` is each hop's chance level: 1 / the number of distinct answers its questions had.
+        """
         results = {key: {**means.means(), "edits_measured": means.count("reliability")}
                    for key, means in self.results.items()}
         return {
             "mode": self.config.mode, "gaps": self.gaps if self.sequential else [],
             "edits_read": self.edits_read, "edits_applied": self.applied, "quarantined": quarantined,
-            "failed": self.failed, "results": results, "base": self.base.means(), "rounds": self.rounds,
-            "last_round": self.last_round, "alarms": self.alarms.as_dict(), "stopped": self.stopped,
+            "failed": self.failed, "unmeasured": self.unmeasured, "retracted": self.retracted, "results": results,
+            "base": self.base.means(), "retractions": self.retractions.means(),
+            "port_chance": {metric: 1 / len(answers) for metric, answers in sorted(self.hop_answers.items())},
+            "rounds": self.rounds, "last_round": self.last_round, "alarms": self.alarms.as_dict(),
+            "stopped": self.stopped,
         }

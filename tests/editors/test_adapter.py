@@ -318,3 +318,27 @@ def test_embed_images_pools_tokens_and_batches_exactly(family):
     assert not torch.allclose(mean[0], mean[1])
     with pytest.raises(ValueError, match="Unknown pooling"):
         lvlm.embed_images(images, pooling="max")
+
+
+def test_a_score_memo_answers_a_repeated_query_without_a_forward_until_a_weight_changes():
+    from editors.adapter import ScoreMemo
+
+    lvlm = tiny_llava()
+    memo, forwards = ScoreMemo(), []
+    forward = lvlm._forward
+    lvlm._forward = lambda *a, **kw: forwards.append(1) or forward(*a, **kw)
+    queries = [Query("what is shown?", "a dog", random_image(7)), Query("city?", "Paris")]
+    first = lvlm.score(queries, top_k=2, memo=memo)
+    again = lvlm.score(list(reversed(queries)), top_k=2, memo=memo)
+    assert len(forwards) == 2 and again == list(reversed(first))  # the same score objects, no forward
+    # Another top-k, or other gathered ids, is another question.
+    lvlm.score(queries[:1], top_k=3, memo=memo)
+    assert len(forwards) == 3
+    # A weight changed in place: the memo is emptied and the new weights answer.
+    with torch.no_grad():
+        next(lvlm.model.parameters()).mul_(2.0)
+    changed = lvlm.score(queries, top_k=2, memo=memo)
+    assert len(forwards) == 5
+    fresh = lvlm.score(queries, top_k=2)
+    assert [s.target_logprobs.tolist() for s in changed] == [s.target_logprobs.tolist() for s in fresh]
+    assert changed[0].target_logprobs.tolist() != first[0].target_logprobs.tolist()

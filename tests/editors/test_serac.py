@@ -66,9 +66,12 @@ def test_in_scope_queries_get_the_edit_and_others_the_untouched_model():
     expected = [Query(in_context_prompt([(DOG.prompt, DOG.target)], same.prompt), same.answer, same.image),
                 other_image, text_only]
     assert_same_scores(editor.score([same, other_image, text_only]), lvlm.score(expected))
+    memoised = editor.score([other_image])[0]  # asked before: the score of its earlier batch, without a forward
+    assert memoised is editor.score([same, other_image, text_only])[1]
+    editor.clear_caches()  # asked afresh, alone: the untouched model's score bit for bit
     assert_same_scores(editor.score([other_image]), lvlm.score([other_image]))  # out of scope: the unedited model
     snapshot = editor.edits.memory.snapshot()
-    assert (snapshot.hits, snapshot.misses) == (1, 3)  # score routed four queries; retrieve only looked
+    assert (snapshot.hits, snapshot.misses) == (2, 6)  # score routed eight queries; retrieve only looked
 
 
 def test_train_calibrates_and_the_state_keeps_it(tmp_path):

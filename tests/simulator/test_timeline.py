@@ -94,7 +94,8 @@ def test_single_mode_measures_every_edit_alone(setup, small_world):
     timeline.run((i + 1, r) for i, r in enumerate(records[:5]))
     # References and base accuracy on the unedited model, measurements with exactly one edit in.
     for record in records[:5]:
-        asked = {count for count, prompt, answer, _ in editor.log if (prompt, answer) == (record.rephrase, record.alt)}
+        t_gen = (record.rephrase, record.alt, id(images.open(record.image)))
+        asked = {count for count, *query in editor.log if tuple(query) == t_gen}
         assert asked == {1}
     assert editor.count == 0 and timeline.summary(0)["edits_applied"] == 5
 

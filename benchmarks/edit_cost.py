@@ -1,0 +1,112 @@
+"""Benchmark: CPU time per edit of a sequential run, this code next to an earlier commit, in one invocation.
+
+    python benchmarks/edit_cost.py --baseline 56fa0d7                    # serac and ft-llm, 100 and 400 edits
+    python benchmarks/edit_cost.py --baseline HEAD~3 --methods serac --edits 100 1000
+
+Each (code, method, length) is one fresh process on one thread (OMP_NUM_THREADS=1 and
+torch.set_num_threads(1)) timing `simulate` alone with `time.process_time`; the per-edit cost is
+the difference between the longest and the shortest run divided by the difference in edits, so
+start-up (model load, training SERAC's scope, MiniLM) cancels out. Both codes read the same
+stream, images and model (this checkout's default world and model), gap 10, no MLflow, and the
+table ends with the largest difference between their summaries' metric values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+# Run inside the code under test (its tree first on sys.path); prints the CPU seconds of `simulate`.
+RUN = """
+import json, sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from simulator.config import RunConfig
+from simulator.run import simulate
+stream, images, model, train, method, out = sys.argv[1:7]
+config = RunConfig(stream=stream, images=Path(images), model=model, method=method, gap=[10], out=Path(out),
+                   train=Path(train), no_mlflow=True)
+start = time.process_time()
+simulate(config, progress=False)
+print(json.dumps({"cpu_seconds": time.process_time() - start}))
+"""
+
+
+def worktree(revision: str, work: Path) -> Path:
+    """A checkout of `revision` (a detached git worktree) under `work`."""
+    path = work / f"code-{revision.replace('/', '_')}"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(path), revision],
+                   check=True, capture_output=True)
+    return path
+
+
+def timed_run(code: Path, stream: Path, world: Path, model: Path, method: str, out: Path) -> float:
+    """CPU seconds of one `simulate` run of `code`, in a fresh single-threaded process."""
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    args = [sys.executable, "-c", RUN, str(stream), str(world / "images"), str(model), str(world / "train.jsonl"),
+            method, str(out)]
+    done = subprocess.run(args, cwd=code, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{code.name} {method} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["cpu_seconds"]
+
+
+def largest_difference(a: Path, b: Path) -> float:
+    """The largest absolute difference between two summaries' per-setting and base metric values."""
+    first, second = (json.loads((p / "summary.json").read_text()) for p in (a, b))
+    worst = 0.0
+    for part in ("results", "base"):
+        left, right = first[part], second[part]
+        rows = [(left[k], right[k]) for k in left] if part == "results" else [(left, right)]
+        for x, y in rows:
+            for key in x.keys() & y.keys():
+                if isinstance(x[key], (int, float)) and not math.isnan(x[key]):
+                    worst = max(worst, abs(x[key] - y[key]))
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", required=True, help="git revision of the code to compare with")
+    parser.add_argument("--methods", nargs="+", default=["serac", "ft-llm"])
+    parser.add_argument("--edits", nargs=2, type=int, default=[100, 400], metavar=("SHORT", "LONG"))
+    args = parser.parse_args()
+    from simulate import long_stream
+
+    from simulator.world.default import SHIPPED
+    from simulator.world.export import write_world
+    from simulator.world.graph import WorldConfig
+
+    work = Path(tempfile.mkdtemp(prefix="editwatch-cost-"))
+    world = write_world(WorldConfig(), work / "w", progress=False)
+    model = Path(shutil.copytree(SHIPPED, work / "model"))
+    codes = {"this code": ROOT, args.baseline: worktree(args.baseline, work)}
+    short, long = sorted(args.edits)
+    streams = {n: long_stream(world, n) for n in (short, long)}
+    print(f"{'method':8s} {'code':>12s} {f'{short} edits s':>12s} {f'{long} edits s':>12s} {'ms/edit':>8s}")
+    for method in args.methods:
+        per_edit = {}
+        for name, code in codes.items():
+            seconds = {n: timed_run(code, streams[n], world, model, method, work / f"{method}-{n}-{code.name}")
+                       for n in (short, long)}
+            per_edit[name] = (seconds[long] - seconds[short]) / (long - short) * 1000
+            print(f"{method:8s} {name[:12]:>12s} {seconds[short]:12.1f} {seconds[long]:12.1f} {per_edit[name]:8.1f}",
+                  flush=True)
+        this, before = (work / f"{method}-{long}-{code.name}" for code in codes.values())
+        print(f"{method:8s} {'speed-up':>12s} {per_edit[args.baseline] / per_edit['this code']:37.2f}x; "
+              f"largest metric difference between the two {long}-edit summaries: {largest_difference(this, before):.2e}")
+
+
+if __name__ == "__main__":
+    main()

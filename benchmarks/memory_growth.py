@@ -1,0 +1,92 @@
+"""Benchmark: how memory-based editors degrade as their memory grows, in one long run per method.
+
+    python benchmarks/memory_growth.py                                  # 100,000 edits into serac and ike
+    python benchmarks/memory_growth.py --edits 5000 --probe-every 500 --methods serac
+
+Streams `--edits` distinct edits of the long-stream world (`simulate world --edits N`) into every
+memory editor asked for (default: every registered editor that declares a memory), sequentially
+with gap 10, a probe round every `--probe-every` edits and no MLflow. Each round reports, against
+the memory size at that point: retention (reliability of a random sample of the stored edits,
+re-asked), reference agreement (locality on the fixed reference set), retrieval recall@1 and
+false-hit rate, the memory search latency and edits/s since the previous round. It writes
+`memory_growth.png` and prints the table at 10^3 / 10^4 / 10^5 (the rounds nearest those sizes)
+with each run's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from editors import METHODS, HasMemory, editor_class  # noqa: E402
+from simulator.config import RunConfig  # noqa: E402
+from simulator.run import simulate  # noqa: E402
+from simulator.world.export import StreamConfig, write_world  # noqa: E402
+from simulator.world.graph import WorldConfig  # noqa: E402
+
+SERIES = {  # rounds.jsonl key -> plot title
+    "retention": "retention (stored edits re-asked)",
+    "ref_agreement": "reference agreement (locality)",
+    "retrieval_recall_at_1": "retrieval recall@1",
+    "retrieval_false_hit_rate": "retrieval false-hit rate",
+    "memory_search_seconds_p50": "memory search p50, s",
+    "edits_per_second": "edits/s",
+}
+
+
+def run(method: str, world: Path, edits: int, probe_every: int, out: Path) -> tuple[list[dict], float, float]:
+    """Rounds of one long run, its wall seconds and the process's peak RSS (GiB) after it."""
+    config = RunConfig(stream=str(world / "eval.jsonl"), images=world / "images", method=method, gap=[10],
+                       probe_every=probe_every, checkpoint_every=probe_every, out=out, train=world / "train.jsonl",
+                       no_mlflow=True)
+    start = time.monotonic()
+    simulate(config, progress=True)
+    seconds = time.monotonic() - start
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    return rounds, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    memory_methods = [name for name in METHODS if issubclass(editor_class(name), HasMemory)]
+    parser.add_argument("--methods", nargs="+", default=memory_methods)
+    parser.add_argument("--edits", type=int, default=100_000)
+    parser.add_argument("--probe-every", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=Path("memory_growth"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="editwatch-growth-"))
+    world = write_world(WorldConfig(), work / "w", stream=StreamConfig(edits=args.edits), progress=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    figure, axes = plt.subplots(2, 3, figsize=(13, 7))
+    sizes = [s for s in (10**3, 10**4, 10**5) if s <= args.edits]
+    print(f"{'method':6s} {'memory':>7s} " + " ".join(f"{key[:12]:>12s}" for key in SERIES))
+    for method in args.methods:
+        rounds, seconds, rss = run(method, world, args.edits, args.probe_every, args.out / method)
+        memory = [r["memory_size"] for r in rounds]
+        for ax, (key, title) in zip(axes.flat, SERIES.items()):
+            ax.plot(memory, [r.get(key) for r in rounds], label=method)
+            ax.set(title=title, xlabel="edits in memory", xscale="log")
+        for size in sizes:
+            row = min(rounds, key=lambda r: abs(r["memory_size"] - size))
+            values = " ".join(f"{row[k]:12.4g}" if row.get(k) is not None else f"{'-':>12s}" for k in SERIES)
+            print(f"{method:6s} {row['memory_size']:7.0f} {values}")
+        print(f"{method:6s} {len(rounds)} rounds, {seconds / 60:.1f} min, peak RSS {rss:.2f} GiB", flush=True)
+    axes.flat[0].legend()
+    figure.tight_layout()
+    figure.savefig(args.out / "memory_growth.png", dpi=110)
+    print(f"plot: {args.out / 'memory_growth.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Long-stream behaviour of the timeline: batched probing, re-edits (stale_rate), retractions, hop chance levels."""
+
+import json
+
+import pytest
+
+from editors import LVLM, Query, create_editor
+from monitor.metrics import token_accuracy
+from simulator import ImageRoot, load_records
+from simulator.config import RunConfig
+from simulator.outputs import RunFiles
+from simulator.records import Retraction
+from simulator.timeline import Timeline
+
+
+@pytest.fixture
+def setup(small_world, small_model, tmp_path):
+    images = ImageRoot(small_world / "images")
+    records = load_records(small_world / "eval.jsonl", images=images)
+    return LVLM.load(small_model), images, records, tmp_path
+
+
+def timeline(editor, world, images, out, **overrides):
+    config = RunConfig(**{"stream": str(world / "eval.jsonl"), "probe_every": 1000, **overrides})
+    return Timeline(editor, config, images, RunFiles(out))
+
+
+def test_each_record_costs_two_score_calls_each_in_the_fewest_batches(setup, small_world):
+    """Pre-edit references, base accuracy and the reference set in one call; the new edit's reliability and
+    every due edit's probes in another; each call runs ceil(n / batch size) forwards per group (image / text)."""
+    lvlm, images, records, out = setup
+    editor = create_editor("none", lvlm)
+    calls, forwards = [], []
+    score, forward = editor.score, lvlm._forward
+    editor.score = lambda queries, **kw: calls.append(list(queries)) or score(queries, **kw)
+    lvlm._forward = lambda *a, **kw: forwards.append(1) or forward(*a, **kw)
+    run = timeline(editor, small_world, images, out, gap=[1, 3])
+    run.run((i + 1, r) for i, r in enumerate(records[:6]))
+    assert len(calls) == 2 * 6
+    groups = [[q for q in queries if (q.image is None) == text] for queries in calls for text in (False, True)]
+    assert len(forwards) == sum(-(-len(group) // 16) for group in groups)
+    # The edited call of record k holds its reliability, then also edit k-1's probes (gap 1), then edit k-3's (gap 3).
+    assert len(calls[1]) == 1 and len(calls[7]) > len(calls[3]) > len(calls[1])
+
+
+def test_a_re_edited_fact_answered_with_its_older_value_counts_as_stale(setup, small_world):
+    """The first edit's value is what the model already answers; the unedited model ('none') keeps answering it
+    after the fact is re-edited, so every measured re-edit is stale (1.0), which the scores confirm by hand."""
+    lvlm, images, records, out = setup
+    first = records[0]
+    said = lvlm.generate([Query(first.src, "", images.open(first.image))], max_new_tokens=4)[0]
+    first = first.model_copy(update={"alt": said, "id": "first"})
+    again = first.model_copy(update={"alt": records[1].alt, "id": "again"})
+    assert again.alt != said
+    stream = [first, *records[2:5], again, *records[5:8]]
+    run = timeline(create_editor("none", lvlm), small_world, images, out, gap=[2])
+    run.run((i + 1, r) for i, r in enumerate(stream))
+    older = token_accuracy(lvlm.score([Query(first.src, said, images.open(first.image))])[0])
+    assert older == 1.0  # the model answers the first value in full
+    results = run.summary(0)["results"]["gap_2"]
+    assert results["stale_rate"] == 1.0
+    # The superseded first edit was not re-asked: the pool holds one live entry per fact.
+    assert [e.key for e in run.pool.live()].count("first") == 0 and len(run.pool) == len(stream) - 1
+
+
+def test_retraction_deletes_a_memory_edit_and_measures_what_the_model_answers_now(setup, small_world):
+    lvlm, images, records, out = setup
+    editor = create_editor("serac", lvlm)
+    edit = records[0]
+    stream = [edit, *records[1:3], Retraction(op="retract", id=edit.id), Retraction(op="retract", id="nowhere")]
+    run = timeline(editor, small_world, images, out, gap=[1])
+    run.run((i + 1, r) for i, r in enumerate(stream))
+    summary = run.summary(0)
+    assert summary["retracted"] == 1 and summary["failed"] == 1  # an unknown id is a failed line
+    assert summary["edits_read"] == 5 and summary["edits_applied"] == 3
+    assert editor.memory_size() == 2 and str(edit.id) not in {e.key for e in run.pool.live()}
+    # Retracted: the query reaches the base model again, whose answers are known by hand.
+    base = lvlm.score([Query(edit.src, edit.alt, images.open(edit.image)),
+                       Query(edit.src, edit.pred, images.open(edit.image))])
+    assert summary["retractions"] == {"retracted_recall": token_accuracy(base[0]),
+                                      "retraction_restore": token_accuracy(base[1])}
+    pool = [json.loads(line) for line in (out / "pool.jsonl").read_text().splitlines()]
+    assert pool[-1] == {"retracted": str(edit.id)}
+
+
+def test_an_editor_that_cannot_retract_fails_the_line_with_its_reason(setup, small_world, caplog):
+    lvlm, images, records, out = setup
+    run = timeline(create_editor("ft-llm", lvlm), small_world, images, out, gap=[1])
+    run.run([(1, records[0]), (2, Retraction(op="retract", id=records[0].id))])
+    summary = run.summary(0)
+    assert (summary["failed"], summary["retracted"], summary["edits_applied"]) == (1, 0, 1)
+    assert "ft-llm cannot retract an edit" in caplog.text
+
+
+def test_port_chance_is_one_over_the_distinct_answers_of_each_hop(setup, small_world):
+    lvlm, images, records, out = setup
+    run = timeline(create_editor("none", lvlm), small_world, images, out, mode="single")
+    run.run((i + 1, r) for i, r in enumerate(records))
+    expected = {f"port_{k}hop": 1 / len({r.hop(k).answer for r in records if r.hop(k)}) for k in range(1, 5)}
+    assert run.summary(0)["port_chance"] == pytest.approx(expected, abs=0)
