@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from typing import Callable, Sequence
 
 from pydantic import ValidationError
@@ -27,6 +28,7 @@ from simulator.command import (
     validated,
 )
 from simulator.config import RunConfig, load_run_config
+from simulator.world.export import StreamConfig, write_world
 from simulator.world.graph import WorldConfig
 
 log = logging.getLogger("simulate")
@@ -59,11 +61,13 @@ def _subcommands() -> dict[str, tuple[argparse.ArgumentParser, Callable[[argpars
     world = ArgumentParser(
         prog="simulate world",
         description="Write the synthetic multimodal world (train.jsonl, eval.jsonl, images/, world.json); "
-        "`simulate world train` trains its model instead.",
+        "`simulate world train` trains its model instead. --edits, --re-edits and --retractions make eval.jsonl "
+        "a long stream that the world's model still reads, e.g. --edits 100000 --re-edits 0.1 --retractions 0.02.",
     )
     world.add_argument("action", nargs="?", choices=["train"], help="train the world's model into --out")
     world.add_argument("--out", required=True, help="output folder")
     add_model_options(world, WorldConfig)
+    add_model_options(world, StreamConfig)
 
     return {
         "world": (world, world_main),
@@ -77,8 +81,12 @@ def _subcommands() -> dict[str, tuple[argparse.ArgumentParser, Callable[[argpars
 
 def world_main(args: argparse.Namespace) -> int:
     """`simulate world`: write a world's data, or train its model."""
-    config = options(args, WorldConfig, skip=("verbose", "action", "out"))
+    config = options(args, WorldConfig, skip=("verbose", "action", "out", *StreamConfig.model_fields))
+    stream = options(args, StreamConfig, skip=("verbose", "action", "out", *WorldConfig.model_fields))
     if args.action == "train":
+        if stream != StreamConfig():
+            raise CommandError("--edits, --re-edits and --retractions shape the written eval.jsonl; "
+                               "`simulate world train` trains on the world itself: leave them out")
         from simulator.world.default import train_world_model
 
         result = train_world_model(config, args.out)
@@ -87,10 +95,9 @@ def world_main(args: argparse.Namespace) -> int:
         log.info("model of world %s written to %s (%d steps, %.0f s)", config.digest(), args.out, result.steps,
                  result.seconds)
         return 0
-    from simulator.world.export import write_world
-
-    write_world(config, args.out)
-    log.info("world %s written to %s", config.digest(), args.out)
+    start = time.monotonic()
+    write_world(config, args.out, stream)
+    log.info("world %s written to %s in %.0f s", config.digest(), args.out, time.monotonic() - start)
     return 0
 
 

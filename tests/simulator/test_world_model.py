@@ -5,15 +5,18 @@ import multiprocessing
 from pathlib import Path
 
 import pytest
+from transformers import PreTrainedTokenizerFast
 
 from editors import LVLM
 from simulator.world.default import SHIPPED, TRAINING_RECORD, load_world_model, model_key, world_model_path
+from simulator.world.export import StreamConfig, eval_stream
 from simulator.world.graph import WorldConfig, build_world
 from simulator.world.model import ModelConfig, build_model
 from simulator.world.training import TrainConfig, eval_sets, evaluate, train
 
 BARS = ("pred_src", "pred_rephrase", "pred_image_rephrase", "loc", "m_loc")
 SMALL = WorldConfig(entities=16, seed=3)
+TEXT_FIELDS = ("src", "alt", "pred", "rephrase", "loc", "loc_ans", "m_loc_q", "m_loc_a")
 # A recipe cut down for tests: few steps, no bars to miss (the cache, not accuracy, is under test).
 QUICK_MODEL = ModelConfig(vision_hidden=16, vision_layers=1, hidden=32, layers=1, heads=2)
 QUICK_TRAIN = TrainConfig(max_steps=20, eval_every=20, warmup=5, icl_phase=5, batch_size=8,
@@ -27,6 +30,19 @@ def test_the_shipped_weights_are_the_default_worlds_and_recipes():
     record = json.loads((SHIPPED / TRAINING_RECORD).read_text())
     assert record["key"] == model_key(WorldConfig(), ModelConfig(), TrainConfig()) and record["bars_met"]
     assert world_model_path(WorldConfig(), progress=False) == SHIPPED
+
+
+def test_the_shipped_tokenizer_reads_every_word_of_a_long_stream():
+    """Unseen creatures, re-edits and retractions bring no word the default model's vocabulary lacks."""
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(SHIPPED / "tokenizer.json"), unk_token="<unk>")
+    stream = StreamConfig(edits=1400, re_edits=0.5, retractions=0.1)
+    lines = eval_stream(build_world(WorldConfig(), unseen=stream.unseen_creatures(WorldConfig())), stream)
+    texts = {line[key] for line in lines if "op" not in line for key in (*TEXT_FIELDS, "port_edit_q", "port_a")}
+    texts |= {hop["Q&A"][part] for line in lines if "op" not in line for hop in line["port_new"] + line["port_base"]
+              for part in ("Question", "Answer")}
+    assert len(texts) > 500  # every name of every pool, every template
+    unknown = {text for text in texts if tokenizer.unk_token_id in tokenizer(text)["input_ids"]}
+    assert unknown == set()
 
 
 @pytest.mark.slow
