@@ -41,7 +41,8 @@ def run_parser() -> argparse.ArgumentParser:
         description="Stream a timeline of knowledge edits into one long-lived LVLM and monitor what they do to it.",
         epilog=(
             "subcommands:\n"
-            "  simulate world --out DIR [--entities N] [--seed S]   write the synthetic world's data\n"
+            "  simulate world --out DIR [--entities N] [--seed S] [--edits N] [--re-edits F] [--retractions F]\n"
+            "                                                       write the synthetic world's data\n"
             "  simulate train-editor --method NAME ...              train MEND / KE / SERAC on a train split\n"
             "  simulate probe --state DIR --every 10m ...           scheduled regression probes\n"
             "  simulate compare [--mlflow-experiment NAME] [--runs ...]   tables and plots across MLflow runs\n"
