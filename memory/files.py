@@ -22,7 +22,8 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
     A file is replaced in one rename. A folder cannot be: the old one is first renamed to
     `.<name>.old`, then the new one into place, then the old one is deleted. A crash between
     the two renames leaves the old folder at `.<name>.old`, where `current_folder` finds it,
-    so readers always see the previous version or the new one.
+    so readers always see the previous version or the new one; the next write puts its folder
+    in place before deleting `.<name>.old`.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -34,10 +35,11 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
         return
     old = _old(path)
-    if old.exists():
-        shutil.rmtree(old)  # left by a crash; superseded by what is being written now
     if path.is_dir():
+        if old.exists():
+            shutil.rmtree(old)  # left by a crash after `path` was whole again: superseded
         os.replace(path, old)
+    # After a crash between the renames `path` is missing and `old` is the only whole version: it goes only after this.
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)

@@ -98,3 +98,26 @@ def test_port_chance_is_one_over_the_distinct_answers_of_each_hop(setup, small_w
     run.run((i + 1, r) for i, r in enumerate(records))
     expected = {f"port_{k}hop": 1 / len({r.hop(k).answer for r in records if r.hop(k)}) for k in range(1, 5)}
     assert run.summary(0)["port_chance"] == pytest.approx(expected, abs=0)
+
+
+def test_a_failure_while_measuring_an_applied_edit_is_counted_and_the_run_goes_on(setup, small_world):
+    """The edited model's scoring raises for one record (as a rewritten query too long for the model would):
+    that record's measurements and its place in the retention pool are lost, nothing else."""
+    lvlm, images, records, out = setup
+    editor = create_editor("none", lvlm)
+    score, calls = editor.score, []
+
+    def failing(queries, **kwargs):
+        calls.append(len(queries))
+        if len(calls) == 6:  # the edited call of the third record (record 2), which measures record 1 (gap 1)
+            raise RuntimeError("out of memory")
+        return score(queries, **kwargs)
+
+    editor.score = failing
+    run = timeline(editor, small_world, images, out, gap=[1])
+    run.run((i + 1, r) for i, r in enumerate(records[:5]))
+    summary = run.summary(0)
+    assert (summary["edits_applied"], summary["unmeasured"], summary["failed"]) == (5, 1, 0)
+    # Of the four due measurements, record 1's (in that call) and record 2's own (it left the pool) are lost.
+    assert summary["results"]["gap_1"]["edits_measured"] == 2
+    assert [e.key for e in run.pool.live()] == [str(r.id) for i, r in enumerate(records[:5]) if i != 2]
