@@ -176,3 +176,42 @@ def test_a_memory_editor_killed_mid_journal_resumes_to_the_uninterrupted_outputs
     probed = [ProbeJob(run, tmp_path / f"probes-{run.name}", config, seed=7, sinks=[]).round()
               for run in (killed, whole)]
     assert untimed(probed[0]) == untimed(probed[1]) and probed[0]["memory_size"] == expected["edits_applied"]
+
+
+def mixed_stream(world, folder):
+    """The eval stream with hostile lines and a retraction between its records: a copy beside the world's images."""
+    lines = (world / "eval.jsonl").read_text().splitlines()
+    good = json.loads(lines[0])
+    hostile = ["{not json", json.dumps([1, 2]), json.dumps({**good, "id": "noimage", "image": "missing.png"}),
+               json.dumps({**good, "id": "special", "src": "what is <image> here?"}), "",
+               json.dumps({"op": "retract", "id": good["id"]}), json.dumps({"op": "retract", "id": "nowhere"})]
+    mixed = [line for i, line in enumerate(lines) for line in ([line, hostile[i]] if i < len(hostile) else [line])]
+    stream = folder / "mixed.jsonl"
+    stream.write_text("\n".join(mixed) + "\n")
+    return stream
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at", [5, 11])
+def test_a_stream_of_mixed_good_and_hostile_lines_killed_and_resumed_ends_as_the_uninterrupted_run(
+        small_world, small_model, tmp_path, at):
+    stream = mixed_stream(small_world, tmp_path)
+
+    def args(out):
+        listed = run_args(small_world, small_model, out)
+        listed[listed.index("--stream") + 1] = str(stream)
+        listed[listed.index("--method") + 1] = "serac"
+        return [*listed, "--images", str(small_world / "images"), "--train", str(small_world / "train.jsonl")]
+
+    whole_run, killed = tmp_path / "whole", tmp_path / "killed"
+    done = subprocess.run(args(whole_run), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    process = started(args(killed), at)
+    process.kill()
+    process.wait()
+    subprocess.run(args(killed) + ["--resume"], check=True, env=ENV, capture_output=True, timeout=300)
+    summary = json.loads((whole_run / "summary.json").read_text())
+    assert untimed(json.loads((killed / "summary.json").read_text())) == untimed(summary)
+    assert (summary["quarantined"], summary["retracted"], summary["failed"]) == (4, 1, 1)
+    for name in ("rounds.jsonl", "pool.jsonl", "quarantine.jsonl"):
+        assert untimed(rows(killed / name)) == untimed(rows(whole_run / name)), name
