@@ -151,15 +151,15 @@ class InputBuilder:
                with_answer)
         encoded = self._encoded.get(key)
         if encoded is None:
-            encoded = self._encode(query, with_answer)
+            encoded = self._encode(query, with_answer, image)
             self._encoded.put(key, encoded)
         if self.max_tokens is not None and len(encoded.input_ids) > self.max_tokens:
             raise InputError(f"the query is {len(encoded.input_ids)} tokens long with its image; the model takes at "
                              f"most {self.max_tokens}")
         return encoded
 
-    def _encode(self, query: Query, with_answer: bool) -> Encoded:
-        """`encode` without the checks and the cache."""
+    def _encode(self, query: Query, with_answer: bool, digest: str | None) -> Encoded:
+        """`encode` without the checks and the cache; `digest` is the image's `image_digest`."""
         text = self.prompt_text(query)
         answer_char = len(text)
         if with_answer:
@@ -184,7 +184,7 @@ class InputBuilder:
             if slots:
                 raise InputError(f"prompt {query.prompt!r} holds the image placeholder but the query has no image")
         else:
-            pixels = self._query_pixels(query.image, query.prompt)
+            pixels = self._query_pixels(query.image, digest, query.prompt)
             image_ids = self.family.image_tokens(self.config, pixels, self.tokenizer)
             n = len(image_ids)
             if self.family.placement == "prefix":
@@ -210,13 +210,12 @@ class InputBuilder:
             images=[image.convert("RGB") for image in images], return_tensors="pt", **self.family.processor_kwargs
         ))
 
-    def _query_pixels(self, image: Image.Image, prompt: str) -> dict[str, torch.Tensor]:
-        """`pixels([image], prompt)`, with the processed image cached by content."""
-        key = image_digest(image)
-        processed = self._processed.get(key)
+    def _query_pixels(self, image: Image.Image, digest: str, prompt: str) -> dict[str, torch.Tensor]:
+        """`pixels([image], prompt)`, with the processed image cached by its content's `digest`."""
+        processed = self._processed.get(digest)
         if processed is None:
             processed = self._process([image])
-            self._processed.put(key, processed)
+            self._processed.put(digest, processed)
         return self.family.query_pixels(prompt, processed, self.extras)
 
     def collate(self, items: Sequence[Encoded], dtype: torch.dtype, device: torch.device | str) -> Batch:

@@ -65,7 +65,7 @@ class Timeline:
         self.base = RunningMeans()
         self.pending: list[Pending] = []
         self.pool = Pool()
-        self.retractions = RunningMeans()  # what each applied retraction left behind (RETRACTION metrics)
+        self.retractions = RunningMeans()  # what each applied retraction left behind (retracted_recall, ...)
         self.hop_answers: dict[str, set[str]] = {}  # port_<k>hop -> the distinct answers read: its chance level
         self.refset = ReferenceSet()
         self.refset_records = 0  # records whose locality questions are in the reference set
