@@ -22,6 +22,7 @@ _EXPORTS = {
     "HasMemory": "editors.editor",
     "HasWeightDelta": "editors.editor",
     "Retrieval": "editors.editor",
+    "ScoresUnedited": "editors.editor",
     "capabilities": "editors.editor",
     "tensor_norms": "editors.editor",
     "FAMILIES": "editors.families",
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
         HasMemory,
         HasWeightDelta,
         Retrieval,
+        ScoresUnedited,
         capabilities,
         tensor_norms,
     )

@@ -42,6 +42,7 @@ from editors.editor import (
     HasJournal,
     HasMemory,
     Retrieval,
+    ScoresUnedited,
     StateMismatchError,
     bypassing,
 )
@@ -118,16 +119,15 @@ class VisionKeys:
             return np.zeros((0, self.tokens, self.token_dim), np.float32)
         return np.stack([found[d] for d in digests])
 
-    def clear(self) -> None:
-        """Forget the cached image features."""
-        self._features.clear()
-
     def _compute_tokens(self, images: list[Image.Image]) -> np.ndarray:
         """Raw features (B, tokens, token_dim) from the vision path."""
         if self.size is not None:
             height, width = self.size
             images = [image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC) for image in images]
-        x = self.lvlm.embed_images(images, pooling=self.pooling).numpy().astype(np.float32)
+        # One image per forward: a feature then depends on the image alone, not on what it was batched with, so
+        # the cache can outlive checkpoints and a resumed run still computes bit for bit what the first one did.
+        x = np.concatenate([self.lvlm.embed_images([image], pooling=self.pooling).numpy() for image in images])
+        x = x.astype(np.float32)
         if x.shape[1] != self.tokens * self.token_dim:
             family = self.lvlm.family
             raise ValueError(
@@ -404,7 +404,7 @@ class EditMemory:
         self.changes = None
 
 
-class MemoryEditor(Editor, HasMemory, CanRetract, HasJournal):
+class MemoryEditor(Editor, HasMemory, CanRetract, HasJournal, ScoresUnedited):
     """An editor that keeps edits in an `EditMemory` and rewrites prompts instead of weights.
 
     Subclasses say how a query is rewritten (`_prompted`) and what they learn (`_trained`). An edit of a fact
@@ -452,6 +452,17 @@ class MemoryEditor(Editor, HasMemory, CanRetract, HasJournal):
         """Scores of the rewritten queries; the answer span is the query's own (see `LVLM.score`)."""
         return self.lvlm.score(queries if self._bypass else self._prompted(queries), memo=self._memo, **kwargs)
 
+    def score_mixed(self, queries: Sequence[Query], unedited: Sequence[bool], **kwargs: Any) -> list[SpanScore]:
+        """Scores of the queries, rewritten unless `unedited[i]` (the base model unprompted), in one `LVLM.score`."""
+        if len(unedited) != len(queries):
+            raise ValueError(f"unedited has {len(unedited)} flags for {len(queries)} queries")
+        edited = [i for i, flag in enumerate(unedited) if not flag]
+        asked = list(queries)
+        if not self._bypass:
+            for i, query in zip(edited, self._prompted([queries[i] for i in edited])):
+                asked[i] = query
+        return self.lvlm.score(asked, memo=self._memo, **kwargs)
+
     @contextmanager
     def unedited(self) -> Iterator[None]:
         """Bypass the memory inside the block: the base model answers every query unprompted."""
@@ -459,9 +470,8 @@ class MemoryEditor(Editor, HasMemory, CanRetract, HasJournal):
             yield
 
     def clear_caches(self) -> None:
-        """Forget memoised scores and image keys (see `Editor.clear_caches`)."""
+        """Forget memoised scores (see `Editor.clear_caches`); image keys stay, as they depend on the image alone."""
         self._memo.clear()
-        self.edits.vision.clear()
 
     def memory_size(self) -> int:
         """Number of edits in memory."""

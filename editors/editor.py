@@ -213,11 +213,24 @@ class HasJournal(ABC):
         a state that is whole already comes back as it is."""
 
 
+class ScoresUnedited(ABC):
+    """Capability: one `score_mixed` call asks some queries of the unedited model and the rest of the edited one.
+
+    Memory editors never change the weights, so the unedited model is the same network without the memory: a
+    record's pre-edit references and its post-edit probes can share batches, after the edit is applied.
+    """
+
+    @abstractmethod
+    def score_mixed(self, queries: Sequence[Query], unedited: Sequence[bool], **kwargs: Any) -> list[SpanScore]:
+        """`score` of every query, on the unedited model where `unedited[i]`, else on the edited one, in one call."""
+
+
 def capabilities(editor: Editor | type[Editor]) -> list[str]:
-    """The capabilities an editor (or editor class) declares: "memory", "weight_delta", "retract", "journal"."""
+    """The capabilities an editor (or editor class) declares: "memory", "weight_delta", "retract", "journal",
+    "scores_unedited"."""
     cls = editor if isinstance(editor, type) else type(editor)
     declared = (("memory", HasMemory), ("weight_delta", HasWeightDelta), ("retract", CanRetract),
-                ("journal", HasJournal))
+                ("journal", HasJournal), ("scores_unedited", ScoresUnedited))
     return [name for name, capability in declared if issubclass(cls, capability)]
 
 

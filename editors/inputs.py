@@ -9,6 +9,7 @@ answer token (Llama's "▁Paris") all align the same way.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -201,8 +202,12 @@ class InputBuilder:
         return Encoded(ids, start, length, pixels)
 
     def pixels(self, images: Sequence[Image.Image], prompt: str = "") -> dict[str, torch.Tensor]:
-        """The family's vision inputs for `images` (RGB), with whatever its vision path reads from `prompt`."""
-        return self.family.query_pixels(prompt, self._process(images), self.extras)
+        """The family's vision inputs for `images` (RGB), with whatever its vision path reads from `prompt`.
+
+        Each image is processed once per run (cached by content), as for scoring, and the batch is
+        stacked as `collate` stacks it.
+        """
+        return self.family.stack_pixels([self._query_pixels(image, image_digest(image), prompt) for image in images])
 
     def _process(self, images: Sequence[Image.Image]) -> dict[str, Any]:
         """The image processor's output for `images`, converted to RGB."""
@@ -255,10 +260,23 @@ def _nbytes(values: dict[str, Any]) -> int:
     return sum(v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 64 for v in values.values())
 
 
+# Digests by image object: a run hashes each query's image for several caches, and an image store hands out the
+# same (unmodified, see `ImageStore.open`) object for every record that names the file.
+_DIGESTS: LRUCache[tuple[weakref.ref, str]] = LRUCache(4096)
+
+
 def image_digest(image: Image.Image) -> str:
-    """Content hash of an image (mode, size, pixels): the same picture gives the same digest whatever object holds it."""
+    """Content hash of an image (mode, size, pixels): the same picture gives the same digest whatever object holds it.
+
+    Remembered per object (images are not modified once handed to the model), so hashing the
+    pixels happens once per image object, not once per cache that keys by it.
+    """
+    held = _DIGESTS.get(id(image))
+    if held is not None and held[0]() is image:
+        return held[1]
     digest = hashlib.sha1(f"{image.mode}{image.size}".encode())
     digest.update(image.tobytes())
+    _DIGESTS.put(id(image), (weakref.ref(image), digest.hexdigest()))
     return digest.hexdigest()
 
 

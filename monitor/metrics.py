@@ -20,7 +20,7 @@ from typing import Any, Iterable, Literal, Sequence
 
 import torch
 
-from editors import Editor, SpanScore
+from editors import Editor, ScoresUnedited, SpanScore
 from monitor.plan import HOP_RANGE, LOCALITY, Probe
 from monitor.reference import Reference, ReferenceStore
 
@@ -204,20 +204,36 @@ def score_probes(
     references: ReferenceStore | None = None,
     top_k: int = 1,
     vlkeb_compat: bool = False,
+    unedited: Iterable[Probe] = (),
 ) -> dict[str, SpanScore]:
     """Scores of `probes` by probe key, from one `editor.score` call: each distinct probe is run once.
 
     Locality probes whose key is in `references` also gather the log-probs at the pre-edit top-k
     ids (what `locality` compares); with `vlkeb_compat` every score carries sequence top-k ids.
+    `unedited` probes are asked of the unedited model in the same call (`ScoresUnedited` editors
+    only); their scores come back under `unedited_key(key)`.
     """
-    unique = list({p.key: p for p in probes}.values())
+    asked = [(p.key, p, False) for p in probes] + [(unedited_key(p.key), p, True) for p in unedited]
+    unique = list({key: (p, flag) for key, p, flag in asked}.items())
     if not unique:
         return {}
     gather = [references[p.key].topk_ids.long() if references is not None and p.metric in LOCALITY
-              and p.key in references else None for p in unique]
+              and p.key in references and not flag else None for _, (p, flag) in unique]
     sequence_k = max(VLKEB_TOP_K.values()) if vlkeb_compat else 0
-    scores = editor.score([p.query for p in unique], top_k=top_k, gather=gather, sequence_top_k=sequence_k)
-    return {p.key: score for p, score in zip(unique, scores)}
+    queries = [p.query for _, (p, _) in unique]
+    if any(flag for _, (_, flag) in unique):
+        if not isinstance(editor, ScoresUnedited):
+            raise TypeError(f"{editor.name} cannot score unedited queries in the same call as edited ones")
+        flags = [flag for _, (_, flag) in unique]
+        scores = editor.score_mixed(queries, flags, top_k=top_k, gather=gather, sequence_top_k=sequence_k)
+    else:
+        scores = editor.score(queries, top_k=top_k, gather=gather, sequence_top_k=sequence_k)
+    return {key: score for (key, _), score in zip(unique, scores)}
+
+
+def unedited_key(key: str) -> str:
+    """Where `score_probes` returns the unedited model's score of the probe `key`."""
+    return f"unedited:{key}"
 
 
 def keep_references(probes: Iterable[Probe], scores: dict[str, SpanScore], store: ReferenceStore) -> None:

@@ -17,9 +17,17 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from editors import Editor, EditOutcome, InputError
-from monitor.metrics import RunningMeans, base_values, edit_values, keep_references, score_probes, token_accuracy
-from monitor.plan import LOCALITY, PORTABILITY, base_probes, edit_probes, planned
+from editors import Editor, EditOutcome, InputError, ScoresUnedited, SpanScore
+from monitor.metrics import (
+    RunningMeans,
+    base_values,
+    edit_values,
+    keep_references,
+    score_probes,
+    token_accuracy,
+    unedited_key,
+)
+from monitor.plan import LOCALITY, PORTABILITY, Probe, base_probes, edit_probes, planned
 from monitor.probes import ReferenceSet
 from monitor.reference import ReferenceStore
 from monitor.round import AlarmLog, Pool, PoolEntry, ProbeRound, announce, round_row
@@ -33,6 +41,23 @@ from simulator.stream import ImageRoot
 log = logging.getLogger(__name__)
 
 REFERENCE_TOP_K = 10  # pre-edit top-k ids kept per answer token: locality's KL is computed on them
+
+
+@dataclass
+class Measurement:
+    """What is asked after one record is applied (`Timeline._plan`) and where its values go."""
+
+    record: EditRecord
+    setting: str | None  # None: each due edit's gap_<edits since>
+    reliability: Probe | None  # the record's own reliability, for its retention pool entry (sequential only)
+    due: list[tuple[Pending, list[Probe], list[Probe]]]  # (edit, its probes, its older values' probes)
+    references: ReferenceStore
+
+    @property
+    def probes(self) -> list[Probe]:
+        """Every probe asked, in order."""
+        own = [] if self.reliability is None else [self.reliability]
+        return [*own, *(p for _, probes, stale in self.due for p in probes + stale)]
 
 
 @dataclass
@@ -112,38 +137,41 @@ class Timeline:
         Every query of the record is scored or checked before the edit is applied, so a record the
         model cannot take (too long for its context, special tokens, blank text) is quarantined
         with the reason and changes nothing. What the unedited model is asked (locality
-        references, base accuracy, the reference set) is scored in one call.
+        references, base accuracy, the reference set) is scored in one call; for an editor that
+        `ScoresUnedited` (its weights never change) that call comes after the edit and also holds
+        the post-edit probes.
         """
         self.line = line
         probes = edit_probes(record, self.images.open, one_hop=self.config.one_hop_edit)
         base = base_probes(record, self.images.open)
         locality = [p for p in probes if p.metric in LOCALITY]
-        references = ReferenceStore()
+        before = [*locality, *base]
+        together = self.sequential and isinstance(self.editor, ScoresUnedited) and self.gaps[0] > 0
         try:
-            with self._unedited():
-                scores = score_probes(self.editor, [*locality, *base], top_k=REFERENCE_TOP_K,
-                                      vlkeb_compat=self.config.vlkeb_compat)
+            if together:
+                self.editor.lvlm.check([p.query for p in [*probes, *base]])
+            else:
+                scores = self._score_unedited(before)
                 self.editor.lvlm.check([p.query for p in probes if p.metric not in LOCALITY])  # the rest, unscored
         except InputError as error:
             if self.reject is None:
                 raise
             self.reject(line, f"the model cannot take this record: {error}")
             return
-        keep_references(locality, scores, references)
         self.edits_read += 1
         for probe in probes:
             if probe.metric in PORTABILITY:
                 self.hop_answers.setdefault(probe.metric, set()).add(probe.query.answer)
-        self.base.add(base_values(base, scores))
-        if self.sequential and self.refset_records < self.config.reference_size:
-            self.refset_records += 1
-            self.refset.add(locality, scores)
         start = time.perf_counter()
         outcome = self._apply(record)
         seconds = time.perf_counter() - start
         for sink in self.sinks:
             sink.on_edit(outcome.applied, seconds, self.applied + outcome.applied)
+        references = ReferenceStore()
         if not outcome.applied:
+            if together:
+                scores = self._score_unedited(before)
+            self._keep_unedited(locality, base, scores, references)
             self.failed += 1
             log.warning("edit %s failed and was rolled back: %s", record.id, outcome.message)
             if not self.sequential:
@@ -151,7 +179,8 @@ class Timeline:
             return
         self.applied += 1
         if not self.sequential:
-            self._measure(record, [Pending(self.applied - 1, record, references)], "single")
+            self._keep_unedited(locality, base, scores, references)
+            self._measure(self._plan(record, [Pending(self.applied - 1, record, references)], "single"))
             self.editor.reset()
             return
         self.pending.append(Pending(self.applied - 1, record, references))
@@ -159,11 +188,44 @@ class Timeline:
         fact = (record.image, record.src)
         self.pending = [p for p in self.pending if p.record is record or (
             (p.record.image, p.record.src) != fact and self.pool.live_entry(str(p.record.id)) is not None)]
-        self._measure(record, [p for p in self.pending if self.applied - p.index - 1 in self.gaps], None)
+        plan = self._plan(record, [p for p in self.pending if self.applied - p.index - 1 in self.gaps], None)
+        if together:
+            self._measure_together(plan, locality, base, references)
+        else:
+            self._keep_unedited(locality, base, scores, references)
+            self._measure(plan)
         self.pending = [p for p in self.pending if self.applied - p.index - 1 < self.gaps[-1]]
         self._edits_since_round += 1
         if self.applied % self.probe_every == 0:
             self.probe_round()
+
+    def _score_unedited(self, before: list[Probe]) -> dict[str, SpanScore]:
+        """The unedited model's scores of a record's locality and base probes."""
+        with self._unedited():
+            return score_probes(self.editor, before, top_k=REFERENCE_TOP_K, vlkeb_compat=self.config.vlkeb_compat)
+
+    def _keep_unedited(self, locality: list[Probe], base: list[Probe], scores: dict[str, SpanScore],
+                       references: ReferenceStore) -> None:
+        """Keep a record's pre-edit locality references, add its base accuracy, fill the reference set."""
+        keep_references(locality, scores, references)
+        self.base.add(base_values(base, scores))
+        if self.sequential and self.refset_records < self.config.reference_size:
+            self.refset_records += 1
+            self.refset.add(locality, scores)
+
+    def _measure_together(self, plan: Measurement, locality: list[Probe], base: list[Probe],
+                          references: ReferenceStore) -> None:
+        """The record's unedited probes and `plan`'s edited ones in one call; apart, as usual, if that call fails."""
+        before = [*locality, *base]
+        try:
+            scores = score_probes(self.editor, plan.probes, plan.references, top_k=REFERENCE_TOP_K,
+                                  vlkeb_compat=self.config.vlkeb_compat, unedited=before)
+        except Exception:  # not KeyboardInterrupt: measured apart, a failure is what it would have been
+            self._keep_unedited(locality, base, self._score_unedited(before), references)
+            self._measure(plan)
+            return
+        self._keep_unedited(locality, base, {p.key: scores[unedited_key(p.key)] for p in before}, references)
+        self._record(plan, scores)
 
     def retract(self, line: int, retraction: Retraction) -> None:
         """Undo the applied edit `retraction.id` (sequential mode) and measure what the model answers now.
@@ -237,14 +299,12 @@ class Timeline:
         else:
             yield
 
-    def _measure(self, record: EditRecord, due: list[Pending], setting: str | None) -> None:
-        """Score, in one call, the just-applied record's reliability (its pool entry, sequential only) and
-        every probe of the `due` edits; add each due edit's values to `setting` (None: gap_<edits since>).
+    def _plan(self, record: EditRecord, due: list[Pending], setting: str | None) -> Measurement:
+        """What to ask after applying `record`: its reliability (its pool entry, sequential only) and every probe
+        of the `due` edits, whose values go to `setting` (None: gap_<edits since>).
 
         A due edit of a fact edited before also asks its older values (`stale_rate`: 1 when the
-        model still gives one of them in full). A failure while scoring (a rewritten query too long
-        for the model, out of memory) loses these measurements and the record's place in the
-        retention pool, not the run: it is logged and counted as `unmeasured`.
+        model still gives one of them in full).
         """
         one_hop = self.config.one_hop_edit
         reliability = planned(record, "reliability", self.images.open)
@@ -256,26 +316,36 @@ class Timeline:
             stale = [planned(edit, "reliability", self.images.open, answer=value) for value in older]
             plans.append((item, probes, stale))
         references = ReferenceStore.merged(item.references for item in due)
-        asked = [reliability] if setting is None else []
+        return Measurement(record, setting, reliability if setting is None else None, plans, references)
+
+    def _measure(self, plan: Measurement) -> None:
+        """Score `plan` in one call and record it. A failure while scoring (a rewritten query too long for the
+        model, out of memory) loses these measurements and the record's place in the retention pool, not the run:
+        it is logged and counted as `unmeasured`.
+        """
         try:
-            scores = score_probes(self.editor, [*asked, *(p for _, probes, stale in plans for p in probes + stale)],
-                                  references, vlkeb_compat=self.config.vlkeb_compat)
+            scores = score_probes(self.editor, plan.probes, plan.references, vlkeb_compat=self.config.vlkeb_compat)
         except Exception as error:  # not KeyboardInterrupt: a stop is not a lost measurement
             self.unmeasured += 1
+            record = plan.record
             log.warning("measuring after edit %s failed, its measurements are lost: %s: %s", record.id,
                         type(error).__name__, error)
-            if setting is None:  # it still replaces its fact's older value, but rounds cannot re-ask it
+            if plan.setting is None:  # it still replaces its fact's older value, but rounds cannot re-ask it
                 self.files.append(POOL, self.pool.add(PoolEntry.remembered(record, str(record.id), 0.0)))
                 self.files.append(POOL, self.pool.retract(str(record.id)))
             return
-        if setting is None:
-            entry = PoolEntry.remembered(record, str(record.id), token_accuracy(scores[reliability.key]))
+        self._record(plan, scores)
+
+    def _record(self, plan: Measurement, scores: dict[str, SpanScore]) -> None:
+        """Add the record's pool entry and each due edit's values from `plan`'s scores."""
+        if plan.reliability is not None:
+            entry = PoolEntry.remembered(plan.record, str(plan.record.id), token_accuracy(scores[plan.reliability.key]))
             self.files.append(POOL, self.pool.add(entry))
-        for item, probes, stale in plans:
-            values = edit_values(probes, scores, references, self.config.vlkeb_compat)
+        for item, probes, stale in plan.due:
+            values = edit_values(probes, scores, plan.references, self.config.vlkeb_compat)
             if stale:
                 values["stale_rate"] = float(any(token_accuracy(scores[p.key]) == 1.0 for p in stale))
-            self.results[setting or f"gap_{self.applied - item.index - 1}"].add(values)
+            self.results[plan.setting or f"gap_{self.applied - item.index - 1}"].add(values)
 
     def probe_round(self) -> dict[str, Any]:
         """Run monitor's probe round after `applied` edits; write its row and tell the exporters."""

@@ -342,3 +342,33 @@ def test_a_score_memo_answers_a_repeated_query_without_a_forward_until_a_weight_
     fresh = lvlm.score(queries, top_k=2)
     assert [s.target_logprobs.tolist() for s in changed] == [s.target_logprobs.tolist() for s in fresh]
     assert changed[0].target_logprobs.tolist() != first[0].target_logprobs.tolist()
+
+
+def test_a_score_memo_answers_fewer_top_k_and_ids_inside_its_top_k_with_the_numbers_a_forward_gives():
+    from editors.adapter import ScoreMemo
+
+    lvlm = tiny_llava()
+    memo, forwards = ScoreMemo(), []
+    forward = lvlm._forward
+    lvlm._forward = lambda *a, **kw: forwards.append(1) or forward(*a, **kw)
+    query = Query("what is shown?", "a dog", random_image(7))
+    stored = lvlm.score([query], top_k=5, memo=memo)[0]
+    inside = stored.topk_ids[:, [3, 0, 1]]  # ids the stored top-5 holds, in another order
+    derived = lvlm.score([query], top_k=1, gather=[inside], memo=memo)[0]
+    assert len(forwards) == 1  # answered from the top-5 entry
+    fresh = lvlm.score([query], top_k=1, gather=[inside])[0]
+    assert derived.topk_ids.tolist() == fresh.topk_ids.tolist() and derived.topk_ids.shape[-1] == 1
+    torch.testing.assert_close(derived.gathered_logprobs, fresh.gathered_logprobs, rtol=0, atol=1e-6)
+    assert derived.gathered_logprobs[:, 1].tolist() == stored.topk_logprobs[:, 0].tolist()
+    # An id outside the stored top-5 (the least likely token) needs a forward.
+    outside = torch.cat([stored.topk_ids[:, :2], fresh.topk_ids[:, :1] * 0 + _least_likely(lvlm, query)], dim=1)
+    lvlm.score([query], top_k=1, gather=[outside], memo=memo)
+    assert len(forwards) == 3  # `fresh` above was one, this the other
+
+
+def _least_likely(lvlm, query: Query) -> torch.Tensor:
+    """The id of each answer position's least likely token, (T, 1)."""
+    batch = lvlm._batch([query])
+    with torch.no_grad():
+        logits = lvlm.model(**batch.inputs).logits[0, batch.positions[0, : batch.mask[0].sum()]]
+    return logits.argmin(-1, keepdim=True)

@@ -106,7 +106,8 @@ def run_contract(method, build, tmp_path):
 
 
 # What each method declares; a new method must be added here on purpose.
-CAPABILITIES = {"none": [], "ike": ["memory", "retract", "journal"], "serac": ["memory", "retract", "journal"],
+MEMORY_EDITOR = ["memory", "retract", "journal", "scores_unedited"]
+CAPABILITIES = {"none": [], "ike": MEMORY_EDITOR, "serac": MEMORY_EDITOR,
                 "grace": ["memory"], "wise": ["memory", "weight_delta"], "ft-llm": ["weight_delta"],
                 "ft-vis": ["weight_delta"], "mend": ["weight_delta"], "ke": ["weight_delta"], "lora": ["weight_delta"]}
 # Why the others cannot retract an edit: each says so in one line.

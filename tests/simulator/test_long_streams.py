@@ -121,3 +121,66 @@ def test_a_failure_while_measuring_an_applied_edit_is_counted_and_the_run_goes_o
     # Of the four due measurements, record 1's (in that call) and record 2's own (it left the pool) are lost.
     assert summary["results"]["gap_1"]["edits_measured"] == 2
     assert [e.key for e in run.pool.live()] == [str(r.id) for i, r in enumerate(records[:5]) if i != 2]
+
+
+def _run_apart(monkeypatch, editor, world, images, out, records, **overrides):
+    """A run that scores the unedited and edited probes in separate calls, as for weight editors."""
+    import simulator.timeline
+
+    with monkeypatch.context() as patch:
+        patch.setattr(simulator.timeline, "ScoresUnedited", type("Never", (), {}))
+        run = timeline(editor, world, images, out, **overrides)
+        run.run((i + 1, r) for i, r in enumerate(records))
+    return run
+
+
+def test_a_memory_editor_scores_each_record_in_one_call_with_the_results_of_two(setup, small_world, monkeypatch):
+    """IKE never changes the weights: a record's pre-edit references and base accuracy join its post-edit probes
+    (rewritten with a demonstration) in one `score_mixed` call after the edit, and every metric equals that of the
+    two-call path."""
+    lvlm, images, records, out = setup
+    editor = create_editor("ike", lvlm)
+    mixed, plain = [], []
+    score_mixed, score = editor.score_mixed, editor.score
+    editor.score_mixed = lambda queries, unedited, **kw: mixed.append(list(unedited)) or score_mixed(queries, unedited,
+                                                                                                      **kw)
+    editor.score = lambda queries, **kw: plain.append(len(queries)) or score(queries, **kw)
+    run = timeline(editor, small_world, images, out / "together", gap=[1, 3])
+    run.run((i + 1, r) for i, r in enumerate(records[:8]))
+    together = run.summary(0)
+    assert (len(mixed), plain) == (8, [])
+    assert all(any(flags) and not all(flags) for flags in mixed)  # both kinds in every call
+    editor.reset()
+    run_apart = _run_apart(monkeypatch, editor, small_world, images, out / "apart", records[:8], gap=[1, 3])
+    apart = run_apart.summary(0)
+    assert len(plain) == 2 * 8 and len(mixed) == 8
+    assert together["base"] == apart["base"]
+    for setting in ("gap_1", "gap_3"):
+        assert together["results"][setting].keys() == apart["results"][setting].keys()
+        for key, value in together["results"][setting].items():
+            assert value == pytest.approx(apart["results"][setting][key], abs=1e-6), (setting, key)
+    assert run.pool.live() == run_apart.pool.live() and len(run.pool.live()) == 8
+    assert together["results"]["gap_1"]["reliability"] > 0 and together["results"]["gap_1"]["i_loc_kl"] > 0
+
+
+def test_when_the_one_call_fails_the_record_is_measured_in_two(setup, small_world, monkeypatch):
+    lvlm, images, records, out = setup
+    editor = create_editor("ike", lvlm)
+    score_mixed, failures = editor.score_mixed, []
+
+    def failing(queries, unedited, **kwargs):
+        if len(failures) < 2:
+            failures.append(1)
+            raise RuntimeError("out of memory")
+        return score_mixed(queries, unedited, **kwargs)
+
+    editor.score_mixed = failing
+    run = timeline(editor, small_world, images, out / "failing", gap=[1])
+    run.run((i + 1, r) for i, r in enumerate(records[:5]))
+    summary = run.summary(0)
+    editor.reset()
+    apart = _run_apart(monkeypatch, editor, small_world, images, out / "apart", records[:5], gap=[1]).summary(0)
+    assert (summary["unmeasured"], summary["results"]["gap_1"]["edits_measured"]) == (0, 4)
+    assert summary["base"] == apart["base"] and summary["results"]["gap_1"]["i_loc_kl"] > 0
+    for key, value in summary["results"]["gap_1"].items():
+        assert value == pytest.approx(apart["results"]["gap_1"][key], abs=1e-6), key
