@@ -14,12 +14,15 @@ import torch
 from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from editors.families import Family, UnsupportedModelError, family_for, plugin_families, supported
+from editors.families.base import stack_features
 from editors.inputs import Batch, InputBuilder, InputError, Query, image_digest, image_index_groups
 from editors.prompts import PromptFormat
 from memory.cache import LRUCache
 
+FEATURE_CACHE_BYTES = 256 * 2**20
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GROUPS = ("llm", "vision")
 
@@ -158,6 +161,10 @@ class LVLM:
             self.family, model.config, tokenizer, image_processor, chat_template, prompt_format, extras=extras
         )
         self.name = name or model.config.name_or_path or self.family.name
+        # Image features by image digest, for families that `shares_image_features`; valid while the weights
+        # outside the text decoder are unchanged (`_vision_weights`).
+        self.features: LRUCache[torch.Tensor] = LRUCache(FEATURE_CACHE_BYTES, lambda t: t.numel() * t.element_size())
+        self._vision_weights: tuple = ()
 
     @classmethod
     def load(
@@ -282,11 +289,12 @@ class LVLM:
         # Inference mode skips autograd's bookkeeping (a sixth of a small model's forward). The scores below are
         # computed from its logits outside it, so they are ordinary tensors that a training loss may use.
         with torch.inference_mode():
+            features = self.image_features(batch.images) if self.family.shares_image_features else None
             if sequence_top_k:
-                full = self._forward(batch, None)  # (B, L, V)
+                full = self._forward(batch, None, features)  # (B, L, V)
                 span = torch.take_along_dim(full, batch.positions[..., None], dim=1)
             else:
-                span = self._forward(batch, batch.positions)  # (B, T, V)
+                span = self._forward(batch, batch.positions, features)  # (B, T, V)
         logprobs = torch.log_softmax(span.float(), dim=-1)
         top = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
         target_lp = logprobs.gather(-1, batch.targets[..., None]).squeeze(-1)
@@ -314,11 +322,38 @@ class LVLM:
     def _batch(self, queries: Sequence[Query]) -> Batch:
         return self.inputs.collate([self.inputs.encode(q) for q in queries], self.dtype, self.device)
 
-    def _forward(self, batch: Batch, keep: torch.Tensor | None) -> torch.Tensor:
-        """Logits at the `keep` positions (B, T, V), or at all positions when `keep` is None."""
+    def _forward(self, batch: Batch, keep: torch.Tensor | None, features: list[torch.Tensor] | None = None
+                 ) -> torch.Tensor:
+        """Logits at the `keep` positions (B, T, V), or at all positions when `keep` is None.
+
+        With `features` (one per image row, from `image_features`) the model gets them in place of the pixels.
+        """
         module = self._text_module() if "pixel_values" not in batch.inputs else self.model
         logits_to_keep = 0 if keep is None else keep
-        return module(**batch.inputs, logits_to_keep=logits_to_keep, use_cache=False).logits
+        inputs = batch.inputs
+        if features:
+            pixels = batch.images[0][1].keys()
+            inputs = {key: value for key, value in inputs.items() if key not in pixels}
+            inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+        return module(**inputs, logits_to_keep=logits_to_keep, use_cache=False).logits
+
+    def image_features(self, images: Sequence[tuple[str, dict[str, torch.Tensor]]]) -> list[torch.Tensor]:
+        """The family's `image_features` (N, D) of each (digest, pixels), computed one image per forward (so they
+        do not depend on what else is in a batch) and cached by digest while the vision weights are unchanged."""
+        weights = tuple((name, id(p), p._version) for name, p in self.model.named_parameters()
+                        if not name.startswith(self.family.decoder_path))
+        if weights != self._vision_weights:
+            self.features.clear()
+            self._vision_weights = weights
+        out = []
+        for digest, pixels in images:
+            features = self.features.get(digest)
+            if features is None:
+                cast = {k: (v.to(self.dtype) if v.is_floating_point() else v).to(self.device) for k, v in pixels.items()}
+                features = self.family.image_features(self.model, cast)[0]
+                self.features.put(digest, features)
+            out.append(features)
+        return out
 
     def _text_module(self) -> nn.Module:
         path = self.family.text_module
@@ -352,6 +387,10 @@ class LVLM:
             raise ValueError(f"Unknown pooling {pooling!r}. Available: mean, flat")
         if not images:
             raise ValueError("embed_images needs at least one image")
+        if self.family.shares_image_features:  # the features scoring uses, cached per image
+            keyed = [(image_digest(image), self.inputs.pixels([image])) for image in images]
+            features = stack_features(self.image_features(keyed)).float()
+            return (features.mean(1) if pooling == "mean" else features.flatten(1)).cpu()
         parts = []
         for start in range(0, len(images), batch_size):
             pixels = self.inputs.pixels(images[start : start + batch_size])

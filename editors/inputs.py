@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import torch
@@ -46,6 +46,7 @@ class Encoded:
     answer_start: int  # index of the first answer token in input_ids
     answer_len: int  # 0 when encoded without the answer (generation)
     pixels: dict[str, torch.Tensor] | None
+    image: str | None = None  # `image_digest` of the query's image
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Batch:
     targets: torch.Tensor  # (B, T) answer token ids
     mask: torch.Tensor  # (B, T) True where a row has an answer token
     lengths: list[int]  # unpadded sequence length of each row
+    images: list[tuple[str, dict[str, torch.Tensor]]] = field(default_factory=list)  # (digest, pixels) per image row
 
 
 class InputBuilder:
@@ -199,7 +201,7 @@ class InputBuilder:
                 ids = ids[:at] + image_ids + ids[at + 1 :]
             if at < start:
                 start += n - (0 if self.family.placement == "prefix" else 1)
-        return Encoded(ids, start, length, pixels)
+        return Encoded(ids, start, length, pixels, digest)
 
     def pixels(self, images: Sequence[Image.Image], prompt: str = "") -> dict[str, torch.Tensor]:
         """The family's vision inputs for `images` (RGB), with whatever its vision path reads from `prompt`.
@@ -252,7 +254,8 @@ class InputBuilder:
             inputs.update(self.family.extra_inputs(self.config, input_ids))
         inputs.update(self.family.prefix_inputs(self.config, input_ids, [item.answer_start for item in items]))
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        return Batch(inputs, positions.to(device), targets.to(device), mask.to(device), lengths)
+        images = [(item.image, item.pixels) for item in items if item.pixels is not None and item.image is not None]
+        return Batch(inputs, positions.to(device), targets.to(device), mask.to(device), lengths, images)
 
 
 def _nbytes(values: dict[str, Any]) -> int:

@@ -28,7 +28,7 @@ class MemoryConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    exact_below: int = Field(50_000, ge=1, description="live entries below which search is exact (flat index)")
+    exact_below: int = Field(10_000, ge=1, description="live entries below which search is exact (flat index)")
     lists_per_sqrt: float = Field(
         2.0, gt=0, description="IVF lists per square root of the size at build time (rounded to a power of two)"
     )

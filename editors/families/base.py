@@ -112,6 +112,10 @@ class Family:
     # Keyword arguments every call of the image processor gets (e.g. Idefics3's tile grid, which
     # checkpoints do not save in their processor config).
     processor_kwargs: ClassVar[dict[str, Any]] = {}
+    # True where `image_features(model, pixels)[i]` is exactly what the model's forward puts in image i's placeholder
+    # slots, so scoring may hand it precomputed features (`mm_encoder_outputs`) instead of pixels: an image that
+    # several queries of a batch or of a run show then goes through the vision path once.
+    shares_image_features: ClassVar[bool] = False
 
     def vlkeb_image(self) -> str:
         """The image marker of a VLKEB-format prompt (see `vlkeb_image_text`)."""

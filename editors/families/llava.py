@@ -66,6 +66,7 @@ class Llava(Family):
     default_vision_parts = ("projector",)
     # VLKEB's LLaVA FT (Vis) tunes `mm_projector` (hparams/FT/llava_mmproj.yaml).
     vlkeb_vision_parts = ("projector",)
+    shares_image_features = True  # per-image projector features (tiles packed with newlines on NeXT / OneVision)
 
     def check(self, config: PreTrainedConfig) -> None:
         """The decoder and the vision tower must both be declared."""
