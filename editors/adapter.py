@@ -272,6 +272,8 @@ class LVLM:
                 results[i] = memo.get(key, top_k, wanted[i])
         todo = [i for i, r in enumerate(results) if r is None]
         encoded = {i: self.inputs.encode(queries[i]) for i in todo}
+        if self.family.shares_image_features:
+            self._check_features()
         for group in image_index_groups([queries[i] for i in todo]):
             rows = sorted((todo[j] for j in group), key=lambda i: len(encoded[i].input_ids))
             for chunk in padded_batches(rows, [len(encoded[i].input_ids) for i in rows], batch_size):
@@ -289,7 +291,7 @@ class LVLM:
         # Inference mode skips autograd's bookkeeping (a sixth of a small model's forward). The scores below are
         # computed from its logits outside it, so they are ordinary tensors that a training loss may use.
         with torch.inference_mode():
-            features = self.image_features(batch.images) if self.family.shares_image_features else None
+            features = self._image_features(batch.images) if self.family.shares_image_features else None
             if sequence_top_k:
                 full = self._forward(batch, None, features)  # (B, L, V)
                 span = torch.take_along_dim(full, batch.positions[..., None], dim=1)
@@ -340,11 +342,19 @@ class LVLM:
     def image_features(self, images: Sequence[tuple[str, dict[str, torch.Tensor]]]) -> list[torch.Tensor]:
         """The family's `image_features` (N, D) of each (digest, pixels), computed one image per forward (so they
         do not depend on what else is in a batch) and cached by digest while the vision weights are unchanged."""
+        self._check_features()
+        return self._image_features(images)
+
+    def _check_features(self) -> None:
+        """Empty the feature cache if a weight outside the text decoder was added, replaced or changed in place."""
         weights = tuple((name, id(p), p._version) for name, p in self.model.named_parameters()
                         if not name.startswith(self.family.decoder_path))
         if weights != self._vision_weights:
             self.features.clear()
             self._vision_weights = weights
+
+    def _image_features(self, images: Sequence[tuple[str, dict[str, torch.Tensor]]]) -> list[torch.Tensor]:
+        """`image_features` without the weight check (done once per call of `score`)."""
         out = []
         for digest, pixels in images:
             features = self.features.get(digest)

@@ -147,13 +147,13 @@ class InputBuilder:
         InputError for a query `check` refuses, or one longer than `max_tokens` with its image tokens.
         Encodings are cached by content: a run asks the same questions of the same images often.
         """
-        self.check(query, with_answer)
         image = None if query.image is None else image_digest(query.image)
         # The format is part of the key: tests and protocols switch it on a live builder.
         key = (self.prompt_format, self.plain_template, self.chat_template, query.prompt, query.answer, image,
                with_answer)
         encoded = self._encoded.get(key)
-        if encoded is None:
+        if encoded is None:  # a cached encoding passed `check`, which reads only the key's texts
+            self.check(query, with_answer)
             encoded = self._encode(query, with_answer, image)
             self._encoded.put(key, encoded)
         if self.max_tokens is not None and len(encoded.input_ids) > self.max_tokens:

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import Blip2Processor
 
 from editors import LVLM, InputError, Query
@@ -372,3 +374,31 @@ def _least_likely(lvlm, query: Query) -> torch.Tensor:
     with torch.no_grad():
         logits = lvlm.model(**batch.inputs).logits[0, batch.positions[0, : batch.mask[0].sum()]]
     return logits.argmin(-1, keepdim=True)
+
+
+def _batches_cost(batches, length_of):
+    from editors.adapter import BATCH_COST_TOKENS
+
+    return sum(len(b) * max(length_of[i] for i in b) + BATCH_COST_TOKENS for b in batches)
+
+
+def _cheapest(rows, length_of, batch_size):
+    """The least cost over every cut of `rows` into contiguous batches (brute force)."""
+    if not rows:
+        return 0
+    return min(_batches_cost([rows[:n]], length_of) + _cheapest(rows[n:], length_of, batch_size)
+               for n in range(1, min(batch_size, len(rows)) + 1))
+
+
+@given(st.lists(st.integers(1, 400), max_size=9), st.integers(1, 6))
+@settings(max_examples=200, deadline=None)
+def test_padded_batches_cut_sorted_rows_at_the_least_padding_plus_forward_cost(lengths, batch_size):
+    from editors.adapter import padded_batches
+
+    lengths = sorted(lengths)
+    rows = [10 + i for i in range(len(lengths))]  # row ids are not positions
+    length_of = dict(zip(rows, lengths))
+    batches = padded_batches(rows, lengths, batch_size)
+    assert [row for batch in batches for row in batch] == rows
+    assert all(0 < len(batch) <= batch_size for batch in batches)
+    assert _batches_cost(batches, length_of) == _cheapest(rows, length_of, batch_size)
