@@ -274,7 +274,9 @@ class LVLM:
         encoded = {i: self.inputs.encode(queries[i]) for i in todo}
         if self.family.shares_image_features:
             self._check_features()
-        for group in image_index_groups([queries[i] for i in todo]):
+        # Text-only and image queries share batches where the model gets image features, not pixels.
+        together = self.family.shares_image_features and todo
+        for group in [list(range(len(todo)))] if together else image_index_groups([queries[i] for i in todo]):
             rows = sorted((todo[j] for j in group), key=lambda i: len(encoded[i].input_ids))
             for chunk in padded_batches(rows, [len(encoded[i].input_ids) for i in rows], batch_size):
                 batch = self.inputs.collate([encoded[i] for i in chunk], self.dtype, self.device)

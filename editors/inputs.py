@@ -226,9 +226,10 @@ class InputBuilder:
         return self.family.query_pixels(prompt, processed, self.extras)
 
     def collate(self, items: Sequence[Encoded], dtype: torch.dtype, device: torch.device | str) -> Batch:
-        """Right-pad encoded queries into one batch; all must have images or none."""
+        """Right-pad encoded queries into one batch; all must have images or none, unless the family
+        `shares_image_features` (the rows without an image then simply hold no image tokens)."""
         has_image = {item.pixels is not None for item in items}
-        if len(has_image) != 1:
+        if len(has_image) != 1 and not self.family.shares_image_features:
             raise InputError("a batch mixes queries with and without images")
         lengths = [len(item.input_ids) for item in items]
         width, span = max(lengths), max(max(item.answer_len for item in items), 1)
@@ -247,8 +248,8 @@ class InputBuilder:
             targets[row, :t] = torch.tensor(item.input_ids[item.answer_start : item.answer_start + t])
             mask[row, :t] = True
         inputs = {"input_ids": input_ids, "attention_mask": attention}
-        if has_image.pop():
-            stacked = self.family.stack_pixels([item.pixels for item in items])
+        if True in has_image:
+            stacked = self.family.stack_pixels([item.pixels for item in items if item.pixels is not None])
             for key, value in stacked.items():
                 inputs[key] = value.to(dtype) if value.is_floating_point() else value
             inputs.update(self.family.extra_inputs(self.config, input_ids))

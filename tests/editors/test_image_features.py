@@ -1,5 +1,6 @@
-"""Scoring with image features computed once per image (`Family.shares_image_features`) gives what the model's own
-pixel path gives, on every family that declares it; the cache follows the vision weights."""
+"""Scoring with image features computed once per image (`Family.shares_image_features`), text-only queries in the same
+batches, gives what the model's own pixel path gives, on every family that declares it; the cache follows the vision
+weights."""
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ def _queries():
     return [Query("what does the creature eat?", "red berries", first),
             Query("which food is eaten by the creature shown here?", "red berries", first),
             Query("who keeps the creature?", "a tall keeper named Rolf", second),
-            Query("where does the creature live?", "Paris", first)]
+            Query("where does the creature live?", "Paris", first),
+            Query("which country is the city of Paris in?", "France")]  # text-only: shares the batch where features do
 
 
 def _pixel_path(lvlm, queries, monkeypatch):
@@ -31,11 +33,12 @@ def test_shared_image_features_score_as_the_pixels_do_and_follow_the_vision_weig
         lvlm.score(queries)
         assert len(lvlm.features) == 0  # the model's own vision path, every time
         return
-    computed = []
-    features = lvlm.family.image_features
+    computed, forwards = [], []
+    features, forward = lvlm.family.image_features, lvlm._forward
     monkeypatch.setattr(lvlm.family, "image_features", lambda *a: computed.append(1) or features(*a))
+    monkeypatch.setattr(lvlm, "_forward", lambda *a, **kw: forwards.append(1) or forward(*a, **kw))
     shared = lvlm.score(queries, top_k=3)
-    assert len(computed) == 2  # two distinct images among four queries
+    assert (len(computed), len(forwards)) == (2, 1)  # two distinct images among five queries, one batch
     for mine, theirs in zip(shared, _pixel_path(lvlm, queries, monkeypatch)):
         assert mine.argmax_ids.tolist() == theirs.argmax_ids.tolist()
         assert mine.topk_ids.tolist() == theirs.topk_ids.tolist()
