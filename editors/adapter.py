@@ -349,11 +349,22 @@ class LVLM:
 
     def _check_features(self) -> None:
         """Empty the feature cache if a weight outside the text decoder was added, replaced or changed in place."""
-        weights = tuple((name, id(p), p._version) for name, p in self.model.named_parameters()
-                        if not name.startswith(self.family.decoder_path))
+        weights = tuple((id(p), p._version) for p in self._outside_decoder())
         if weights != self._vision_weights:
             self.features.clear()
             self._vision_weights = weights
+
+    def _outside_decoder(self) -> Iterator[nn.Parameter]:
+        """Every parameter of the model outside its text decoder (whose modules are not even walked: this runs per
+        call of `score`)."""
+        stack = [("", self.model)]
+        while stack:
+            path, module = stack.pop()
+            if path == self.family.decoder_path:
+                continue
+            yield from (p for p in module._parameters.values() if p is not None)
+            stack.extend((f"{path}.{name}" if path else name, child) for name, child in module._modules.items()
+                         if child is not None)
 
     def _image_features(self, images: Sequence[tuple[str, dict[str, torch.Tensor]]]) -> list[torch.Tensor]:
         """`image_features` without the weight check (done once per call of `score`)."""

@@ -45,6 +45,13 @@ def test_shared_image_features_score_as_the_pixels_do_and_follow_the_vision_weig
         torch.testing.assert_close(mine.target_logprobs, theirs.target_logprobs, atol=1e-5, rtol=0)
     lvlm.score(queries[:2])
     assert len(computed) == 2  # cached across calls
+    # A text-decoder weight changed in place (as FT-LLM does) leaves the image features as they are.
+    decoder = lvlm.model.get_submodule(lvlm.family.decoder_path)
+    weight = next(decoder.parameters())
+    with torch.no_grad():
+        weight.add_(0.0)  # bumps its version counter, changes no value
+    lvlm.score(queries[:2], top_k=4)
+    assert len(computed) == 2
     # A vision weight changed in place (as FT-Vis does): the features are computed again, from the new weights.
     projector = next(p for name, p in lvlm.model.named_parameters() if "projector" in name)
     saved = projector.detach().clone()
