@@ -46,8 +46,7 @@ def test_shared_image_features_score_as_the_pixels_do_and_follow_the_vision_weig
     lvlm.score(queries[:2])
     assert len(computed) == 2  # cached across calls
     # A text-decoder weight changed in place (as FT-LLM does) leaves the image features as they are.
-    decoder = lvlm.model.get_submodule(lvlm.family.decoder_path)
-    weight = next(decoder.parameters())
+    weight = next(iter(lvlm.parameter_group("llm").values()))  # an MLP weight of the last decoder block
     with torch.no_grad():
         weight.add_(0.0)  # bumps its version counter, changes no value
     lvlm.score(queries[:2], top_k=4)
