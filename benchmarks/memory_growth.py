@@ -10,7 +10,8 @@ the memory size at that point: retention (reliability of a random sample of the 
 re-asked), reference agreement (locality on the fixed reference set), retrieval recall@1 and
 false-hit rate, the memory search latency and edits/s since the previous round. It writes
 `memory_growth.png` and prints the table at 10^3 / 10^4 / 10^5 (the rounds nearest those sizes)
-with each run's peak RSS.
+with each run's peak RSS, and gap-10 reliability / I-Gen / I-Loc over the edits just before that
+round. `--report RUN...` prints and plots finished run folders (e.g. `memory_growth/serac`) instead.
 """
 
 from __future__ import annotations
@@ -56,6 +57,39 @@ def run(method: str, world: Path, edits: int, probe_every: int, out: Path) -> tu
     return rounds, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+WINDOWED = ("reliability", "i_gen", "i_loc")  # gap-10 metrics, averaged over the edits since the previous round
+
+
+def windowed(rounds: list[dict], index: int, key: str) -> float | None:
+    """The gap-10 mean of `key` over the edits measured between round `index - 1` and round `index`.
+
+    Rounds carry running means over all measured edits; with gap 10 and distinct edits, edit i is
+    measured once edit i + 10 is applied, so `edits_applied - 10` edits are measured by a round.
+    """
+    def total(row: dict | None) -> tuple[float, int]:
+        if row is None:
+            return 0.0, 0
+        n = max(row["edits_applied"] - 10, 0)
+        return row["results"].get("gap_10", {}).get(key, 0.0) * n, n
+
+    (after, n_after), (before, n_before) = total(rounds[index]), total(rounds[index - 1] if index else None)
+    return (after - before) / (n_after - n_before) if n_after > n_before else None
+
+
+def report(method: str, rounds: list[dict], sizes: list[int], axes) -> None:
+    """Plot one method's rounds and print its rows nearest `sizes`."""
+    memory = [r["memory_size"] for r in rounds]
+    for ax, (key, title) in zip(axes.flat, SERIES.items()):
+        ax.plot(memory, [r.get(key) for r in rounds], label=method)
+        ax.set(title=title, xlabel="edits in memory", xscale="log")
+    for size in sizes:
+        index = min(range(len(rounds)), key=lambda i: abs(rounds[i]["memory_size"] - size))
+        row = rounds[index]
+        values = [row.get(k) for k in SERIES] + [windowed(rounds, index, k) for k in WINDOWED]
+        cells = " ".join(f"{v:12.4g}" if v is not None else f"{'-':>12s}" for v in values)
+        print(f"{method:6s} {row['memory_size']:7.0f} {cells}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     memory_methods = [name for name in METHODS if issubclass(editor_class(name), HasMemory)]
@@ -63,25 +97,26 @@ def main() -> None:
     parser.add_argument("--edits", type=int, default=100_000)
     parser.add_argument("--probe-every", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=Path("memory_growth"))
+    parser.add_argument("--report", nargs="+", type=Path, metavar="RUN",
+                        help="print and plot finished runs (run folders, named by method) instead of running")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    work = Path(tempfile.mkdtemp(prefix="editwatch-growth-"))
-    world = write_world(WorldConfig(), work / "w", stream=StreamConfig(edits=args.edits), progress=True)
     args.out.mkdir(parents=True, exist_ok=True)
     figure, axes = plt.subplots(2, 3, figsize=(13, 7))
-    sizes = [s for s in (10**3, 10**4, 10**5) if s <= args.edits]
-    print(f"{'method':6s} {'memory':>7s} " + " ".join(f"{key[:12]:>12s}" for key in SERIES))
-    for method in args.methods:
-        rounds, seconds, rss = run(method, world, args.edits, args.probe_every, args.out / method)
-        memory = [r["memory_size"] for r in rounds]
-        for ax, (key, title) in zip(axes.flat, SERIES.items()):
-            ax.plot(memory, [r.get(key) for r in rounds], label=method)
-            ax.set(title=title, xlabel="edits in memory", xscale="log")
-        for size in sizes:
-            row = min(rounds, key=lambda r: abs(r["memory_size"] - size))
-            values = " ".join(f"{row[k]:12.4g}" if row.get(k) is not None else f"{'-':>12s}" for k in SERIES)
-            print(f"{method:6s} {row['memory_size']:7.0f} {values}")
-        print(f"{method:6s} {len(rounds)} rounds, {seconds / 60:.1f} min, peak RSS {rss:.2f} GiB", flush=True)
+    header = [key[:12] for key in SERIES] + [f"{key.replace('reliability', 'rel')} (win)" for key in WINDOWED]
+    print(f"{'method':6s} {'memory':>7s} " + " ".join(f"{h:>12s}" for h in header))
+    if args.report:
+        for folder in args.report:
+            rounds = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
+            report(folder.name, rounds, [s for s in (10**3, 10**4, 10**5) if s <= rounds[-1]["memory_size"]], axes)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="editwatch-growth-"))
+        world = write_world(WorldConfig(), work / "w", stream=StreamConfig(edits=args.edits), progress=True)
+        sizes = [s for s in (10**3, 10**4, 10**5) if s <= args.edits]
+        for method in args.methods:
+            rounds, seconds, rss = run(method, world, args.edits, args.probe_every, args.out / method)
+            report(method, rounds, sizes, axes)
+            print(f"{method:6s} {len(rounds)} rounds, {seconds / 60:.1f} min, peak RSS {rss:.2f} GiB", flush=True)
     axes.flat[0].legend()
     figure.tight_layout()
     figure.savefig(args.out / "memory_growth.png", dpi=110)

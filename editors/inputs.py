@@ -233,20 +233,17 @@ class InputBuilder:
             raise InputError("a batch mixes queries with and without images")
         lengths = [len(item.input_ids) for item in items]
         width, span = max(lengths), max(max(item.answer_len for item in items), 1)
-        input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(items), width), dtype=torch.long)
-        positions = torch.zeros((len(items), span), dtype=torch.long)
-        targets = torch.full((len(items), span), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(items), span), dtype=torch.bool)
-        for row, item in enumerate(items):
-            n = len(item.input_ids)
-            input_ids[row, :n] = torch.tensor(item.input_ids)
-            attention[row, :n] = 1
-            t = item.answer_len
-            # The logit at position p predicts token p + 1; unused slots repeat the last position.
-            positions[row] = item.answer_start - 1 + torch.arange(span).clamp(max=max(t - 1, 0))
-            targets[row, :t] = torch.tensor(item.input_ids[item.answer_start : item.answer_start + t])
-            mask[row, :t] = True
+        input_ids = torch.tensor([item.input_ids + [self.pad_id] * (width - len(item.input_ids)) for item in items],
+                                 dtype=torch.long)
+        attention = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+        starts = torch.tensor([item.answer_start for item in items])[:, None]
+        spans = torch.tensor([item.answer_len for item in items])[:, None]
+        slots = torch.arange(span)[None, :]
+        # The logit at position p predicts token p + 1; unused slots repeat the last position.
+        positions = starts - 1 + torch.minimum(slots, (spans - 1).clamp(min=0))
+        mask = slots < spans
+        answer = input_ids.gather(1, (starts + slots).clamp(max=width - 1))
+        targets = torch.where(mask, answer, torch.tensor(self.pad_id))
         inputs = {"input_ids": input_ids, "attention_mask": attention}
         if True in has_image:
             stacked = self.family.stack_pixels([item.pixels for item in items if item.pixels is not None])
