@@ -304,15 +304,18 @@ class LVLM:
         target_lp = logprobs.gather(-1, batch.targets[..., None]).squeeze(-1)
         argmax = logprobs.argmax(-1)
         entropy = -(logprobs.exp() * logprobs).sum(-1)  # (B, T)
+        # One copy to the host per tensor, not per row and tensor.
+        targets, argmax, target_lp, top_ids, top_lp, entropy = (
+            x.cpu() for x in (batch.targets, argmax, target_lp, top.indices, top.values, entropy))
         out = []
         for row, t in enumerate(batch.mask.sum(1).tolist()):
             score = SpanScore(
-                target_ids=batch.targets[row, :t].cpu(),
-                argmax_ids=argmax[row, :t].cpu(),
-                target_logprobs=target_lp[row, :t].cpu(),
-                topk_ids=top.indices[row, :t].cpu(),
-                topk_logprobs=top.values[row, :t].cpu(),
-                entropy=entropy[row, :t].cpu(),
+                target_ids=targets[row, :t],
+                argmax_ids=argmax[row, :t],
+                target_logprobs=target_lp[row, :t],
+                topk_ids=top_ids[row, :t],
+                topk_logprobs=top_lp[row, :t],
+                entropy=entropy[row, :t],
             )
             if gather is not None and gather[row] is not None:
                 ids = gather[row].to(logprobs.device)

@@ -99,11 +99,12 @@ class Editor(ABC):
         return self.lvlm.score(queries, **kwargs)
 
     def clear_caches(self) -> None:
-        """Forget what the editor memoised (scores, keys): what it computes next depends on its state alone.
+        """Forget what the editor memoised from batches (scores): what it computes next depends on its state alone.
 
         Results of a batch differ from those of the same query in another batch in the last float
         bits, so a cache filled before a checkpoint would make the uninterrupted run and one resumed
-        from that checkpoint differ; the timeline calls this at every checkpoint. Nothing to forget here.
+        from that checkpoint differ; the timeline calls this at every checkpoint. What is computed
+        one item at a time (image features and keys) may stay. Nothing to forget here.
         """
 
     def train(self, examples: Sequence[EditExample], progress: bool = True) -> dict[str, float]:
