@@ -274,9 +274,10 @@ class LVLM:
         encoded = {i: self.inputs.encode(queries[i]) for i in todo}
         if self.family.shares_image_features:
             self._check_features()
-        # Text-only and image queries share batches where the model gets image features, not pixels.
-        together = self.family.shares_image_features and todo
-        for group in [list(range(len(todo)))] if together else image_index_groups([queries[i] for i in todo]):
+            groups = [list(range(len(todo)))]  # the model gets image features, not pixels: text rows may join
+        else:
+            groups = image_index_groups([queries[i] for i in todo])
+        for group in groups:
             rows = sorted((todo[j] for j in group), key=lambda i: len(encoded[i].input_ids))
             for chunk in padded_batches(rows, [len(encoded[i].input_ids) for i in rows], batch_size):
                 batch = self.inputs.collate([encoded[i] for i in chunk], self.dtype, self.device)
