@@ -58,8 +58,10 @@ def test_keys_of_mixed_sizes_on_every_family(family):
     got = keys.embed(images)
     assert got.shape == (len(images), keys.dim)
     if keys.size is None:
-        # The processor fixes the resolution: keys are the plain flattened features, bit for bit.
-        raw = lvlm.embed_images(images, pooling="flat").numpy().astype(np.float32)
+        # The processor fixes the resolution: keys are the plain flattened features of each image alone (one image
+        # per forward, so a key does not depend on its batch), bit for bit.
+        raw = np.concatenate([lvlm.embed_images([image], pooling="flat").numpy() for image in images])
+        raw = raw.astype(np.float32)
         np.testing.assert_array_equal(got, raw / np.linalg.norm(raw, axis=1, keepdims=True))
 
 
