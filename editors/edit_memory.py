@@ -450,7 +450,7 @@ class MemoryEditor(Editor, HasMemory, CanRetract, HasJournal, ScoresUnedited):
 
     def score(self, queries: Sequence[Query], **kwargs: Any) -> list[SpanScore]:
         """Scores of the rewritten queries; the answer span is the query's own (see `LVLM.score`)."""
-        return self.lvlm.score(queries if self._bypass else self._prompted(queries), memo=self._memo, **kwargs)
+        return self.score_mixed(queries, [False] * len(queries), **kwargs)
 
     def score_mixed(self, queries: Sequence[Query], unedited: Sequence[bool], **kwargs: Any) -> list[SpanScore]:
         """Scores of the queries, rewritten unless `unedited[i]` (the base model unprompted), in one `LVLM.score`."""

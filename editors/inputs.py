@@ -262,7 +262,7 @@ def _nbytes(values: dict[str, Any]) -> int:
 
 
 # Digests by image object: a run hashes each query's image for several caches, and an image store hands out the
-# same (unmodified, see `ImageStore.open`) object for every record that names the file.
+# same (unmodified, see `simulator.stream.ImageRoot.open`) object for every record that names the file.
 _DIGESTS: LRUCache[tuple[weakref.ref, str]] = LRUCache(4096)
 
 
