@@ -6,6 +6,7 @@ and names the parameter groups editors change (`llm`, `vision`).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
@@ -13,16 +14,21 @@ from typing import Any, Iterator, Literal, Sequence
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from editors.families import Family, UnsupportedModelError, family_for, plugin_families, supported
 from editors.families.base import stack_features
-from editors.inputs import Batch, InputBuilder, InputError, Query, image_digest, image_index_groups
+from editors.inputs import Batch, Encoded, InputBuilder, InputError, Query, image_digest, image_index_groups
 from editors.prompts import PromptFormat
 from memory.cache import LRUCache
 
 FEATURE_CACHE_BYTES = 256 * 2**20
+# Decoder keys and values of shared image prefixes kept between the batches (and, in a `ScoreMemo`, the calls) of
+# scoring: ~50 KB per image on the default model, ~300 MB on a 7B LLaVA-1.5 (576 image tokens in 32 layers) in
+# float16. A batch of rows that continue prefixes holds them side by side, so it is bounded by the same number.
+PREFIX_CACHE_BYTES = 2 * 2**30
+RECORDING_HOOKS = "transformers.utils.output_capturing"  # the module of the hooks transformers puts on layers
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GROUPS = ("llm", "vision")
 
@@ -82,6 +88,23 @@ def padded_batches(rows: list[int], lengths: list[int], batch_size: int) -> list
     return batches[::-1]
 
 
+KeysValues = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: keys and values (1, heads, P, head_dim)
+
+
+def prefix_cache(max_bytes: int = PREFIX_CACHE_BYTES) -> LRUCache[KeysValues]:
+    """An LRU cache of prefix keys and values, bounded in bytes."""
+    return LRUCache(max_bytes, lambda layers: sum(k.numel() * k.element_size() * 2 for k, _ in layers))
+
+
+@dataclass
+class Prefixes:
+    """The shared prefixes of a batch's rows as the decoder's cache: left-padded to the longest, masked where empty."""
+
+    layers: KeysValues  # per layer: keys and values (B, heads, P, head_dim)
+    attention: torch.Tensor  # (B, P) 1 on a row's own prefix slots
+    lengths: torch.Tensor  # (B,) tokens of each row's prefix (0: the row runs whole)
+
+
 class ScoreMemo:
     """Span scores of queries already run on an unchanged model, so a query asked again costs a lookup.
 
@@ -92,11 +115,13 @@ class ScoreMemo:
     (a locality probe gathering at its own pre-edit top-k), is answered from the stored score:
     those are the very numbers a forward would give. As a guard the memo is emptied when a
     parameter is added, replaced or changed in place (its version counter moves). Least recently
-    used entries go first beyond `capacity`.
+    used entries go first beyond `capacity`. The decoder's keys and values of shared image prefixes
+    (`LVLM.score`) are kept alongside, under the same guard, up to `prefix_bytes`.
     """
 
-    def __init__(self, capacity: int = 65536) -> None:
+    def __init__(self, capacity: int = 65536, prefix_bytes: int = PREFIX_CACHE_BYTES) -> None:
         self.scores: LRUCache[tuple[SpanScore, int, torch.Tensor | None]] = LRUCache(capacity)
+        self.prefixes: LRUCache[KeysValues] = prefix_cache(prefix_bytes)  # shared image prefixes (`LVLM.score`)
         self._weights: tuple = ()
 
     def key(self, query: Query, sequence_top_k: int) -> tuple:
@@ -130,15 +155,22 @@ class ScoreMemo:
         self.scores.put(key, (score, top_k, gather))
 
     def check(self, model: nn.Module) -> None:
-        """Empty the memo if `model`'s parameters changed since it was filled."""
+        """Empty the memo (scores and prefixes) if `model`'s parameters changed since it was filled."""
         weights = tuple((id(p), p._version) for p in model.parameters())
         if weights != self._weights:
             self.clear()
             self._weights = weights
 
     def clear(self) -> None:
-        """Forget every score."""
+        """Forget every score and prefix."""
         self.scores.clear()
+        self.prefixes.clear()
+
+
+def _suffix(item: Encoded, start: int) -> Encoded:
+    """`item` from token `start` on, without its image (which sits in the prefix before `start`)."""
+    return replace(item, input_ids=item.input_ids[start:], answer_start=item.answer_start - start, pixels=None,
+                   image=None)
 
 
 class LVLM:
@@ -259,6 +291,10 @@ class LVLM:
         position of the sequence. Queries are encoded once, sorted by length inside each group
         (image / text) so a batch pads little, and scored `batch_size` at a time. With a `memo`,
         queries it already holds are not run again (see `ScoreMemo` for when that is sound).
+
+        On families that `shares_image_prefix`, rows showing the same image after the same tokens
+        (or whose prefix the memo holds) share one forward of that prefix: its keys and values are
+        computed once and each row runs only its own tokens after the image.
         """
         if gather is not None and len(gather) != len(queries):
             raise ValueError(f"gather has {len(gather)} entries for {len(queries)} queries")
@@ -277,19 +313,109 @@ class LVLM:
             groups = [list(range(len(todo)))]  # the model gets image features, not pixels: text rows may join
         else:
             groups = image_index_groups([queries[i] for i in todo])
+        cache = prefix_cache() if memo is None else memo.prefixes
+        prefixing = (self.family.shares_image_features and self.family.shares_image_prefix and not sequence_top_k
+                     and not self._hooked())
+        shared = self._shared_prefixes(encoded, cache) if prefixing else {}
+        if shared:
+            # A batch holds its rows' prefixes side by side, every layer at once: bounded like the cache.
+            longest = max(len(ids) for _, ids in shared.values())
+            batch_size = max(1, min(batch_size, PREFIX_CACHE_BYTES // (longest * self._cache_bytes_per_token())))
+            self._compute_prefixes([k for k in dict.fromkeys(shared.values()) if k not in cache], encoded, cache,
+                                   batch_size)
+        # A row whose prefix is shared runs from where its prefix ends.
+        items = {i: _suffix(e, len(shared[i][1])) if i in shared else e for i, e in encoded.items()}
         for group in groups:
-            rows = sorted((todo[j] for j in group), key=lambda i: len(encoded[i].input_ids))
-            for chunk in padded_batches(rows, [len(encoded[i].input_ids) for i in rows], batch_size):
-                batch = self.inputs.collate([encoded[i] for i in chunk], self.dtype, self.device)
+            rows = sorted((todo[j] for j in group), key=lambda i: len(items[i].input_ids))
+            for chunk in padded_batches(rows, [len(items[i].input_ids) for i in rows], batch_size):
+                batch = self.inputs.collate([items[i] for i in chunk], self.dtype, self.device)
+                prefixes = None
+                if any(i in shared for i in chunk):
+                    prefixes = self._prefix_batch([shared.get(i) for i in chunk], encoded, cache)
                 gathered = None if gather is None else [gather[i] for i in chunk]
-                for i, score in zip(chunk, self._score_batch(batch, top_k, gathered, sequence_top_k)):
+                for i, score in zip(chunk, self._score_batch(batch, top_k, gathered, sequence_top_k, prefixes)):
                     results[i] = score
                     if memo is not None:
                         memo.put(keys[i], score, top_k, wanted[i])
         return results  # type: ignore[return-value]
 
+    def _hooked(self) -> bool:
+        """Whether a module of the model has a forward hook that may change what it computes: an editor that rewrites
+        activations where a row's prompt ends (GRACE, WISE) must see every row whole, so rows then share no prefix.
+        transformers' own hooks, which only record outputs (`output_hidden_states`), do not count."""
+        return any(hook.__module__ != RECORDING_HOOKS for m in self.model.modules()
+                   for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
+
+    def _cache_bytes_per_token(self) -> int:
+        """Bytes the decoder's keys and values take per token, over all its layers."""
+        text = self.model.config.get_text_config(decoder=True)
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return 2 * text.num_hidden_layers * heads * head_dim * self.dtype.itemsize
+
+    def _shared_prefixes(self, encoded: dict[int, Encoded], cache: LRUCache[KeysValues]) -> dict[int, tuple]:
+        """Rows whose image, with the tokens before it, another row of the call shows too or `cache` holds: row ->
+        prefix key (image digest, prefix token ids). The prefix ends at the row's last image token, before its answer."""
+        found = {}
+        image = self.inputs.image_token_id
+        for i, item in encoded.items():
+            if item.image is None:
+                continue
+            ids = item.input_ids
+            end = len(ids) - ids[::-1].index(image)
+            if end < item.answer_start:  # the logit before the first answer token comes after the prefix
+                found[i] = (item.image, tuple(ids[:end]))
+        count = Counter(found.values())
+        return {i: key for i, key in found.items() if count[key] > 1 or key in cache}
+
+    def _compute_prefixes(self, keys: list[tuple], encoded: dict[int, Encoded], cache: LRUCache[KeysValues],
+                          batch_size: int) -> dict[tuple, KeysValues]:
+        """Decoder keys and values of each prefix in `keys`, batched among prefixes of one length; put in `cache`."""
+        pixels = {e.image: e.pixels for e in encoded.values() if e.image is not None}
+        by_length: dict[int, list[tuple]] = {}
+        for key in keys:
+            by_length.setdefault(len(key[1]), []).append(key)
+        computed = {}
+        with torch.inference_mode():
+            for length, same in by_length.items():
+                for start in range(0, len(same), batch_size):
+                    chunk = same[start : start + batch_size]
+                    features = self._image_features([(digest, pixels[digest]) for digest, _ in chunk])
+                    ids = torch.tensor([ids for _, ids in chunk], device=self.device)
+                    out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                                     logits_to_keep=1, mm_encoder_outputs={
+                                         "image": BaseModelOutputWithPooling(pooler_output=features)})
+                    layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+                    for row, key in enumerate(chunk):
+                        computed[key] = [(k[row : row + 1].clone(), v[row : row + 1].clone()) for k, v in layers]
+                        cache.put(key, computed[key])
+        return computed
+
+    def _prefix_batch(self, keys: list[tuple | None], encoded: dict[int, Encoded], cache: LRUCache[KeysValues]
+                      ) -> Prefixes:
+        """The prefixes of a batch's rows (None: the row has none) as one left-padded decoder cache."""
+        held = {key: cache.get(key) for key in keys if key is not None}
+        missing = [key for key, value in held.items() if value is None]  # evicted since the call began
+        if missing:
+            held.update(self._compute_prefixes(missing, encoded, cache, len(missing)))
+        lengths = [0 if key is None else len(key[1]) for key in keys]
+        width = max(lengths)
+        some = next(iter(held.values()))
+        layers = []
+        for layer, (k, v) in enumerate(some):
+            keys_, values = (k.new_zeros(len(keys), k.shape[1], width, k.shape[3]),
+                             v.new_zeros(len(keys), v.shape[1], width, v.shape[3]))
+            for row, key in enumerate(keys):
+                if key is not None:
+                    keys_[row, :, width - lengths[row] :], values[row, :, width - lengths[row] :] = held[key][layer]
+            layers.append((keys_, values))
+        lengths_ = torch.tensor(lengths, device=self.device)
+        attention = (torch.arange(width, device=self.device)[None, :] >= width - lengths_[:, None]).long()
+        return Prefixes(layers, attention, lengths_)
+
     def _score_batch(
-        self, batch: Batch, top_k: int, gather: list[torch.Tensor | None] | None, sequence_top_k: int
+        self, batch: Batch, top_k: int, gather: list[torch.Tensor | None] | None, sequence_top_k: int,
+        prefixes: Prefixes | None = None,
     ) -> list[SpanScore]:
         # Inference mode skips autograd's bookkeeping (a sixth of a small model's forward). The scores below are
         # computed from its logits outside it, so they are ordinary tensors that a training loss may use.
@@ -299,7 +425,7 @@ class LVLM:
                 full = self._forward(batch, None, features)  # (B, L, V)
                 span = torch.take_along_dim(full, batch.positions[..., None], dim=1)
             else:
-                span = self._forward(batch, batch.positions, features)  # (B, T, V)
+                span = self._forward(batch, batch.positions, features, prefixes)  # (B, T, V)
         logprobs = torch.log_softmax(span.float(), dim=-1)
         top = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
         target_lp = logprobs.gather(-1, batch.targets[..., None]).squeeze(-1)
@@ -330,20 +456,26 @@ class LVLM:
     def _batch(self, queries: Sequence[Query]) -> Batch:
         return self.inputs.collate([self.inputs.encode(q) for q in queries], self.dtype, self.device)
 
-    def _forward(self, batch: Batch, keep: torch.Tensor | None, features: list[torch.Tensor] | None = None
-                 ) -> torch.Tensor:
+    def _forward(self, batch: Batch, keep: torch.Tensor | None, features: list[torch.Tensor] | None = None,
+                 prefixes: Prefixes | None = None) -> torch.Tensor:
         """Logits at the `keep` positions (B, T, V), or at all positions when `keep` is None.
 
         With `features` (one per image row, from `image_features`) the model gets them in place of the pixels.
+        With `prefixes` the batch's rows continue them: positions count on from each row's prefix.
         """
         module = self._text_module() if "pixel_values" not in batch.inputs else self.model
         logits_to_keep = 0 if keep is None else keep
-        inputs = batch.inputs
+        inputs = dict(batch.inputs)
         if features:
             pixels = batch.images[0][1].keys()
             inputs = {key: value for key, value in inputs.items() if key not in pixels}
             inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
-        return module(**inputs, logits_to_keep=logits_to_keep, use_cache=False).logits
+        if prefixes is not None:
+            width = inputs["input_ids"].shape[1]
+            inputs["attention_mask"] = torch.cat([prefixes.attention, inputs["attention_mask"]], dim=1)
+            inputs["position_ids"] = prefixes.lengths[:, None] + torch.arange(width, device=self.device)[None, :]
+            inputs["cache"] = DynamicCache(prefixes.layers, config=self.model.config)
+        return module(**inputs, logits_to_keep=logits_to_keep, use_cache=prefixes is not None).logits
 
     def image_features(self, images: Sequence[tuple[str, dict[str, torch.Tensor]]]) -> list[torch.Tensor]:
         """The family's `image_features` (N, D) of each (digest, pixels), computed one image per forward (so they

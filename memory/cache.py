@@ -26,6 +26,9 @@ class LRUCache(Generic[V]):
     def __len__(self) -> int:
         return len(self._values)
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._values  # without counting a hit or making it the most recently used
+
     def get(self, key: Hashable) -> V | None:
         """The value under `key` (now the most recently used), or None."""
         with self._lock:

@@ -116,6 +116,11 @@ class Family:
     # slots, so scoring may hand it precomputed features (`mm_encoder_outputs`) instead of pixels: an image that
     # several queries of a batch or of a run show then goes through the vision path once.
     shares_image_features: ClassVar[bool] = False
+    # True where, besides `shares_image_features`, the decoder sees an image only through its placeholder slots and
+    # counts positions one by one (no image-dependent position ids or extra inputs): rows that show the same image
+    # after the same tokens may then share the decoder's keys and values up to the image's last slot, and run only
+    # their own tokens after it (`LVLM.score`). On LLaVA-1.5 that prefix is ~580 of a query's ~600 tokens.
+    shares_image_prefix: ClassVar[bool] = False
 
     def vlkeb_image(self) -> str:
         """The image marker of a VLKEB-format prompt (see `vlkeb_image_text`)."""

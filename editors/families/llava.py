@@ -67,6 +67,7 @@ class Llava(Family):
     # VLKEB's LLaVA FT (Vis) tunes `mm_projector` (hparams/FT/llava_mmproj.yaml).
     vlkeb_vision_parts = ("projector",)
     shares_image_features = True  # per-image projector features (tiles packed with newlines on NeXT / OneVision)
+    shares_image_prefix = True
 
     def check(self, config: PreTrainedConfig) -> None:
         """The decoder and the vision tower must both be declared."""

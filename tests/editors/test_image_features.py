@@ -28,6 +28,7 @@ def _pixel_path(lvlm, queries, monkeypatch):
 def test_shared_image_features_score_as_the_pixels_do_and_follow_the_vision_weights(family, monkeypatch):
     lvlm = tiny(family)  # cached and shared: its weights are put back below, its feature cache starts empty
     lvlm.features.clear()
+    monkeypatch.setattr(type(lvlm.family), "shares_image_prefix", False)  # rows run whole (test_image_prefix.py)
     queries = _queries()
     if not lvlm.family.shares_image_features:
         lvlm.score(queries)
