@@ -116,3 +116,23 @@ def test_a_hooked_model_runs_every_row_whole(monkeypatch):
     assert prefixes == []
     lvlm.score(_queries())
     assert len(prefixes) == 2
+
+
+# Bytes of keys and values per token at the published sizes in float32 (the meta models' dtype), by hand:
+# 2 (keys, values) x layers x key-value heads x head dim x 4.
+PUBLISHED_CACHE_BYTES = {
+    "llava-hf/llava-1.5-7b-hf": 2 * 32 * 32 * 128 * 4,
+    "llava-hf/llava-1.5-13b-hf": 2 * 40 * 40 * 128 * 4,
+    "llava-hf/llava-v1.6-mistral-7b-hf": 2 * 32 * 8 * 128 * 4,  # grouped-query attention: 8 key-value heads
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": 2 * 28 * 4 * 128 * 4,  # Qwen2-7B: 4 key-value heads of 3584 / 28
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_CACHE_BYTES))
+def test_prefix_bytes_per_token_at_published_sizes(name):
+    """What bounds a batch of prefixed rows, pinned at real dimensions on the meta device."""
+    from tests.editors.test_published_sizes import meta_lvlm
+
+    lvlm = meta_lvlm(name)
+    assert lvlm.family.shares_image_prefix
+    assert lvlm._cache_bytes_per_token() == PUBLISHED_CACHE_BYTES[name]
