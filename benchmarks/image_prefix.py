@@ -8,8 +8,9 @@ each "record" here asks that: 6, 5, 3 and 2 questions about four images of the d
 two text questions. Each record is scored by one `LVLM.score` call, once with rows sharing their
 image prefix and once with every row run whole (the path before the change: the family flag turned
 off), alternating, on one thread; image features are cached in both. Two shapes of the same LLaVA
-family: the shipped default model (16 image tokens) and the same decoder behind a LLaVA-1.5-sized
-vision tower (336 px in 14 px patches: 576 image tokens per image; random weights). Prints ms per
+family: the shipped default model (16 image tokens), and a model of its architecture and sizes
+whose tower sees 336 px in 14 px patches as LLaVA-1.5's does (576 image tokens per image; random
+weights). Prints ms per
 record, decoder tokens per record (prefixes included) and the largest difference in answer log-probs.
 """
 
@@ -41,7 +42,8 @@ QUESTIONS = ["What does the creature in the image eat?", "Which food does the cr
 
 
 def llava15_shaped(folder: Path) -> Path:
-    """The shipped model's decoder and tokenizer behind a LLaVA-1.5-sized tower (576 image tokens), random weights."""
+    """The shipped model's architecture and tokenizer with LLaVA-1.5's 336 px / 14 px tower grid (576 image tokens),
+    random weights."""
     shutil.copytree(SHIPPED, folder)
     config = AutoConfig.from_pretrained(folder)
     config.vision_config.image_size, config.vision_config.patch_size = 336, 14
@@ -80,9 +82,9 @@ def measure(lvlm: LVLM, batches: list[list[Query]], repeats: int) -> dict[str, d
         tokens[mode] += counting * batch.inputs["input_ids"].numel()
         return forward(batch, *args, **kwargs)
 
-    def counted_prefixes(keys, *args):
+    def counted_prefixes(keys, *args, **kwargs):
         tokens[mode] += counting * sum(len(ids) for _, ids in keys)
-        return compute(keys, *args)
+        return compute(keys, *args, **kwargs)
 
     lvlm._forward, lvlm._compute_prefixes = counted_forward, counted_prefixes
     best = {"shared": [float("inf")] * len(batches), "whole": [float("inf")] * len(batches)}
@@ -117,7 +119,7 @@ def main() -> None:
     images = [Image.open(p).convert("RGB") for p in sorted((world / "images").glob("*.png"))[: 4 * args.records]]
     print(f"{'model':24s} {'image tokens':>12s} {'shared ms':>10s} {'whole ms':>10s} {'speed-up':>9s} "
           f"{'shared tokens':>14s} {'whole tokens':>13s} {'max |dlogp|':>12s}")
-    for name, folder in (("default (shipped)", SHIPPED), ("LLaVA-1.5-shaped tower", llava15_shaped(work / "llava15"))):
+    for name, folder in (("default (shipped)", SHIPPED), ("576-token tower", llava15_shaped(work / "llava15"))):
         lvlm = LVLM.load(folder)
         result = measure(lvlm, records(images, args.records), args.repeats)
         shared, whole = result["shared"], result["whole"]

@@ -6,7 +6,6 @@ and names the parameter groups editors change (`llm`, `vision`).
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
@@ -20,14 +19,22 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from editors.families import Family, UnsupportedModelError, family_for, plugin_families, supported
 from editors.families.base import stack_features
 from editors.inputs import Batch, Encoded, InputBuilder, InputError, Query, image_digest, image_index_groups
+from editors.prefixes import (
+    PREFIX_CACHE_BYTES,
+    KeysValues,
+    PrefixKey,
+    Prefixes,
+    bytes_per_token,
+    prefix_cache,
+    shared_prefixes,
+    stack,
+    suffix,
+    within_window,
+)
 from editors.prompts import PromptFormat
 from memory.cache import LRUCache
 
 FEATURE_CACHE_BYTES = 256 * 2**20
-# Decoder keys and values of shared image prefixes kept between the batches (and, in a `ScoreMemo`, the calls) of
-# scoring: ~50 KB per image on the default model, ~300 MB on a 7B LLaVA-1.5 (576 image tokens in 32 layers) in
-# float16. A batch of rows that continue prefixes holds them side by side, so it is bounded by the same number.
-PREFIX_CACHE_BYTES = 2 * 2**30
 RECORDING_HOOKS = "transformers.utils.output_capturing"  # the module of the hooks transformers puts on layers
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GROUPS = ("llm", "vision")
@@ -86,23 +93,6 @@ def padded_batches(rows: list[int], lengths: list[int], batch_size: int) -> list
         batches.append(rows[cut[end] : end])
         end = cut[end]
     return batches[::-1]
-
-
-KeysValues = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: keys and values (1, heads, P, head_dim)
-
-
-def prefix_cache(max_bytes: int = PREFIX_CACHE_BYTES) -> LRUCache[KeysValues]:
-    """An LRU cache of prefix keys and values, bounded in bytes."""
-    return LRUCache(max_bytes, lambda layers: sum(k.numel() * k.element_size() * 2 for k, _ in layers))
-
-
-@dataclass
-class Prefixes:
-    """The shared prefixes of a batch's rows as the decoder's cache: left-padded to the longest, masked where empty."""
-
-    layers: KeysValues  # per layer: keys and values (B, heads, P, head_dim)
-    attention: torch.Tensor  # (B, P) 1 on a row's own prefix slots
-    lengths: torch.Tensor  # (B,) tokens of each row's prefix (0: the row runs whole)
 
 
 class ScoreMemo:
@@ -165,12 +155,6 @@ class ScoreMemo:
         """Forget every score and prefix."""
         self.scores.clear()
         self.prefixes.clear()
-
-
-def _suffix(item: Encoded, start: int) -> Encoded:
-    """`item` from token `start` on, without its image (which sits in the prefix before `start`)."""
-    return replace(item, input_ids=item.input_ids[start:], answer_start=item.answer_start - start, pixels=None,
-                   image=None)
 
 
 class LVLM:
@@ -314,24 +298,28 @@ class LVLM:
         else:
             groups = image_index_groups([queries[i] for i in todo])
         cache = prefix_cache() if memo is None else memo.prefixes
-        prefixing = (self.family.shares_image_features and self.family.shares_image_prefix and not sequence_top_k
-                     and not self._hooked())
-        shared = self._shared_prefixes(encoded, cache) if prefixing else {}
+        shared: dict[int, PrefixKey] = {}
+        if (self.family.shares_image_features and self.family.shares_image_prefix and not sequence_top_k and encoded
+                and within_window(self.model.config, max(len(e.input_ids) for e in encoded.values()))
+                and not self._hooked()):
+            shared = shared_prefixes(encoded, self.inputs.image_token_id, cache)
         if shared:
-            # A batch holds its rows' prefixes side by side, every layer at once: bounded like the cache.
+            # A batch holds its rows' prefixes side by side, every layer at once, and the decoder's cache copies them
+            # once more: half the cache's bound for them keeps a batch within it.
             longest = max(len(ids) for _, ids in shared.values())
-            batch_size = max(1, min(batch_size, PREFIX_CACHE_BYTES // (longest * self._cache_bytes_per_token())))
+            per_row = longest * bytes_per_token(self.model.config, self.dtype)
+            batch_size = max(1, min(batch_size, cache.max_cost // 2 // per_row))
             self._compute_prefixes([k for k in dict.fromkeys(shared.values()) if k not in cache], encoded, cache,
-                                   batch_size)
+                                   batch_size, hold=False)
         # A row whose prefix is shared runs from where its prefix ends.
-        items = {i: _suffix(e, len(shared[i][1])) if i in shared else e for i, e in encoded.items()}
+        items = {i: suffix(e, len(shared[i][1])) if i in shared else e for i, e in encoded.items()}
         for group in groups:
             rows = sorted((todo[j] for j in group), key=lambda i: len(items[i].input_ids))
             for chunk in padded_batches(rows, [len(items[i].input_ids) for i in rows], batch_size):
                 batch = self.inputs.collate([items[i] for i in chunk], self.dtype, self.device)
                 prefixes = None
                 if any(i in shared for i in chunk):
-                    prefixes = self._prefix_batch([shared.get(i) for i in chunk], encoded, cache)
+                    prefixes = self._prefix_batch([shared.get(i) for i in chunk], encoded, cache, batch_size)
                 gathered = None if gather is None else [gather[i] for i in chunk]
                 for i, score in zip(chunk, self._score_batch(batch, top_k, gathered, sequence_top_k, prefixes)):
                     results[i] = score
@@ -346,72 +334,42 @@ class LVLM:
         return any(hook.__module__ != RECORDING_HOOKS for m in self.model.modules()
                    for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
 
-    def _cache_bytes_per_token(self) -> int:
-        """Bytes the decoder's keys and values take per token, over all its layers."""
-        text = self.model.config.get_text_config(decoder=True)
-        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        return 2 * text.num_hidden_layers * heads * head_dim * self.dtype.itemsize
-
-    def _shared_prefixes(self, encoded: dict[int, Encoded], cache: LRUCache[KeysValues]) -> dict[int, tuple]:
-        """Rows whose image, with the tokens before it, another row of the call shows too or `cache` holds: row ->
-        prefix key (image digest, prefix token ids). The prefix ends at the row's last image token, before its answer."""
-        found = {}
-        image = self.inputs.image_token_id
-        for i, item in encoded.items():
-            if item.image is None:
-                continue
-            ids = item.input_ids
-            end = len(ids) - ids[::-1].index(image)
-            if end < item.answer_start:  # the logit before the first answer token comes after the prefix
-                found[i] = (item.image, tuple(ids[:end]))
-        count = Counter(found.values())
-        return {i: key for i, key in found.items() if count[key] > 1 or key in cache}
-
-    def _compute_prefixes(self, keys: list[tuple], encoded: dict[int, Encoded], cache: LRUCache[KeysValues],
-                          batch_size: int) -> dict[tuple, KeysValues]:
-        """Decoder keys and values of each prefix in `keys`, batched among prefixes of one length; put in `cache`."""
+    def _compute_prefixes(self, keys: list[PrefixKey], encoded: dict[int, Encoded], cache: LRUCache[KeysValues],
+                          batch_size: int, hold: bool) -> dict[PrefixKey, KeysValues]:
+        """Decoder keys and values of each prefix in `keys`, batched among prefixes of one length, put in `cache`;
+        returned too when `hold` (else only the cache keeps them, within its bound)."""
         pixels = {e.image: e.pixels for e in encoded.values() if e.image is not None}
-        by_length: dict[int, list[tuple]] = {}
+        by_length: dict[int, list[PrefixKey]] = {}
         for key in keys:
             by_length.setdefault(len(key[1]), []).append(key)
         computed = {}
         with torch.inference_mode():
-            for length, same in by_length.items():
+            for same in by_length.values():
                 for start in range(0, len(same), batch_size):
                     chunk = same[start : start + batch_size]
                     features = self._image_features([(digest, pixels[digest]) for digest, _ in chunk])
                     ids = torch.tensor([ids for _, ids in chunk], device=self.device)
-                    out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
-                                     logits_to_keep=1, mm_encoder_outputs={
+                    # A cache without the config keeps every key, also where a layer's sliding window would not.
+                    out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), cache=DynamicCache(),
+                                     use_cache=True, logits_to_keep=1, mm_encoder_outputs={
                                          "image": BaseModelOutputWithPooling(pooler_output=features)})
                     layers = [(layer.keys, layer.values) for layer in out.cache.layers]
                     for row, key in enumerate(chunk):
-                        computed[key] = [(k[row : row + 1].clone(), v[row : row + 1].clone()) for k, v in layers]
-                        cache.put(key, computed[key])
+                        value = [(k[row : row + 1].clone(), v[row : row + 1].clone()) for k, v in layers]
+                        cache.put(key, value)
+                        if hold:
+                            computed[key] = value
         return computed
 
-    def _prefix_batch(self, keys: list[tuple | None], encoded: dict[int, Encoded], cache: LRUCache[KeysValues]
-                      ) -> Prefixes:
-        """The prefixes of a batch's rows (None: the row has none) as one left-padded decoder cache."""
+    def _prefix_batch(self, keys: list[PrefixKey | None], encoded: dict[int, Encoded], cache: LRUCache[KeysValues],
+                      batch_size: int) -> Prefixes:
+        """The prefixes of a batch's rows (None: the row has none) as one decoder cache; any the cache no longer
+        holds are computed again."""
         held = {key: cache.get(key) for key in keys if key is not None}
-        missing = [key for key, value in held.items() if value is None]  # evicted since the call began
+        missing = [key for key, value in held.items() if value is None]
         if missing:
-            held.update(self._compute_prefixes(missing, encoded, cache, len(missing)))
-        lengths = [0 if key is None else len(key[1]) for key in keys]
-        width = max(lengths)
-        some = next(iter(held.values()))
-        layers = []
-        for layer, (k, v) in enumerate(some):
-            keys_, values = (k.new_zeros(len(keys), k.shape[1], width, k.shape[3]),
-                             v.new_zeros(len(keys), v.shape[1], width, v.shape[3]))
-            for row, key in enumerate(keys):
-                if key is not None:
-                    keys_[row, :, width - lengths[row] :], values[row, :, width - lengths[row] :] = held[key][layer]
-            layers.append((keys_, values))
-        lengths_ = torch.tensor(lengths, device=self.device)
-        attention = (torch.arange(width, device=self.device)[None, :] >= width - lengths_[:, None]).long()
-        return Prefixes(layers, attention, lengths_)
+            held.update(self._compute_prefixes(missing, encoded, cache, batch_size, hold=True))
+        return stack(keys, held, self.device)
 
     def _score_batch(
         self, batch: Batch, top_k: int, gather: list[torch.Tensor | None] | None, sequence_top_k: int,
@@ -474,7 +432,7 @@ class LVLM:
             width = inputs["input_ids"].shape[1]
             inputs["attention_mask"] = torch.cat([prefixes.attention, inputs["attention_mask"]], dim=1)
             inputs["position_ids"] = prefixes.lengths[:, None] + torch.arange(width, device=self.device)[None, :]
-            inputs["cache"] = DynamicCache(prefixes.layers, config=self.model.config)
+            inputs["cache"] = DynamicCache(prefixes.layers)  # every key kept: the masks follow the config
         return module(**inputs, logits_to_keep=logits_to_keep, use_cache=prefixes is not None).logits
 
     def image_features(self, images: Sequence[tuple[str, dict[str, torch.Tensor]]]) -> list[torch.Tensor]:

@@ -27,7 +27,8 @@ class LRUCache(Generic[V]):
         return len(self._values)
 
     def __contains__(self, key: Hashable) -> bool:
-        return key in self._values  # without counting a hit or making it the most recently used
+        """Whether `key` is held, without counting a hit or making it the most recently used."""
+        return key in self._values
 
     def get(self, key: Hashable) -> V | None:
         """The value under `key` (now the most recently used), or None."""

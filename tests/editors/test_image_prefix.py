@@ -5,8 +5,11 @@ only while the weights stand."""
 import pytest
 import torch
 
-from editors import Query
+from editors import LVLM, Query
+from editors.adapter import SpanScore
 from editors.adapter import ScoreMemo
+from editors.inputs import Encoded
+from editors.prefixes import bytes_per_token, prefix_cache, shared_prefixes
 from tests.tiny_models import BUILDERS, random_image, tiny
 
 
@@ -21,13 +24,13 @@ def _queries():
             Query("which country is the city of Paris in?", "France")]
 
 
-def _whole(lvlm, queries, monkeypatch, **kw):
+def _whole(lvlm: LVLM, queries: list[Query], monkeypatch: pytest.MonkeyPatch, **kw) -> list[SpanScore]:
     with monkeypatch.context() as patch:
         patch.setattr(type(lvlm.family), "shares_image_prefix", False)
         return lvlm.score(queries, **kw)
 
 
-def _assert_same(mine, theirs):
+def _assert_same(mine: list[SpanScore], theirs: list[SpanScore]) -> None:
     for a, b in zip(mine, theirs, strict=True):
         assert a.argmax_ids.tolist() == b.argmax_ids.tolist()
         assert a.topk_ids.tolist() == b.topk_ids.tolist()
@@ -38,11 +41,12 @@ def _assert_same(mine, theirs):
             torch.testing.assert_close(a.gathered_logprobs, b.gathered_logprobs, atol=1e-5, rtol=0)
 
 
-def _counting(lvlm, monkeypatch) -> tuple[list, list]:
+def _counting(lvlm: LVLM, monkeypatch: pytest.MonkeyPatch) -> tuple[list, list]:
     """Prefixes computed, and decoder tokens of the scoring forwards (prefixes excluded)."""
     prefixes, tokens = [], []
     compute, forward = lvlm._compute_prefixes, lvlm._forward
-    monkeypatch.setattr(lvlm, "_compute_prefixes", lambda keys, *a: prefixes.extend(keys) or compute(keys, *a))
+    monkeypatch.setattr(lvlm, "_compute_prefixes",
+                        lambda keys, *a, **kw: prefixes.extend(keys) or compute(keys, *a, **kw))
     monkeypatch.setattr(lvlm, "_forward",
                         lambda batch, *a, **kw: tokens.append(batch.inputs["input_ids"].numel()) or forward(batch, *a, **kw))
     return prefixes, tokens
@@ -76,20 +80,30 @@ def test_the_memo_keeps_prefixes_while_the_weights_stand(family, monkeypatch):
     lvlm = tiny(family)
     queries = _queries()
     memo = ScoreMemo()
-    prefixes, _ = _counting(lvlm, monkeypatch)
+    prefixes, tokens = _counting(lvlm, monkeypatch)
     lvlm.score(queries, memo=memo)
     assert len(prefixes) == 2 and len(memo.prefixes) == 2
     # A new question about the first image alone continues the prefix the memo holds.
     later = [Query("is the creature asleep?", "no", queries[0].image)]
-    _assert_same(lvlm.score(later, memo=memo), _whole(lvlm, later, monkeypatch))
-    assert len(prefixes) == 2
-    # A decoder weight changed in place (its version moves): the memo forgets, the prefix is computed again.
+    tokens.clear()
+    continued = lvlm.score(later, memo=memo)
+    assert len(prefixes) == 2 and tokens == [len(lvlm.inputs.encode(later[0]).input_ids) - len(prefixes[0][1])]
+    _assert_same(continued, _whole(lvlm, later, monkeypatch))
+    # A decoder weight changed in place (its version moves): the memo forgets, the prefix is computed again from the
+    # new weights.
     weight = next(iter(lvlm.parameter_group("llm").values()))
-    with torch.no_grad():
-        weight.add_(0.0)
+    saved = weight.detach().clone()
     again = [Query("is the creature awake?", "yes", queries[0].image), Query("is it awake?", "yes", queries[0].image)]
-    _assert_same(lvlm.score(again, memo=memo), _whole(lvlm, again, monkeypatch))
-    assert len(prefixes) == 3 and len(memo.prefixes) == 1
+    try:
+        with torch.no_grad():
+            weight.mul_(3.0)
+        changed = lvlm.score(again, memo=memo)
+        assert len(prefixes) == 3 and len(memo.prefixes) == 1
+        _assert_same(changed, _whole(lvlm, again, monkeypatch))
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert changed[0].target_logprobs.tolist() != lvlm.score(again[:1])[0].target_logprobs.tolist()
 
 
 def test_prefixes_too_large_for_the_cache_are_computed_for_each_batch(monkeypatch):
@@ -103,12 +117,13 @@ def test_prefixes_too_large_for_the_cache_are_computed_for_each_batch(monkeypatc
     _assert_same(scores, _whole(lvlm, queries, monkeypatch, batch_size=2))
 
 
-def test_a_hooked_model_runs_every_row_whole(monkeypatch):
+@pytest.mark.parametrize("kind", ["forward", "forward_pre"])
+def test_a_hooked_model_runs_every_row_whole(kind, monkeypatch):
     """An editor's hook may rewrite activations where a row's prompt ends (GRACE, WISE): it must see whole rows."""
     lvlm = tiny("llava")
     prefixes, _ = _counting(lvlm, monkeypatch)
     layer = lvlm.model.get_submodule(lvlm.family.decoder_path).layers[0]
-    handle = layer.register_forward_hook(lambda *a: None)
+    handle = getattr(layer, f"register_{kind}_hook")(lambda *a: None)
     try:
         lvlm.score(_queries())
     finally:
@@ -116,6 +131,36 @@ def test_a_hooked_model_runs_every_row_whole(monkeypatch):
     assert prefixes == []
     lvlm.score(_queries())
     assert len(prefixes) == 2
+
+
+def test_rows_longer_than_a_sliding_window_run_whole(monkeypatch):
+    """Past the window a layer keeps only the last keys: a prefix could not be handed on whole."""
+    lvlm = tiny("llava-mistral")
+    queries = _queries()
+    prefixes, _ = _counting(lvlm, monkeypatch)
+    text = lvlm.model.config.get_text_config(decoder=True)
+    longest = max(len(lvlm.inputs.encode(q).input_ids) for q in queries)
+    monkeypatch.setattr(text, "sliding_window", longest + 1)
+    _assert_same(lvlm.score(queries), _whole(lvlm, queries, monkeypatch))
+    assert len(prefixes) == 2
+    prefixes.clear()
+    monkeypatch.setattr(text, "sliding_window", longest)
+    lvlm.score(queries)
+    assert prefixes == []
+
+
+def test_a_prefix_ends_before_the_logit_of_the_first_answer_token():
+    lvlm = tiny("llava")
+    image = lvlm.inputs.image_token_id
+    ids = [1, image, image, 7, 8, 9]
+
+    def row(answer_start: int) -> Encoded:
+        return Encoded(ids, answer_start, len(ids) - answer_start, None, "digest")
+
+    # The image's last slot is token 2: a row whose answer starts at token 3 needs the logit at token 2.
+    assert shared_prefixes({0: row(3), 1: row(3)}, image, prefix_cache()) == {}
+    assert shared_prefixes({0: row(4), 1: row(5)}, image, prefix_cache()) == {0: ("digest", (1, image, image)),
+                                                                             1: ("digest", (1, image, image))}
 
 
 # Bytes of keys and values per token at the published sizes in float32 (the meta models' dtype), by hand:
@@ -135,4 +180,4 @@ def test_prefix_bytes_per_token_at_published_sizes(name):
 
     lvlm = meta_lvlm(name)
     assert lvlm.family.shares_image_prefix
-    assert lvlm._cache_bytes_per_token() == PUBLISHED_CACHE_BYTES[name]
+    assert bytes_per_token(lvlm.model.config, lvlm.dtype) == PUBLISHED_CACHE_BYTES[name]
