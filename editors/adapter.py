@@ -277,8 +277,11 @@ class LVLM:
         queries it already holds are not run again (see `ScoreMemo` for when that is sound).
 
         On families that `shares_image_prefix`, rows showing the same image after the same tokens
-        (or whose prefix the memo holds) share one forward of that prefix: its keys and values are
-        computed once and each row runs only its own tokens after the image.
+        (or whose prefix the memo holds) share a forward of that prefix: its keys and values are
+        computed (again only if the cache had to drop them) and each row runs only its own tokens
+        after the image. A call runs every row whole on a hooked model, for `sequence_top_k`, when
+        a row reaches the decoder's sliding window, or when the cache's bound fits fewer than two
+        rows' prefixes a batch.
         """
         if gather is not None and len(gather) != len(queries):
             raise ValueError(f"gather has {len(gather)} entries for {len(queries)} queries")
@@ -305,10 +308,13 @@ class LVLM:
             shared = shared_prefixes(encoded, self.inputs.image_token_id, cache)
         if shared:
             # A batch holds its rows' prefixes side by side, every layer at once, and the decoder's cache copies them
-            # once more: half the cache's bound for them keeps a batch within it.
+            # once more: half the cache's bound for them keeps a batch's prefixes within it. Where that leaves fewer
+            # than two rows a batch, many small forwards would cost more than running rows whole.
             longest = max(len(ids) for _, ids in shared.values())
-            per_row = longest * bytes_per_token(self.model.config, self.dtype)
-            batch_size = max(1, min(batch_size, cache.max_cost // 2 // per_row))
+            rows = cache.max_cost // 2 // (longest * bytes_per_token(self.model.config, self.dtype))
+            shared = shared if rows >= 2 else {}
+        if shared:
+            batch_size = min(batch_size, rows)
             self._compute_prefixes([k for k in dict.fromkeys(shared.values()) if k not in cache], encoded, cache,
                                    batch_size, hold=False)
         # A row whose prefix is shared runs from where its prefix ends.

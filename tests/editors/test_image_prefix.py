@@ -106,15 +106,34 @@ def test_the_memo_keeps_prefixes_while_the_weights_stand(family, monkeypatch):
     assert changed[0].target_logprobs.tolist() != lvlm.score(again[:1])[0].target_logprobs.tolist()
 
 
-def test_prefixes_too_large_for_the_cache_are_computed_for_each_batch(monkeypatch):
+def _prefix_bytes(lvlm: LVLM, query: Query) -> int:
+    """What one prefix of `query`'s image costs in the cache."""
+    ids = lvlm.inputs.encode(query).input_ids
+    end = len(ids) - ids[::-1].index(lvlm.inputs.image_token_id)
+    return end * bytes_per_token(lvlm.model.config, lvlm.dtype)
+
+
+def test_prefixes_the_cache_dropped_are_computed_again_for_the_batch_that_needs_them(monkeypatch):
+    lvlm = tiny("llava")
+    images = [random_image(50 + i) for i in range(6)]
+    queries = [Query(q, "yes", image) for image in images for q in ("is it here?", "is it there now?")]
+    memo = ScoreMemo(prefix_bytes=4 * _prefix_bytes(lvlm, queries[0]))  # four prefixes; batches of two rows
+    prefixes, tokens = _counting(lvlm, monkeypatch)
+    scores = lvlm.score(queries, memo=memo)
+    assert len(memo.prefixes) == 4
+    assert len(prefixes) > 6 and len(set(prefixes)) == 6  # up front, then again where the cache had dropped them
+    assert max(tokens) <= 2 * max(len(lvlm.inputs.encode(q).input_ids) for q in queries)  # two rows a batch
+    _assert_same(scores, _whole(lvlm, queries, monkeypatch))
+
+
+def test_rows_run_whole_where_the_cache_fits_fewer_than_two_rows_prefixes(monkeypatch):
     lvlm = tiny("llava")
     queries = _queries()
-    memo = ScoreMemo(prefix_bytes=1)  # keeps none
+    memo = ScoreMemo(prefix_bytes=4 * _prefix_bytes(lvlm, queries[0]) - 1)
     prefixes, tokens = _counting(lvlm, monkeypatch)
-    scores = lvlm.score(queries, memo=memo, batch_size=2)
-    assert len(memo.prefixes) == 0
-    assert len(prefixes) > 2  # computed up front, then again for each batch that needs them
-    _assert_same(scores, _whole(lvlm, queries, monkeypatch, batch_size=2))
+    scores = lvlm.score(queries, memo=memo)
+    assert prefixes == [] and len(tokens) == 1  # one batch of whole rows, as without sharing
+    _assert_same(scores, _whole(lvlm, queries, monkeypatch))
 
 
 @pytest.mark.parametrize("kind", ["forward", "forward_pre"])
