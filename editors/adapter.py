@@ -301,20 +301,8 @@ class LVLM:
         else:
             groups = image_index_groups([queries[i] for i in todo])
         cache = prefix_cache() if memo is None else memo.prefixes
-        shared: dict[int, PrefixKey] = {}
-        if (self.family.shares_image_features and self.family.shares_image_prefix and not sequence_top_k and encoded
-                and within_window(self.model.config, max(len(e.input_ids) for e in encoded.values()))
-                and not self._hooked()):
-            shared = shared_prefixes(encoded, self.inputs.image_token_id, cache)
+        shared, batch_size = self._plan_prefixes(encoded, cache, batch_size, sequence_top_k)
         if shared:
-            # A batch holds its rows' prefixes side by side, every layer at once, and the decoder's cache copies them
-            # once more: half the cache's bound for them keeps a batch's prefixes within it. Where that leaves fewer
-            # than two rows a batch, many small forwards would cost more than running rows whole.
-            longest = max(len(ids) for _, ids in shared.values())
-            rows = cache.max_cost // 2 // (longest * bytes_per_token(self.model.config, self.dtype))
-            shared = shared if rows >= 2 else {}
-        if shared:
-            batch_size = min(batch_size, rows)
             self._compute_prefixes([k for k in dict.fromkeys(shared.values()) if k not in cache], encoded, cache,
                                    batch_size, hold=False)
         # A row whose prefix is shared runs from where its prefix ends.
@@ -332,6 +320,23 @@ class LVLM:
                     if memo is not None:
                         memo.put(keys[i], score, top_k, wanted[i])
         return results  # type: ignore[return-value]
+
+    def _plan_prefixes(self, encoded: dict[int, Encoded], cache: LRUCache[KeysValues], batch_size: int,
+                       sequence_top_k: int) -> tuple[dict[int, PrefixKey], int]:
+        """The rows of a call that continue a shared prefix (row -> its key), and the batch size that leaves them."""
+        if not (self.family.shares_image_features and self.family.shares_image_prefix and not sequence_top_k
+                and encoded and within_window(self.model.config, max(len(e.input_ids) for e in encoded.values()))
+                and not self._hooked()):
+            return {}, batch_size
+        shared = shared_prefixes(encoded, self.inputs.image_token_id, cache)
+        if not shared:
+            return {}, batch_size
+        # A batch holds its rows' prefixes side by side, every layer at once, and the decoder's cache copies them once
+        # more: half the cache's bound for them keeps a batch's prefixes within it. Where that leaves fewer than two
+        # rows a batch, many small forwards would cost more than running rows whole.
+        longest = max(len(ids) for _, ids in shared.values())
+        per_batch = cache.max_cost // 2 // (longest * bytes_per_token(self.model.config, self.dtype))
+        return (shared, min(batch_size, per_batch)) if per_batch >= 2 else ({}, batch_size)
 
     def _hooked(self) -> bool:
         """Whether a module of the model has a forward hook that may change what it computes: an editor that rewrites
