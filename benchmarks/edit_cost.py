@@ -96,21 +96,25 @@ def main() -> None:
     world = write_world(WorldConfig(), work / "w", progress=False)
     model = Path(shutil.copytree(SHIPPED, work / "model"))
     codes = {"this code": ROOT, args.baseline: worktree(args.baseline, work)}
-    short, long = sorted(args.edits)
-    streams = {n: long_stream(world, n) for n in (short, long)}
-    print(f"{'method':8s} {'code':>12s} {f'{short} edits s':>12s} {f'{long} edits s':>12s} {'ms/edit':>8s}")
-    for method in args.methods:
-        per_edit = {}
-        for name, code in codes.items():
-            timed_run(code, streams[short], world, model, method, work / f"{method}-warm-up-{code.name}")
-            seconds = {n: timed_run(code, streams[n], world, model, method, work / f"{method}-{n}-{code.name}")
-                       for n in (short, long)}
-            per_edit[name] = (seconds[long] - seconds[short]) / (long - short) * 1000
-            print(f"{method:8s} {name[:12]:>12s} {seconds[short]:12.1f} {seconds[long]:12.1f} {per_edit[name]:8.1f}",
-                  flush=True)
-        this, before = (work / f"{method}-{long}-{code.name}" for code in codes.values())
-        print(f"{method:8s} {'speed-up':>12s} {per_edit[args.baseline] / per_edit['this code']:37.2f}x; "
-              f"largest metric difference between the two {long}-edit summaries: {largest_difference(this, before):.2e}")
+    try:
+        short, long = sorted(args.edits)
+        streams = {n: long_stream(world, n) for n in (short, long)}
+        print(f"{'method':8s} {'code':>12s} {f'{short} edits s':>12s} {f'{long} edits s':>12s} {'ms/edit':>8s}")
+        for method in args.methods:
+            per_edit = {}
+            for name, code in codes.items():
+                timed_run(code, streams[short], world, model, method, work / f"{method}-warm-up-{code.name}")
+                seconds = {n: timed_run(code, streams[n], world, model, method, work / f"{method}-{n}-{code.name}")
+                           for n in (short, long)}
+                per_edit[name] = (seconds[long] - seconds[short]) / (long - short) * 1000
+                print(f"{method:8s} {name[:12]:>12s} {seconds[short]:12.1f} {seconds[long]:12.1f} {per_edit[name]:8.1f}",
+                      flush=True)
+            this, before = (work / f"{method}-{long}-{code.name}" for code in codes.values())
+            print(f"{method:8s} {'speed-up':>12s} {per_edit[args.baseline] / per_edit['this code']:37.2f}x; "
+                  f"largest metric difference between the two {long}-edit summaries: {largest_difference(this, before):.2e}")
+    finally:  # the run folders stay in `work` for a look; the worktree is unregistered from the repository
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(codes[args.baseline])],
+                       check=False, capture_output=True)
 
 
 if __name__ == "__main__":
