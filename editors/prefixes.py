@@ -25,7 +25,7 @@ KeysValues = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: keys 
 
 def prefix_cache(max_bytes: int = PREFIX_CACHE_BYTES) -> LRUCache[KeysValues]:
     """An LRU cache of one prefix's keys and values per key, bounded in bytes."""
-    return LRUCache(max_bytes, lambda layers: sum(k.numel() * k.element_size() * 2 for k, _ in layers))
+    return LRUCache(max_bytes, lambda layers: sum(t.numel() * t.element_size() for pair in layers for t in pair))
 
 
 @dataclass
