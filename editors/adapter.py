@@ -294,7 +294,7 @@ class LVLM:
             for i, key in enumerate(keys):
                 results[i] = memo.get(key, top_k, wanted[i])
         todo = [i for i, r in enumerate(results) if r is None]
-        encoded = {i: self.inputs.encode(queries[i]) for i in todo}
+        encoded = dict(zip(todo, self.inputs.encode_many([queries[i] for i in todo])))
         if self.family.shares_image_features:
             self._check_features()
             groups = [list(range(len(todo)))]  # the model gets image features, not pixels: text rows may join
@@ -423,7 +423,7 @@ class LVLM:
         return out
 
     def _batch(self, queries: Sequence[Query]) -> Batch:
-        return self.inputs.collate([self.inputs.encode(q) for q in queries], self.dtype, self.device)
+        return self.inputs.collate(self.inputs.encode_many(queries), self.dtype, self.device)
 
     def _forward(self, batch: Batch, keep: torch.Tensor | None, features: list[torch.Tensor] | None = None,
                  prefixes: Prefixes | None = None) -> torch.Tensor:
@@ -545,8 +545,7 @@ class LVLM:
 
     def check(self, queries: Sequence[Query]) -> None:
         """InputError for the first query the model cannot take (see `InputBuilder.encode`), without a forward pass."""
-        for query in queries:
-            self.inputs.encode(query)
+        self.inputs.encode_many(queries)
 
     def nonfinite_parameters(self, limit: int = 5) -> list[str]:
         """Names of (up to `limit`) parameters holding NaN or Inf: the first sign of a collapsed model."""

@@ -412,7 +412,7 @@ class Grace(Editor, HasMemory):
 
     def _encoded_positions(self, queries: Sequence[Query]) -> dict[tuple[int, ...], int]:
         """Token ids of each query -> its key token, for full-sequence scoring (no `logits_to_keep` positions)."""
-        encoded = [self.lvlm.inputs.encode(q) for q in queries]
+        encoded = self.lvlm.inputs.encode_many(queries)
         return {tuple(e.input_ids): e.answer_start - 1 for e in encoded}
 
     @torch.no_grad()

@@ -147,40 +147,75 @@ class InputBuilder:
         InputError for a query `check` refuses, or one longer than `max_tokens` with its image tokens.
         Encodings are cached by content: a run asks the same questions of the same images often.
         """
-        image = None if query.image is None else image_digest(query.image)
-        # The format is part of the key: tests and protocols switch it on a live builder.
-        key = (self.prompt_format, self.plain_template, self.chat_template, query.prompt, query.answer, image,
-               with_answer)
-        encoded = self._encoded.get(key)
-        if encoded is None:  # a cached encoding passed `check`, which reads only the key's texts
-            self.check(query, with_answer)
-            encoded = self._encode(query, with_answer, image)
-            self._encoded.put(key, encoded)
-        if self.max_tokens is not None and len(encoded.input_ids) > self.max_tokens:
-            raise InputError(f"the query is {len(encoded.input_ids)} tokens long with its image; the model takes at "
-                             f"most {self.max_tokens}")
-        return encoded
+        return self.encode_many([query], with_answer)[0]
 
-    def _encode(self, query: Query, with_answer: bool, digest: str | None) -> Encoded:
-        """`encode` without the checks and the cache; `digest` is the image's `image_digest`."""
+    def encode_many(self, queries: Sequence[Query], with_answer: bool = True) -> list[Encoded]:
+        """`encode` of each query, with one call of the tokenizer for those not cached (a call costs far more than a
+        text); InputError for the first query `encode` would refuse."""
+        keys = [self._key(query, with_answer) for query in queries]
+        found: list[Encoded | None] = [self._encoded.get(key) for key in keys]
+        missing = {key: i for i, (key, encoded) in reversed(list(enumerate(zip(keys, found)))) if encoded is None}
+        texts: dict[int, tuple[str, int] | InputError] = {}
+        for i in sorted(missing.values()):  # a cached encoding passed `check`, which reads only the key's texts
+            try:
+                self.check(queries[i], with_answer)
+                texts[i] = self._text(queries[i], with_answer)
+            except InputError as error:
+                texts[i] = error  # raised in its turn below, so the first refused query is the one named
+        tokens = self._tokenize({i: text for i, text in texts.items() if not isinstance(text, InputError)}, with_answer)
+        for i, (query, key) in enumerate(zip(queries, keys)):
+            if found[i] is None:
+                if (j := missing[key]) == i:
+                    if isinstance(texts[i], InputError):
+                        raise texts[i]
+                    found[i] = self._finish(query, texts[i], tokens[i], with_answer, key[5])
+                    self._encoded.put(key, found[i])
+                else:
+                    found[i] = found[j]
+            length = len(found[i].input_ids)
+            if self.max_tokens is not None and length > self.max_tokens:
+                raise InputError(f"the query is {length} tokens long with its image; the model takes at most "
+                                 f"{self.max_tokens}")
+        return found  # type: ignore[return-value]
+
+    def _key(self, query: Query, with_answer: bool) -> tuple:
+        """What an encoding depends on; the format is part of it, as tests and protocols switch it on a live builder."""
+        image = None if query.image is None else image_digest(query.image)
+        return (self.prompt_format, self.plain_template, self.chat_template, query.prompt, query.answer, image,
+                with_answer)
+
+    def _text(self, query: Query, with_answer: bool) -> tuple[str, int]:
+        """The text to tokenize (prompt, and the answer after a separator) and where the answer starts in it."""
         text = self.prompt_text(query)
-        answer_char = len(text)
-        if with_answer:
-            if not query.answer.strip():
-                raise InputError(f"empty answer for prompt {query.prompt!r}")
-            sep = "" if text[-1:].isspace() else " "
-            answer_char = len(text) + len(sep)
-            text = text + sep + query.answer
+        if not with_answer:
+            return text, len(text)
+        if not query.answer.strip():
+            raise InputError(f"empty answer for prompt {query.prompt!r}")
+        sep = "" if text[-1:].isspace() else " "
+        return text + sep + query.answer, len(text) + len(sep)
+
+    def _tokenize(self, texts: dict[int, tuple[str, int]], with_answer: bool) -> dict[int, tuple[list[int], list]]:
+        """Token ids (and offsets, with the answer) of each text, one tokenizer call per kind of text: a text that
+        already starts with the BOS token gets no second one."""
         bos = self.tokenizer.bos_token
-        enc = self.tokenizer(
-            text,
-            add_special_tokens=not (bos and text.startswith(bos)),
-            return_offsets_mapping=with_answer,
-        )
-        ids: list[int] = list(enc["input_ids"])
+        out: dict[int, tuple[list[int], list]] = {}
+        for special in (True, False):
+            rows = [i for i, (text, _) in texts.items() if special != bool(bos and text.startswith(bos))]
+            if not rows:
+                continue
+            enc = self.tokenizer([texts[i][0] for i in rows], add_special_tokens=special,
+                                 return_offsets_mapping=with_answer)
+            for n, i in enumerate(rows):
+                out[i] = (list(enc["input_ids"][n]), enc["offset_mapping"][n] if with_answer else [])
+        return out
+
+    def _finish(self, query: Query, text: tuple[str, int], tokens: tuple[list[int], list], with_answer: bool,
+                digest: str | None) -> Encoded:
+        """The `Encoded` of a query from its `_text` and tokens: the answer span found, the image's slots expanded."""
+        (text, answer_char), (ids, offsets) = text, tokens
         start, length = len(ids), 0
         if with_answer:
-            start, length = _answer_span(enc["offset_mapping"], answer_char, query)
+            start, length = _answer_span(offsets, answer_char, query)
         pixels = None
         slots = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if query.image is None:

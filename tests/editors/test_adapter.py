@@ -177,6 +177,52 @@ def test_input_errors_are_specific():
                            None, "chat")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encode_many_equals_encode_one_at_a_time_with_one_tokenizer_call(family):
+    lvlm = tiny(family)
+    image = random_image(3)
+    queries = [Query("what is shown?", "a cat", image), Query("what is the capital of France?", "Paris"),
+               Query("what is shown?", "a cat", image), Query("what colour is it?", "deep blue", random_image(4)),
+               Query("who wrote it?", "Shakespeare")]
+    alone = [type(lvlm.inputs).encode(lvlm.inputs, q) for q in queries]  # each in a call of its own
+    lvlm.inputs._encoded.clear()
+    calls = []
+    tokenizer = lvlm.inputs.tokenizer
+    original = type(tokenizer).__call__
+    type(tokenizer).__call__ = lambda self, *a, **k: calls.append(a[0]) or original(self, *a, **k)
+    try:
+        many = lvlm.inputs.encode_many(queries)
+    finally:
+        type(tokenizer).__call__ = original
+    # Prompts with their answers go to the tokenizer in one call, the repeated query once (a family may tokenize
+    # other text on its own: InstructBLIP's Q-Former question, Idefics3's image tokens).
+    texts = [c if isinstance(c, list) else [c] for c in calls]
+    answered = [c for c, some in zip(calls, texts) if any(q.answer in text for q in queries for text in some)]
+    assert answered == [calls[0]] and len(calls[0]) == 4
+    for one, batched in zip(alone, many):
+        assert (one.input_ids, one.answer_start, one.answer_len, one.image) == (
+            batched.input_ids, batched.answer_start, batched.answer_len, batched.image)
+        assert (one.pixels is None) == (batched.pixels is None)
+        assert one.pixels is None or all(torch.equal(one.pixels[k], batched.pixels[k]) for k in one.pixels)
+    assert many[0] is many[2]
+
+
+def test_encode_many_refuses_with_the_error_of_the_first_query_encode_would_refuse():
+    llava = tiny("llava")
+    good, eos = Query("what?", "Paris"), llava.inputs.tokenizer.eos_token
+    special, long = Query("what?", f"Paris{eos}"), Query("what is the capital of France, then?", "Paris")
+    limit, llava.inputs.max_tokens = llava.inputs.max_tokens, len(llava.inputs.encode(good).input_ids)
+    try:
+        # The first refused query names the error, whether refused before the tokenizer (special tokens) or after.
+        with pytest.raises(InputError, match="tokens long"):
+            llava.inputs.encode_many([good, long, special])
+        with pytest.raises(InputError, match="special token"):
+            llava.inputs.encode_many([good, special, long])
+        assert llava.inputs.encode_many([good])[0].input_ids == llava.inputs.encode(good).input_ids
+    finally:
+        llava.inputs.max_tokens = limit
+
+
 def test_a_query_longer_than_the_models_context_is_refused_before_any_forward():
     llava = tiny("llava")
     limit = llava.inputs.max_tokens
