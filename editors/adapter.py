@@ -32,7 +32,7 @@ from editors.prefixes import (
     within_window,
 )
 from editors.prompts import PromptFormat
-from memory.cache import LRUCache
+from memory.cache import GenerationCache, LRUCache
 
 FEATURE_CACHE_BYTES = 256 * 2**20
 RECORDING_HOOKS = "transformers.utils.output_capturing"  # the module of the hooks transformers puts on layers
@@ -62,6 +62,9 @@ def _gathered_from_top(score: SpanScore, gather: torch.Tensor) -> torch.Tensor |
     if not bool(match.any(-1).all()):
         return None
     return score.topk_logprobs[: gather.shape[0]].gather(-1, match.int().argmax(-1))
+
+
+Memoised = tuple[SpanScore, int, torch.Tensor | None]  # a score, the top-k it was computed with, the ids gathered at
 
 
 @dataclass
@@ -104,13 +107,15 @@ class ScoreMemo:
     A query asked for fewer top-k entries, or for the log-probs at ids its stored top-k holds
     (a locality probe gathering at its own pre-edit top-k), is answered from the stored score:
     those are the very numbers a forward would give. As a guard the memo is emptied when a
-    parameter is added, replaced or changed in place (its version counter moves). Least recently
-    used entries go first beyond `capacity`. The decoder's keys and values of shared image prefixes
-    (`LVLM.score`) are kept alongside, under the same guard, up to `prefix_bytes`.
+    parameter is added, replaced or changed in place (its version counter moves). Scores are kept
+    in generations (`GenerationCache`), the oldest going whole beyond `capacity`, so that a
+    checkpoint can save the memo a generation at a time and a resumed run look up the same scores
+    (`restore`). The decoder's keys and values of shared image prefixes (`LVLM.score`) are kept
+    alongside, under the same guard, up to `prefix_bytes`, and are not saved.
     """
 
     def __init__(self, capacity: int = 65536, prefix_bytes: int = PREFIX_CACHE_BYTES) -> None:
-        self.scores: LRUCache[tuple[SpanScore, int, torch.Tensor | None]] = LRUCache(capacity)
+        self.scores: GenerationCache[Memoised] = GenerationCache(capacity)
         self.prefixes: LRUCache[KeysValues] = prefix_cache(prefix_bytes)  # shared image prefixes (`LVLM.score`)
         self._weights: tuple = ()
 
@@ -146,15 +151,26 @@ class ScoreMemo:
 
     def check(self, model: nn.Module) -> None:
         """Empty the memo (scores and prefixes) if `model`'s parameters changed since it was filled."""
-        weights = tuple((id(p), p._version) for p in model.parameters())
+        weights = _versions(model)
         if weights != self._weights:
             self.clear()
             self._weights = weights
+
+    def restore(self, generations: dict[int, dict[tuple, Memoised]], opened: int, model: nn.Module) -> None:
+        """Hold the saved `generations` of scores of `model` as it is now (see `GenerationCache.restore`)."""
+        self.clear()
+        self.scores.restore(generations, opened)
+        self._weights = _versions(model)
 
     def clear(self) -> None:
         """Forget every score and prefix."""
         self.scores.clear()
         self.prefixes.clear()
+
+
+def _versions(model: nn.Module) -> tuple:
+    """Which tensors hold `model`'s parameters, and how often each was changed in place."""
+    return tuple((id(p), p._version) for p in model.parameters())
 
 
 class LVLM:

@@ -47,6 +47,7 @@ from editors.editor import (
     bypassing,
 )
 from editors.inputs import Query, image_digest
+from editors.memo_files import load_generation, memo_path, save_generation
 from editors.state import EditorState
 from memory import (
     Change,
@@ -62,6 +63,7 @@ from memory.cache import LRUCache
 
 Pooling = Literal["flat", "mean"]
 FEATURE_CACHE_BYTES = 256 * 2**20
+MEMO = "memo"  # in a journal's folder: the score memo's sealed generations, a file each (`editors.memo_files`)
 
 
 class KeyConfig(BaseModel):
@@ -417,6 +419,8 @@ class MemoryEditor(Editor, HasMemory, CanRetract, HasJournal, ScoresUnedited):
         self._bypass = False
         self._journal: MemoryJournal | None = None  # where checkpoints write the memory's changes (`journal_state`)
         self._memo = ScoreMemo()  # the weights never change under a memory editor: a query asked again is looked up
+        self._memo_written: set[int] = set()  # memo generations on disk in the journal's folder (`journal_state`)
+        self._memo_named: list[int] = []  # those the last checkpoint names
 
     @abstractmethod
     def _prompted(self, queries: Sequence[Query]) -> list[Query]:
@@ -469,9 +473,11 @@ class MemoryEditor(Editor, HasMemory, CanRetract, HasJournal, ScoresUnedited):
         with bypassing(self):
             yield
 
-    def clear_caches(self) -> None:
-        """Forget memoised scores (see `Editor.clear_caches`); image keys stay, as they depend on the image alone."""
-        self._memo.clear()
+    def clear_caches(self, keep_saved: bool = False) -> None:
+        """Forget memoised scores and image prefixes (see `Editor.clear_caches`); with `keep_saved`, the scores the
+        last checkpoint saved stay. Image keys stay, as they depend on the image alone."""
+        self._memo.prefixes.clear()
+        self._memo.scores.drop_open() if keep_saved else self._memo.scores.clear()
 
     def memory_size(self) -> int:
         """Number of edits in memory."""
@@ -507,20 +513,47 @@ class MemoryEditor(Editor, HasMemory, CanRetract, HasJournal, ScoresUnedited):
     def journal_state(self, folder: Path) -> EditorState:
         """Config, trained parts, image centre and the journal's position; the memory's changes go to the journal."""
         if self._journal is None or self._journal.folder != Path(folder):
-            self._journal = MemoryJournal(folder)
+            self._journal, self._memo_written = MemoryJournal(folder), set()
         state = self._new_state(self._trained())
         self.edits.save_journaled(state, self._journal)
+        state.meta["memo"] = self._save_memo(Path(folder) / MEMO)
         return state
 
+    def _save_memo(self, folder: Path) -> dict[str, Any]:
+        """Seal the score memo's open generation and write each sealed one not yet on disk; what a resume reads."""
+        self._memo.scores.seal()
+        sealed = self._memo.scores.sealed()
+        for generation in sealed.keys() - self._memo_written:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_generation(memo_path(folder, generation), sealed[generation])
+        self._memo_written = set(sealed)
+        self._memo_named = list(sealed)
+        return {"generations": self._memo_named, "opened": self._memo.scores.opened}
+
     def journal_committed(self) -> None:
-        """Older journal generations can go: a checkpoint names the last one written."""
+        """Older journal generations, and memo generations the checkpoint does not name, can go."""
         if self._journal is not None:
             self._journal.commit()
+            self._drop_memo_files(self._journal.folder / MEMO)
 
     def resume_journal(self, state: EditorState, folder: Path) -> None:
-        """Continue the journal in `folder` from the position of `state` (loaded just before by `load_state`)."""
+        """Continue the journal in `folder` from the position of `state` (loaded just before by `load_state`), with
+        the score memo the checkpoint saved; what was written after the checkpoint goes."""
         self._journal = MemoryJournal(folder)
         self.edits.resume_journal(state, self._journal)
+        saved = state.meta.get("memo", {"generations": [], "opened": 0})  # none before the memo was saved
+        self._memo_named, memo = list(saved["generations"]), Path(folder) / MEMO
+        self._memo.restore({g: load_generation(memo_path(memo, g)) for g in self._memo_named}, saved["opened"],
+                           self.lvlm.model)
+        self._memo_written = set(self._memo_named)
+        self._drop_memo_files(memo)
+
+    def _drop_memo_files(self, folder: Path) -> None:
+        """Delete the files in `folder` that the last checkpoint does not name (a killed write's leftovers too)."""
+        keep = {memo_path(folder, g).name for g in self._memo_named}
+        for path in folder.iterdir() if folder.is_dir() else ():
+            if path.name not in keep:
+                path.unlink()
 
     @classmethod
     def whole_state(cls, state: EditorState, folder: Path) -> EditorState:

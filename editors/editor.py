@@ -98,13 +98,14 @@ class Editor(ABC):
         """Teacher-forced answer-span scores of the edited model (see `LVLM.score`)."""
         return self.lvlm.score(queries, **kwargs)
 
-    def clear_caches(self) -> None:
+    def clear_caches(self, keep_saved: bool = False) -> None:
         """Forget what the editor memoised from batches (scores): what it computes next depends on its state alone.
 
         Results of a batch differ from those of the same query in another batch in the last float
         bits, so a cache filled before a checkpoint would make the uninterrupted run and one resumed
-        from that checkpoint differ; the timeline calls this at every checkpoint. What is computed
-        one item at a time (image features and keys) may stay. Nothing to forget here.
+        from that checkpoint differ. The timeline calls this when a run starts, and with `keep_saved`
+        after every checkpoint: what the checkpoint saved (and a resume restores) may then stay. What
+        is computed one item at a time (image features and keys) may stay. Nothing to forget here.
         """
 
     def train(self, examples: Sequence[EditExample], progress: bool = True) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""A least-recently-used cache bounded by a cost (bytes, entries), safe to share between threads."""
+"""Bounded caches, safe to share between threads: least recently used first, or oldest generation first."""
 
 from __future__ import annotations
 
@@ -61,3 +61,100 @@ class LRUCache(Generic[V]):
         with self._lock:
             self._values.clear()
             self.total = 0
+
+
+class GenerationCache(Generic[V]):
+    """Values by key in generations: the oldest generation goes whole once more than `max_entries` are held.
+
+    Its state is a plain history, unlike `LRUCache`'s: a lookup changes nothing, a value is put in the open
+    (newest) generation, and `seal` closes that one and opens the next (as does filling it with
+    `generation_entries` values). A sealed generation never gains a value (a key put again moves to the open one),
+    so each can be saved once, and `restore` from the saved ones rebuilds the same cache.
+    """
+
+    def __init__(self, max_entries: int, generation_entries: int | None = None) -> None:
+        self.max_entries = max_entries
+        self.generation_entries = generation_entries or max(1, max_entries // 16)
+        self._generations: dict[int, dict[Hashable, V]] = {0: {}}  # oldest first; the last is the open one
+        self._where: dict[Hashable, int] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._where
+
+    def get(self, key: Hashable) -> V | None:
+        """The value under `key`, or None."""
+        with self._lock:
+            generation = self._where.get(key)
+            return None if generation is None else self._generations[generation][key]
+
+    def put(self, key: Hashable, value: V) -> None:
+        """Keep `value` under `key` in the open generation; the oldest generations go beyond `max_entries`."""
+        with self._lock:
+            held = self._where.get(key)
+            if held is not None:
+                del self._generations[held][key]
+            open_id, values = self._open()
+            values[key] = value
+            self._where[key] = open_id
+            if len(values) >= self.generation_entries:
+                self._seal()
+            while len(self._where) > self.max_entries and len(self._generations) > 1:
+                for gone in self._generations.pop(next(iter(self._generations))):
+                    del self._where[gone]
+
+    def seal(self) -> None:
+        """Close the open generation, if it holds anything, and open the next."""
+        with self._lock:
+            self._seal()
+
+    def sealed(self) -> dict[int, dict[Hashable, V]]:
+        """Every generation but the open one, oldest first, by number."""
+        with self._lock:
+            return {number: dict(values) for number, values in list(self._generations.items())[:-1]}
+
+    def drop_open(self) -> None:
+        """Forget the values of the open generation (what no saved generation holds)."""
+        with self._lock:
+            for key in self._open()[1]:
+                del self._where[key]
+            self._open()[1].clear()
+
+    @property
+    def opened(self) -> int:
+        """The number of the open generation."""
+        with self._lock:
+            return self._open()[0]
+
+    def restore(self, generations: dict[int, dict[Hashable, V]], opened: int) -> None:
+        """Hold exactly the sealed `generations` (as `sealed` gave them, or saved before some of their keys moved to a
+        newer one: the newest holds a key), and an empty open generation numbered `opened`, past all of them."""
+        if opened <= max(generations, default=-1):
+            raise ValueError(f"the open generation {opened} must come after the sealed ones {sorted(generations)}")
+        with self._lock:
+            self._generations, self._where = {}, {}
+            for number in sorted(generations):
+                self._generations[number] = dict(generations[number])
+                for key in generations[number]:
+                    if key in self._where:
+                        del self._generations[self._where[key]][key]
+                    self._where[key] = number
+            self._generations[opened] = {}
+
+    def clear(self) -> None:
+        """Forget every value; generations are numbered on from the last."""
+        with self._lock:
+            self._generations = {self._open()[0] + 1: {}}
+            self._where = {}
+
+    def _open(self) -> tuple[int, dict[Hashable, V]]:
+        number = next(reversed(self._generations))
+        return number, self._generations[number]
+
+    def _seal(self) -> None:
+        number, values = self._open()
+        if values:
+            self._generations[number + 1] = {}

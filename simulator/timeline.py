@@ -75,6 +75,7 @@ class Timeline:
     def __init__(self, editor: Editor, config: RunConfig, images: ImageRoot, files: RunFiles,
                  sinks: Iterable[Sink] = (), reject: Callable[[int, str], None] | None = None) -> None:
         self.editor = editor
+        self.editor.clear_caches()  # whatever training left: every run starts alike (a resume restores what it saved)
         self.config = config
         self.images = images
         self.files = files
@@ -110,7 +111,7 @@ class Timeline:
         `checkpoint()` runs every `checkpoint_every` records read. `line` is the stream position
         consumed: a record read but not applied (a stop, the limit) is read again on resume.
         """
-        self.editor.clear_caches()  # whatever training or a restore left: every run starts alike
+        self.editor.clear_caches(keep_saved=True)  # what was asked since the start or a restore: every run goes alike
         for line, record in records:
             interrupted = stop is not None and stop.is_set()
             if interrupted or (self.config.limit is not None and self.edits_read >= self.config.limit):
@@ -125,7 +126,7 @@ class Timeline:
                 self.stopped = "limit"
             if self.edits_read % self.config.checkpoint_every == 0 and not self.stopped:
                 checkpoint()
-                self.editor.clear_caches()  # a run resumed here starts with none: both go on alike
+                self.editor.clear_caches(keep_saved=True)  # a run resumed here has what it saved: both go on alike
             if self.stopped:
                 return
         # A following reader ends when asked to stop: that is an interruption, not the stream's end.

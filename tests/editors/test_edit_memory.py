@@ -1,13 +1,18 @@
-"""The edit memory shared by IKE and SERAC: short IVF rows, routing statistics, re-edits, retraction, journaling."""
+"""The edit memory shared by IKE and SERAC: short IVF rows, routing statistics, re-edits, retraction, journaling
+of the memory and of the score memo."""
+
+from dataclasses import fields
 
 import numpy as np
 import pytest
 import torch
 
 from editors import EditRequest, Query, create_editor
+from editors.adapter import SpanScore
 from editors.edit_memory import EditMemory, KeyConfig
 from editors.editor import StateMismatchError
-from memory import MemoryConfig
+from editors.memo_files import load_generation, save_generation
+from memory import JournalError, MemoryConfig
 from tests.tiny_models import random_image, tiny_llava
 
 FACTS = [
@@ -139,3 +144,67 @@ def test_a_journaled_checkpoint_restores_the_memory_a_whole_state_holds(method, 
     # After `reset` or `load_state`, what changed is unknown: the next checkpoint writes a snapshot.
     fresh.load_state(editor.state())
     assert fresh.journal_state(folder).meta["memory"]["journal"] == {"generation": 2, "log_bytes": 0}
+
+
+@pytest.mark.parametrize("method", ["ike", "serac"])
+def test_a_checkpoint_saves_the_score_memo_and_a_resumed_editor_looks_up_the_same_scores(method, tmp_path,
+                                                                                       monkeypatch):
+    folder = tmp_path / "journal"
+    editor = create_editor(method, tiny_llava(seed=1), {"threshold": 0.99} if method == "serac" else {})
+    edits = [EditRequest(p, t, random_image(30 + i) if i % 2 else None, key=str(i)) for i, (p, t) in enumerate(FACTS)]
+    for edit in edits[:6]:
+        editor.apply(edit)
+    queries = [edit.query for edit in edits]
+    first = editor.score(queries, top_k=5)
+    state = editor.journal_state(folder)
+    editor.journal_committed()
+    editor.clear_caches(keep_saved=True)  # as the timeline does after a checkpoint: the saved scores stay
+    (g,) = state.meta["memo"]["generations"]  # what was scored, sealed: the next generation is open
+    assert state.meta["memo"]["opened"] == g + 1
+    assert [p.name for p in (folder / "memo").iterdir()] == [f"{g}.safetensors"]
+
+    fresh = create_editor(method, tiny_llava(seed=1))  # another process: the same weights in other tensors
+    whole = type(editor).whole_state(state, folder)
+    fresh.load_state(whole)
+    fresh.resume_journal(whole, folder)
+    forwards = []
+    for one in (editor, fresh):
+        monkeypatch.setattr(one.lvlm, "_forward", lambda *a, **k: forwards.append(1))
+    for one in (editor, fresh):
+        again = one.score(queries, top_k=3)  # fewer top-k entries: read from the stored score
+        for old, new in zip(first, again):
+            assert torch.equal(old.target_logprobs, new.target_logprobs) and torch.equal(old.argmax_ids, new.argmax_ids)
+            assert torch.equal(old.topk_logprobs[:, :3], new.topk_logprobs)
+    assert forwards == []  # every score came from the memo, in the editor and in the resumed one
+
+    # A checkpoint written after this one but not committed (the run was killed): its memo file goes on resume.
+    monkeypatch.undo()
+    editor.score([Query("which animal is this?", "a cat", random_image(50))])
+    assert editor.journal_state(folder).meta["memo"] == {"generations": [g, g + 1], "opened": g + 2}
+    assert sorted(p.name for p in (folder / "memo").iterdir()) == [f"{g}.safetensors", f"{g + 1}.safetensors"]
+    again = create_editor(method, tiny_llava(seed=1))
+    again.load_state(whole)
+    again.resume_journal(whole, folder)
+    assert [p.name for p in (folder / "memo").iterdir()] == [f"{g}.safetensors"]
+    (folder / "memo" / f"{g}.safetensors").unlink()
+    with pytest.raises(JournalError, match=f"{g}.safetensors: the checkpoint names this memo generation"):
+        create_editor(method, tiny_llava(seed=1)).resume_journal(whole, folder)
+
+
+def test_a_memo_generation_reads_back_bit_for_bit_with_its_optional_parts(tmp_path):
+    scores = [SpanScore(torch.tensor([5, 6]), torch.tensor([5, 7]), torch.tensor([-0.1, -2.3]),
+                        torch.tensor([[5, 1, 2], [7, 6, 0]]), torch.randn(2, 3), torch.rand(2)),
+              SpanScore(torch.tensor([9]), torch.tensor([9]), torch.tensor([-1e-9]), torch.tensor([[9, 3]]),
+                        torch.randn(1, 2), torch.rand(1), gathered_logprobs=torch.randn(1, 4),
+                        sequence_topk_ids=torch.tensor([[1], [2], [9]], dtype=torch.int32))]
+    values = {("q0", "a0", None, 0): (scores[0], 3, None),
+              ("q1", "a1", "d1g35t", 1): (scores[1], 2, torch.tensor([[9, 3, 4, 8]]))}
+    save_generation(tmp_path / "7.safetensors", values)
+    read = load_generation(tmp_path / "7.safetensors")
+    assert list(read) == list(values)
+    for (score, top_k, gather), (old, old_top_k, old_gather) in zip(read.values(), values.values()):
+        assert top_k == old_top_k and (gather is None) == (old_gather is None)
+        assert gather is None or (torch.equal(gather, old_gather) and gather.dtype == old_gather.dtype)
+        for field in fields(SpanScore):
+            new, was = getattr(score, field.name), getattr(old, field.name)
+            assert (new is None and was is None) or (torch.equal(new, was) and new.dtype == was.dtype), field.name

@@ -167,9 +167,13 @@ def test_a_memory_editor_killed_mid_journal_resumes_to_the_uninterrupted_outputs
     assert rows(killed / "pool.jsonl") == rows(whole / "pool.jsonl")
     final = journal_position(killed)
     assert final == journal_position(whole)  # the same journal writes as the uninterrupted run
-    assert sorted(p.name for p in journal.iterdir()) == [f"log-{final['generation']}.bin",
+    assert sorted(p.name for p in journal.iterdir()) == [f"log-{final['generation']}.bin", "memo",
                                                         f"snapshot-{final['generation']}"]
     state = Checkpoint.load(killed).editor
+    # The score memo's generations the checkpoint names, and nothing else, as in the uninterrupted run.
+    named = state.meta["memo"]["generations"]
+    assert sorted(p.name for p in (journal / "memo").iterdir()) == sorted(f"{g}.safetensors" for g in named)
+    assert state.meta["memo"] == Checkpoint.load(whole).editor.meta["memo"] and named
     assert len(state.meta["memory"]["ids"]) == expected["last_round"]["memory_size"] == expected["edits_applied"]
     # `simulate probe` restores each run from its journaled checkpoint: the resumed one probes as the other does.
     config = RunConfig.model_validate_json((killed / "config.json").read_text())
