@@ -107,17 +107,17 @@ def main() -> None:
             for code in codes.values():
                 timed_run(code, streams[short], world, model, method, work / f"{method}-warm-up-{code.name}")
             seconds = {(name, n): math.inf for name in codes for n in (short, long)}
-            for _ in range(args.repeat):
+            for turn in range(args.repeat):
                 for (name, n), best in seconds.items():
                     code = codes[name]
-                    took = timed_run(code, streams[n], world, model, method, work / f"{method}-{n}-{code.name}")
-                    seconds[name, n] = min(best, took)
+                    out = work / f"{method}-{n}-{code.name}-{turn}"
+                    seconds[name, n] = min(best, timed_run(code, streams[n], world, model, method, out))
             per_edit = {}
             for name in codes:
                 per_edit[name] = (seconds[name, long] - seconds[name, short]) / (long - short) * 1000
                 print(f"{method:8s} {name[:12]:>12s} {seconds[name, short]:12.1f} {seconds[name, long]:12.1f} "
                       f"{per_edit[name]:8.1f}", flush=True)
-            this, before = (work / f"{method}-{long}-{code.name}" for code in codes.values())
+            this, before = (work / f"{method}-{long}-{code.name}-0" for code in codes.values())
             print(f"{method:8s} {'speed-up':>12s} {per_edit[args.baseline] / per_edit['this code']:37.2f}x; "
                   f"largest metric difference between the two {long}-edit summaries: {largest_difference(this, before):.2e}")
     finally:  # the run folders stay in `work` for a look; the worktree is unregistered from the repository

@@ -109,9 +109,10 @@ class ScoreMemo:
     those are the very numbers a forward would give. As a guard the memo is emptied when a
     parameter is added, replaced or changed in place (its version counter moves). Scores are kept
     in generations (`GenerationCache`), the oldest going whole beyond `capacity`, so that a
-    checkpoint can save the memo a generation at a time and a resumed run look up the same scores
-    (`restore`). The decoder's keys and values of shared image prefixes (`LVLM.score`) are kept
-    alongside, under the same guard, up to `prefix_bytes`, and are not saved.
+    checkpoint can save the memo a sealed generation at a time (and a copy of the open one) and a
+    resumed run look up the very scores the uninterrupted one holds (`restore`). The decoder's
+    keys and values of shared image prefixes (`LVLM.score`) are kept alongside, under the same
+    guard, up to `prefix_bytes`, and are not saved.
     """
 
     def __init__(self, capacity: int = 65536, prefix_bytes: int = PREFIX_CACHE_BYTES) -> None:
@@ -156,10 +157,11 @@ class ScoreMemo:
             self.clear()
             self._weights = weights
 
-    def restore(self, generations: dict[int, dict[tuple, Memoised]], opened: int, model: nn.Module) -> None:
-        """Hold the saved `generations` of scores of `model` as it is now (see `GenerationCache.restore`)."""
+    def restore(self, sealed: dict[int, dict[tuple, Memoised]], opened: int, values: dict[tuple, Memoised],
+                model: nn.Module) -> None:
+        """Hold saved scores of `model` as it is now (see `GenerationCache.restore`)."""
         self.clear()
-        self.scores.restore(generations, opened)
+        self.scores.restore(sealed, opened, values)
         self._weights = _versions(model)
 
     def clear(self) -> None:

@@ -47,7 +47,7 @@ from editors.editor import (
     bypassing,
 )
 from editors.inputs import Query, image_digest
-from editors.memo_files import load_generation, memo_path, save_generation
+from editors.memo_files import OURS, load_generation, memo_path, open_path, save_generation
 from editors.state import EditorState
 from memory import (
     Change,
@@ -60,6 +60,7 @@ from memory import (
     read_journal,
 )
 from memory.cache import LRUCache
+from memory.files import fsync_folder
 
 Pooling = Literal["flat", "mean"]
 FEATURE_CACHE_BYTES = 256 * 2**20
@@ -419,8 +420,8 @@ class MemoryEditor(Editor, HasMemory, CanRetract, HasJournal, ScoresUnedited):
         self._bypass = False
         self._journal: MemoryJournal | None = None  # where checkpoints write the memory's changes (`journal_state`)
         self._memo = ScoreMemo()  # the weights never change under a memory editor: a query asked again is looked up
-        self._memo_written: set[int] = set()  # memo generations on disk in the journal's folder (`journal_state`)
-        self._memo_named: list[int] = []  # those the last checkpoint names
+        self._memo_written: set[int] = set()  # sealed memo generations on disk in the journal's folder
+        self._memo_named: dict[str, Any] = {}  # the memo files the last checkpoint names (`journal_state`)
 
     @abstractmethod
     def _prompted(self, queries: Sequence[Query]) -> list[Query]:
@@ -474,10 +475,11 @@ class MemoryEditor(Editor, HasMemory, CanRetract, HasJournal, ScoresUnedited):
             yield
 
     def clear_caches(self, keep_saved: bool = False) -> None:
-        """Forget memoised scores and image prefixes (see `Editor.clear_caches`); with `keep_saved`, the scores the
-        last checkpoint saved stay. Image keys stay, as they depend on the image alone."""
+        """Forget image prefixes and memoised scores (see `Editor.clear_caches`); with `keep_saved` the scores stay:
+        a checkpoint saves them all (`journal_state`). Image keys stay, as they depend on the image alone."""
         self._memo.prefixes.clear()
-        self._memo.scores.drop_open() if keep_saved else self._memo.scores.clear()
+        if not keep_saved:
+            self._memo.scores.clear()
 
     def memory_size(self) -> int:
         """Number of edits in memory."""
@@ -520,15 +522,18 @@ class MemoryEditor(Editor, HasMemory, CanRetract, HasJournal, ScoresUnedited):
         return state
 
     def _save_memo(self, folder: Path) -> dict[str, Any]:
-        """Seal the score memo's open generation and write each sealed one not yet on disk; what a resume reads."""
-        self._memo.scores.seal()
-        sealed = self._memo.scores.sealed()
+        """Write the score memo's sealed generations not yet on disk and a copy of its open one; what a resume reads."""
+        sealed, opened, values = self._memo.scores.saved()
+        if not folder.is_dir():
+            folder.mkdir(parents=True)
+            fsync_folder(folder.parent)
         for generation in sealed.keys() - self._memo_written:
-            folder.mkdir(parents=True, exist_ok=True)
             save_generation(memo_path(folder, generation), sealed[generation])
         self._memo_written = set(sealed)
-        self._memo_named = list(sealed)
-        return {"generations": self._memo_named, "opened": self._memo.scores.opened}
+        save = self._memo_named.get("open", 0) + 1
+        save_generation(open_path(folder, save), values)
+        self._memo_named = {"generations": list(sealed), "opened": opened, "open": save}
+        return self._memo_named
 
     def journal_committed(self) -> None:
         """Older journal generations, and memo generations the checkpoint does not name, can go."""
@@ -541,18 +546,25 @@ class MemoryEditor(Editor, HasMemory, CanRetract, HasJournal, ScoresUnedited):
         the score memo the checkpoint saved; what was written after the checkpoint goes."""
         self._journal = MemoryJournal(folder)
         self.edits.resume_journal(state, self._journal)
-        saved = state.meta.get("memo", {"generations": [], "opened": 0})  # none before the memo was saved
-        self._memo_named, memo = list(saved["generations"]), Path(folder) / MEMO
-        self._memo.restore({g: load_generation(memo_path(memo, g)) for g in self._memo_named}, saved["opened"],
-                           self.lvlm.model)
-        self._memo_written = set(self._memo_named)
+        memo = Path(folder) / MEMO
+        saved = state.meta.get("memo")  # none in checkpoints written before the memo was kept
+        if saved is None:
+            self._memo.clear()
+            self._memo_named, self._memo_written = {}, set()
+        else:
+            sealed = {g: load_generation(memo_path(memo, g)) for g in saved["generations"]}
+            self._memo.restore(sealed, saved["opened"], load_generation(open_path(memo, saved["open"])),
+                               self.lvlm.model)
+            self._memo_named, self._memo_written = dict(saved), set(sealed)
         self._drop_memo_files(memo)
 
     def _drop_memo_files(self, folder: Path) -> None:
-        """Delete the files in `folder` that the last checkpoint does not name (a killed write's leftovers too)."""
-        keep = {memo_path(folder, g).name for g in self._memo_named}
+        """Delete the memo's files in `folder` that the last checkpoint does not name (a killed write's too)."""
+        keep = {memo_path(folder, g).name for g in self._memo_named.get("generations", [])}
+        if self._memo_named:
+            keep.add(open_path(folder, self._memo_named["open"]).name)
         for path in folder.iterdir() if folder.is_dir() else ():
-            if path.name not in keep:
+            if path.name not in keep and OURS.match(path.name):
                 path.unlink()
 
     @classmethod

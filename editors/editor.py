@@ -103,9 +103,10 @@ class Editor(ABC):
 
         Results of a batch differ from those of the same query in another batch in the last float
         bits, so a cache filled before a checkpoint would make the uninterrupted run and one resumed
-        from that checkpoint differ. The timeline calls this when a run starts, and with `keep_saved`
-        after every checkpoint: what the checkpoint saved (and a resume restores) may then stay. What
-        is computed one item at a time (image features and keys) may stay. Nothing to forget here.
+        from that checkpoint differ. The timeline calls this when it is made, and with `keep_saved`
+        when a run starts and after every checkpoint: what checkpoints save (and a resume restores)
+        may then stay. What is computed one item at a time (image features and keys) may stay.
+        Nothing to forget here.
         """
 
     def train(self, examples: Sequence[EditExample], progress: bool = True) -> dict[str, float]:

@@ -66,15 +66,18 @@ class LRUCache(Generic[V]):
 class GenerationCache(Generic[V]):
     """Values by key in generations: the oldest generation goes whole once more than `max_entries` are held.
 
-    Its state is a plain history, unlike `LRUCache`'s: a lookup changes nothing, a value is put in the open
-    (newest) generation, and `seal` closes that one and opens the next (as does filling it with
-    `generation_entries` values). A sealed generation never gains a value (a key put again moves to the open one),
-    so each can be saved once, and `restore` from the saved ones rebuilds the same cache.
+    Its state is a plain history of puts, unlike `LRUCache`'s: a lookup changes nothing, a value is put in the open
+    (newest) generation, which is sealed and followed by a new one once it holds `generation_entries` values. A
+    sealed generation never gains a value (a key put again moves to the open one; a generation left empty goes),
+    so each can be saved once: `restore` from the sealed ones saved so far and a copy of the open one rebuilds the
+    same cache, whenever the copy was taken.
     """
 
     def __init__(self, max_entries: int, generation_entries: int | None = None) -> None:
         self.max_entries = max_entries
-        self.generation_entries = generation_entries or max(1, max_entries // 16)
+        self.generation_entries = generation_entries or max(1, max_entries // 64)
+        if not 0 < self.generation_entries <= max_entries:
+            raise ValueError(f"a generation of {self.generation_entries} values in a cache of {max_entries}")
         self._generations: dict[int, dict[Hashable, V]] = {0: {}}  # oldest first; the last is the open one
         self._where: dict[Hashable, int] = {}
         self._lock = threading.Lock()
@@ -94,67 +97,50 @@ class GenerationCache(Generic[V]):
     def put(self, key: Hashable, value: V) -> None:
         """Keep `value` under `key` in the open generation; the oldest generations go beyond `max_entries`."""
         with self._lock:
+            opened = next(reversed(self._generations))
             held = self._where.get(key)
             if held is not None:
-                del self._generations[held][key]
-            open_id, values = self._open()
-            values[key] = value
-            self._where[key] = open_id
-            if len(values) >= self.generation_entries:
-                self._seal()
-            while len(self._where) > self.max_entries and len(self._generations) > 1:
+                self._remove(held, key)
+            self._generations[opened][key] = value
+            self._where[key] = opened
+            if len(self._generations[opened]) >= self.generation_entries:
+                self._generations[opened + 1] = {}
+            while len(self._where) > self.max_entries:
                 for gone in self._generations.pop(next(iter(self._generations))):
                     del self._where[gone]
 
-    def seal(self) -> None:
-        """Close the open generation, if it holds anything, and open the next."""
+    def saved(self) -> tuple[dict[int, dict[Hashable, V]], int, dict[Hashable, V]]:
+        """What `restore` takes: every sealed generation by number (oldest first), the open one's number and a copy
+        of its values."""
         with self._lock:
-            self._seal()
+            *sealed, (opened, values) = self._generations.items()
+            return {number: dict(held) for number, held in sealed}, opened, dict(values)
 
-    def sealed(self) -> dict[int, dict[Hashable, V]]:
-        """Every generation but the open one, oldest first, by number."""
-        with self._lock:
-            return {number: dict(values) for number, values in list(self._generations.items())[:-1]}
-
-    def drop_open(self) -> None:
-        """Forget the values of the open generation (what no saved generation holds)."""
-        with self._lock:
-            for key in self._open()[1]:
-                del self._where[key]
-            self._open()[1].clear()
-
-    @property
-    def opened(self) -> int:
-        """The number of the open generation."""
-        with self._lock:
-            return self._open()[0]
-
-    def restore(self, generations: dict[int, dict[Hashable, V]], opened: int) -> None:
-        """Hold exactly the sealed `generations` (as `sealed` gave them, or saved before some of their keys moved to a
-        newer one: the newest holds a key), and an empty open generation numbered `opened`, past all of them."""
-        if opened <= max(generations, default=-1):
-            raise ValueError(f"the open generation {opened} must come after the sealed ones {sorted(generations)}")
+    def restore(self, sealed: dict[int, dict[Hashable, V]], opened: int, values: dict[Hashable, V]) -> None:
+        """Hold what `saved` gave, where a sealed generation may have been saved before some of its keys moved to a
+        newer one (the newest holds a key)."""
+        if opened <= max(sealed, default=-1):
+            raise ValueError(f"the open generation {opened} must come after the sealed ones {sorted(sealed)}")
         with self._lock:
             self._generations, self._where = {}, {}
-            for number in sorted(generations):
-                self._generations[number] = dict(generations[number])
-                for key in generations[number]:
+            for number, held in sorted({**sealed, opened: values}.items()):
+                self._generations[number] = {}
+                for key, value in held.items():
                     if key in self._where:
-                        del self._generations[self._where[key]][key]
+                        self._remove(self._where[key], key)
+                    self._generations[number][key] = value
                     self._where[key] = number
-            self._generations[opened] = {}
+            self._generations.setdefault(opened, {})
 
     def clear(self) -> None:
         """Forget every value; generations are numbered on from the last."""
         with self._lock:
-            self._generations = {self._open()[0] + 1: {}}
+            self._generations = {next(reversed(self._generations)) + 1: {}}
             self._where = {}
 
-    def _open(self) -> tuple[int, dict[Hashable, V]]:
-        number = next(reversed(self._generations))
-        return number, self._generations[number]
-
-    def _seal(self) -> None:
-        number, values = self._open()
-        if values:
-            self._generations[number + 1] = {}
+    def _remove(self, number: int, key: Hashable) -> None:
+        """Take `key` out of generation `number`, and a sealed generation it leaves empty with it."""
+        held = self._generations[number]
+        del held[key]
+        if not held and number != next(reversed(self._generations)):
+            del self._generations[number]

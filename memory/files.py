@@ -33,6 +33,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
     if not tmp.is_dir():
         _fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_folder(path.parent)
         return
     old = _old(path)
     if path.is_dir():
@@ -41,7 +42,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
         os.replace(path, old)
     # After a crash between the renames `path` is missing and `old` is the only whole version: it goes only after this.
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_folder(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -153,8 +154,8 @@ def _old(path: Path) -> Path:
     return path.with_name(f".{path.name}.old")
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make renames inside `folder` durable."""
+def fsync_folder(folder: Path) -> None:
+    """Make renames (and new entries) inside `folder` durable."""
     handle = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(handle)

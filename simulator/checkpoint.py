@@ -130,7 +130,10 @@ def restore_timeline(timeline: Timeline, checkpoint: Checkpoint, pool: Iterable[
     p, tensors = checkpoint.progress, checkpoint.tensors
     timeline.editor.load_state(checkpoint.editor)
     if isinstance(timeline.editor, HasJournal):  # cut back what was journaled after the checkpoint, and go on
-        timeline.editor.resume_journal(checkpoint.editor, timeline.files.folder / JOURNAL)
+        try:
+            timeline.editor.resume_journal(checkpoint.editor, timeline.files.folder / JOURNAL)
+        except JournalError as error:
+            raise CheckpointError(f"the memory journal of the checkpoint in {timeline.files.folder}: {error}") from None
     torch.set_rng_state(tensors["torch_rng"])
     timeline.line, timeline.edits_read, timeline.applied = p["line"], p["edits_read"], p["applied"]
     timeline.failed, timeline.rounds, timeline.last_round = p["failed"], p["rounds"], p["last_round"]

@@ -207,6 +207,32 @@ def test_encode_many_equals_encode_one_at_a_time_with_one_tokenizer_call(family)
     assert many[0] is many[2]
 
 
+@pytest.mark.parametrize("with_answer", [True, False])
+def test_batched_tokenization_equals_a_call_per_text_with_and_without_a_leading_bos(with_answer):
+    llava = tiny("llava")
+    tokenizer = llava.inputs.tokenizer
+    bos = tokenizer.bos_token
+    assert bos
+    texts = {0: ("what is it? Paris", 12), 1: (f"{bos}what is it? Paris", 15), 2: ("who? a very long answer", 5),
+             3: (f"{bos} who? Rome", 10)}
+    batched = llava.inputs._tokenize(texts, with_answer)
+    for i, (text, _) in texts.items():
+        alone = tokenizer(text, add_special_tokens=not text.startswith(bos), return_offsets_mapping=with_answer)
+        assert batched[i][0] == list(alone["input_ids"])
+        assert batched[i][1] == (list(alone["offset_mapping"]) if with_answer else [])
+    assert batched[1][0].count(tokenizer.bos_token_id) == 1 == batched[0][0].count(tokenizer.bos_token_id)
+    queries = [Query("what is shown?", "a cat", random_image(3)), Query("who wrote it?", "Shakespeare")]
+    many = llava.inputs.encode_many(queries, with_answer=with_answer)
+    for query, encoded in zip(queries, many):
+        text = llava.inputs.prompt_text(query) + (" " + query.answer if with_answer else "")
+        ids = tokenizer(text)["input_ids"]
+        if query.image is not None:
+            at = ids.index(llava.inputs.image_token_id)
+            ids = ids[:at] + [llava.inputs.image_token_id] * (len(encoded.input_ids) - len(ids) + 1) + ids[at + 1 :]
+        assert encoded.input_ids == ids and encoded.answer_len == (answer_length(tokenizer, ids, query.answer)
+                                                                   if with_answer else 0)
+
+
 def test_encode_many_refuses_with_the_error_of_the_first_query_encode_would_refuse():
     llava = tiny("llava")
     good, eos = Query("what?", "Paris"), llava.inputs.tokenizer.eos_token

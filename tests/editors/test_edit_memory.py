@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from editors import EditRequest, Query, create_editor
-from editors.adapter import SpanScore
+from editors.adapter import ScoreMemo, SpanScore
 from editors.edit_memory import EditMemory, KeyConfig
 from editors.editor import StateMismatchError
 from editors.memo_files import load_generation, save_generation
@@ -149,21 +149,30 @@ def test_a_journaled_checkpoint_restores_the_memory_a_whole_state_holds(method, 
 @pytest.mark.parametrize("method", ["ike", "serac"])
 def test_a_checkpoint_saves_the_score_memo_and_a_resumed_editor_looks_up_the_same_scores(method, tmp_path,
                                                                                        monkeypatch):
-    folder = tmp_path / "journal"
-    editor = create_editor(method, tiny_llava(seed=1), {"threshold": 0.99} if method == "serac" else {})
+    folder, memo = tmp_path / "journal", tmp_path / "journal" / "memo"
+
+    def editor_with_small_memo():
+        one = create_editor(method, tiny_llava(seed=1), {"threshold": 0.99} if method == "serac" else {})
+        one._memo = ScoreMemo(capacity=256)  # generations of 4 scores: a few sealed ones and an open one
+        return one
+
+    def files():
+        return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in memo.iterdir()}
+
+    editor = editor_with_small_memo()
     edits = [EditRequest(p, t, random_image(30 + i) if i % 2 else None, key=str(i)) for i, (p, t) in enumerate(FACTS)]
     for edit in edits[:6]:
         editor.apply(edit)
-    queries = [edit.query for edit in edits]
+    queries = [edit.query for edit in edits] + [Query("which animal is this?", "a cat", random_image(50))]
     first = editor.score(queries, top_k=5)
     state = editor.journal_state(folder)
     editor.journal_committed()
-    editor.clear_caches(keep_saved=True)  # as the timeline does after a checkpoint: the saved scores stay
-    (g,) = state.meta["memo"]["generations"]  # what was scored, sealed: the next generation is open
-    assert state.meta["memo"]["opened"] == g + 1
-    assert [p.name for p in (folder / "memo").iterdir()] == [f"{g}.safetensors"]
+    editor.clear_caches(keep_saved=True)  # as the timeline does after a checkpoint: the scores stay
+    saved = state.meta["memo"]
+    assert len(saved["generations"]) == 3 and saved["opened"] == saved["generations"][-1] + 1 and saved["open"] == 1
+    assert sorted(files()) == sorted([f"{g}.safetensors" for g in saved["generations"]] + ["open-1.safetensors"])
 
-    fresh = create_editor(method, tiny_llava(seed=1))  # another process: the same weights in other tensors
+    fresh = editor_with_small_memo()  # another process: the same weights in other tensors
     whole = type(editor).whole_state(state, folder)
     fresh.load_state(whole)
     fresh.resume_journal(whole, folder)
@@ -176,19 +185,25 @@ def test_a_checkpoint_saves_the_score_memo_and_a_resumed_editor_looks_up_the_sam
             assert torch.equal(old.target_logprobs, new.target_logprobs) and torch.equal(old.argmax_ids, new.argmax_ids)
             assert torch.equal(old.topk_logprobs[:, :3], new.topk_logprobs)
     assert forwards == []  # every score came from the memo, in the editor and in the resumed one
-
-    # A checkpoint written after this one but not committed (the run was killed): its memo file goes on resume.
     monkeypatch.undo()
-    editor.score([Query("which animal is this?", "a cat", random_image(50))])
-    assert editor.journal_state(folder).meta["memo"] == {"generations": [g, g + 1], "opened": g + 2}
-    assert sorted(p.name for p in (folder / "memo").iterdir()) == [f"{g}.safetensors", f"{g + 1}.safetensors"]
-    again = create_editor(method, tiny_llava(seed=1))
+
+    # The resumed editor's next checkpoint writes its open generation anew and no sealed one it read back.
+    before = files()
+    fresh.score([Query("which animal is that?", "a dog", random_image(51))])
+    later = fresh.journal_state(folder).meta["memo"]
+    assert later["generations"] == saved["generations"] and later["open"] == 2
+    assert files() == {**before, "open-2.safetensors": files()["open-2.safetensors"]}
+    # That checkpoint was not written (the run was killed): a resume from the last one deletes what came after it,
+    # and the leftovers of a killed write, but nothing that is not the memo's.
+    (memo / f".{saved['opened'] + 5}.safetensors.tmp-4242").write_bytes(b"half")
+    (memo / "notes.txt").write_text("mine")
+    again = editor_with_small_memo()
     again.load_state(whole)
     again.resume_journal(whole, folder)
-    assert [p.name for p in (folder / "memo").iterdir()] == [f"{g}.safetensors"]
-    (folder / "memo" / f"{g}.safetensors").unlink()
-    with pytest.raises(JournalError, match=f"{g}.safetensors: the checkpoint names this memo generation"):
-        create_editor(method, tiny_llava(seed=1)).resume_journal(whole, folder)
+    assert files() == {**before, "notes.txt": files()["notes.txt"]}
+    (memo / f"{saved['generations'][0]}.safetensors").unlink()
+    with pytest.raises(JournalError, match=f"{saved['generations'][0]}.safetensors: the checkpoint names this memo"):
+        editor_with_small_memo().resume_journal(whole, folder)
 
 
 def test_a_memo_generation_reads_back_bit_for_bit_with_its_optional_parts(tmp_path):

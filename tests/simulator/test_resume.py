@@ -156,6 +156,10 @@ def test_a_memory_editor_killed_mid_journal_resumes_to_the_uninterrupted_outputs
     with log.open("ab") as handle:  # what a kill inside the next append leaves
         handle.write(b"\x01torn record")
     (journal / f".snapshot-{position['generation'] + 1}.tmp-4242").mkdir()  # and one inside a compaction
+    memo = journal / "memo"
+    named = json.loads((killed / "checkpoint" / "editor" / "state.json").read_text())["meta"]["memo"]
+    (memo / f"open-{named['open'] + 1}.safetensors").write_bytes(b"a checkpoint's memo, never named")
+    (memo / f".{named['opened'] + 1}.safetensors.tmp-4242").write_bytes(b"half")
     assert len(Checkpoint.load(killed).editor.meta["memory"]["ids"]) >= 8  # readers get the whole state
 
     resumed = subprocess.run(serac_args(small_world, small_model, killed) + ["--resume"], env=ENV,
@@ -171,15 +175,40 @@ def test_a_memory_editor_killed_mid_journal_resumes_to_the_uninterrupted_outputs
                                                         f"snapshot-{final['generation']}"]
     state = Checkpoint.load(killed).editor
     # The score memo's generations the checkpoint names, and nothing else, as in the uninterrupted run.
-    named = state.meta["memo"]["generations"]
-    assert sorted(p.name for p in (journal / "memo").iterdir()) == sorted(f"{g}.safetensors" for g in named)
-    assert state.meta["memo"] == Checkpoint.load(whole).editor.meta["memo"] and named
+    named = state.meta["memo"]
+    assert sorted(p.name for p in memo.iterdir()) == sorted([f"{g}.safetensors" for g in named["generations"]]
+                                                           + [f"open-{named['open']}.safetensors"])
+    assert named == Checkpoint.load(whole).editor.meta["memo"]
     assert len(state.meta["memory"]["ids"]) == expected["last_round"]["memory_size"] == expected["edits_applied"]
     # `simulate probe` restores each run from its journaled checkpoint: the resumed one probes as the other does.
     config = RunConfig.model_validate_json((killed / "config.json").read_text())
     probed = [ProbeJob(run, tmp_path / f"probes-{run.name}", config, seed=7, sinks=[]).round()
               for run in (killed, whole)]
     assert untimed(probed[0]) == untimed(probed[1]) and probed[0]["memory_size"] == expected["edits_applied"]
+
+
+@pytest.mark.slow
+def test_a_memory_editor_stopped_off_its_checkpoint_schedule_resumes_to_the_uninterrupted_outputs(
+        small_world, small_model, tmp_path):
+    """A run stopped at its limit checkpoints where the uninterrupted run does not, and resumes on another schedule:
+    the score memo it saved does not depend on when checkpoints were written, so the outputs are the same."""
+    from simulator.checkpoint import Checkpoint
+
+    runs = {}
+    for name, extra in (("whole", []), ("stopped", ["--limit", "7", "--checkpoint-every", "3"])):
+        runs[name] = tmp_path / name
+        done = subprocess.run(serac_args(small_world, small_model, runs[name]) + extra, env=ENV, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    resumed = subprocess.run(serac_args(small_world, small_model, runs["stopped"]) + ["--resume"], env=ENV,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert untimed(json.loads((runs["stopped"] / "summary.json").read_text())) == untimed(
+        json.loads((runs["whole"] / "summary.json").read_text()))
+    assert untimed(rows(runs["stopped"] / "rounds.jsonl")) == untimed(rows(runs["whole"] / "rounds.jsonl"))
+    memos = [Checkpoint.load(runs[name]).editor.meta["memo"] for name in ("stopped", "whole")]
+    assert [{k: m[k] for k in ("generations", "opened")} for m in memos] == [
+        {k: memos[1][k] for k in ("generations", "opened")}] * 2
 
 
 def mixed_stream(world, folder):
