@@ -121,6 +121,16 @@ def serac_args(world, model, out):
             "--reference-size", "4", "--seed", "7", "--run-name", "journal-test", "--no-mlflow", "--out", str(out)]
 
 
+@pytest.fixture(scope="module")
+def serac_whole(small_world, small_model, tmp_path_factory):
+    """The outputs of an uninterrupted SERAC run (`serac_args`)."""
+    out = tmp_path_factory.mktemp("serac") / "whole"
+    done = subprocess.run(serac_args(small_world, small_model, out), env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
 def untimed(value):
     """`value` without wall-clock numbers (memory search latency, edits per second)."""
     if isinstance(value, dict):
@@ -134,17 +144,15 @@ def journal_position(out):
 
 
 @pytest.mark.slow
-def test_a_memory_editor_killed_mid_journal_resumes_to_the_uninterrupted_outputs(small_world, small_model, tmp_path):
+def test_a_memory_editor_killed_mid_journal_resumes_to_the_uninterrupted_outputs(small_world, small_model, serac_whole,
+                                                                                 tmp_path):
     """SERAC checkpoints its memory as a journal: a run killed after a checkpoint, whose journal then holds a torn
     append past the recorded length and a half-written snapshot, resumes to the outputs of an uninterrupted run."""
     from simulator.checkpoint import Checkpoint
     from simulator.config import RunConfig
     from simulator.probing import ProbeJob
 
-    whole = tmp_path / "whole"
-    done = subprocess.run(serac_args(small_world, small_model, whole), env=ENV, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
+    whole = serac_whole
     killed = tmp_path / "killed"
     process = started(serac_args(small_world, small_model, killed), 11)  # past the checkpoints at 8 and 10
     process.kill()
@@ -189,17 +197,15 @@ def test_a_memory_editor_killed_mid_journal_resumes_to_the_uninterrupted_outputs
 
 @pytest.mark.slow
 def test_a_memory_editor_stopped_off_its_checkpoint_schedule_resumes_to_the_uninterrupted_outputs(
-        small_world, small_model, tmp_path):
+        small_world, small_model, serac_whole, tmp_path):
     """A run stopped at its limit checkpoints where the uninterrupted run does not, and resumes on another schedule:
     the score memo it saved does not depend on when checkpoints were written, so the outputs are the same."""
     from simulator.checkpoint import Checkpoint
 
-    runs = {}
-    for name, extra in (("whole", []), ("stopped", ["--limit", "7", "--checkpoint-every", "3"])):
-        runs[name] = tmp_path / name
-        done = subprocess.run(serac_args(small_world, small_model, runs[name]) + extra, env=ENV, capture_output=True,
-                              text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
+    runs = {"whole": serac_whole, "stopped": tmp_path / "stopped"}
+    stopped = serac_args(small_world, small_model, runs["stopped"]) + ["--limit", "7", "--checkpoint-every", "3"]
+    done = subprocess.run(stopped, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
     resumed = subprocess.run(serac_args(small_world, small_model, runs["stopped"]) + ["--resume"], env=ENV,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
