@@ -64,7 +64,7 @@ from memory.files import fsync_folder
 
 Pooling = Literal["flat", "mean"]
 FEATURE_CACHE_BYTES = 256 * 2**20
-MEMO = "memo"  # in a journal's folder: the score memo's sealed generations, a file each (`editors.memo_files`)
+MEMO = "memo"  # in a journal's folder: the score memo's files (`editors.memo_files`)
 
 
 class KeyConfig(BaseModel):

@@ -154,9 +154,12 @@ class InputBuilder:
         text); InputError for the first query `encode` would refuse."""
         keys = [self._key(query, with_answer) for query in queries]
         found: list[Encoded | None] = [self._encoded.get(key) for key in keys]
-        missing = {key: i for i, (key, encoded) in reversed(list(enumerate(zip(keys, found)))) if encoded is None}
+        missing: dict[tuple, int] = {}  # each uncached key, at the first query asking for it
+        for i, (key, encoded) in enumerate(zip(keys, found)):
+            if encoded is None:
+                missing.setdefault(key, i)
         texts: dict[int, tuple[str, int] | InputError] = {}
-        for i in sorted(missing.values()):  # a cached encoding passed `check`, which reads only the key's texts
+        for i in missing.values():  # a cached encoding passed `check`, which reads only the key's texts
             try:
                 self.check(queries[i], with_answer)
                 texts[i] = self._text(queries[i], with_answer)

@@ -25,8 +25,6 @@ from memory.journal import JournalError
 
 GATHER = "gather"  # the ids a score's log-probs were gathered at, beside the score's own fields
 FIELDS = [*(field.name for field in fields(SpanScore)), GATHER]
-
-
 OURS = re.compile(r"^\.?(?:open-)?\d+\.safetensors(?:\.tmp-\d+)?$")  # the files below, and their temporaries
 
 
