@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import torch
 from PIL import Image
@@ -152,7 +152,7 @@ class ScoreMemo:
 
     def check(self, model: nn.Module) -> None:
         """Empty the memo (scores and prefixes) if `model`'s parameters changed since it was filled."""
-        weights = _versions(model)
+        weights = _versions(model.parameters())
         if weights != self._weights:
             self.clear()
             self._weights = weights
@@ -162,7 +162,7 @@ class ScoreMemo:
         """Hold saved scores of `model` as it is now (see `GenerationCache.restore`)."""
         self.clear()
         self.scores.restore(sealed, opened, values)
-        self._weights = _versions(model)
+        self._weights = _versions(model.parameters())
 
     def clear(self) -> None:
         """Forget every score and prefix."""
@@ -170,9 +170,9 @@ class ScoreMemo:
         self.prefixes.clear()
 
 
-def _versions(model: nn.Module) -> tuple:
-    """Which tensors hold `model`'s parameters, and how often each was changed in place."""
-    return tuple((id(p), p._version) for p in model.parameters())
+def _versions(parameters: Iterable[nn.Parameter]) -> tuple:
+    """Which tensors hold `parameters`, and how often each was changed in place: what a cache of results checks."""
+    return tuple((id(p), p._version) for p in parameters)
 
 
 class LVLM:
@@ -472,7 +472,7 @@ class LVLM:
 
     def _check_features(self) -> None:
         """Empty the feature cache if a weight outside the text decoder was added, replaced or changed in place."""
-        weights = tuple((id(p), p._version) for p in self._outside_decoder())
+        weights = _versions(self._outside_decoder())
         if weights != self._vision_weights:
             self.features.clear()
             self._vision_weights = weights
