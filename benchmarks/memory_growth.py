@@ -1,6 +1,6 @@
 """Benchmark: how memory-based editors degrade as their memory grows, in one long run per method.
 
-    python benchmarks/memory_growth.py                                  # 100,000 edits into serac and ike
+    python benchmarks/memory_growth.py                                  # 100,000 edits into every memory editor
     python benchmarks/memory_growth.py --edits 5000 --probe-every 500 --methods serac
 
 Streams `--edits` distinct edits of the long-stream world (`simulate world --edits N`) into every
