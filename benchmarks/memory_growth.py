@@ -8,10 +8,10 @@ memory editor asked for (default: every registered editor that declares a memory
 with gap 10, a probe round every `--probe-every` edits and no MLflow. Each round reports, against
 the memory size at that point: retention (reliability of a random sample of the stored edits,
 re-asked), reference agreement (locality on the fixed reference set), retrieval recall@1 and
-false-hit rate, the memory search latency and edits/s since the previous round. It writes
-`memory_growth.png` and prints the table at 10^3 / 10^4 / 10^5 (the rounds nearest those sizes)
-with each run's peak RSS, and gap-10 reliability / I-Gen / I-Loc over the edits just before that
-round. `--report RUN...` prints and plots finished run folders (e.g. `memory_growth/serac`) instead.
+false-hit rate, the memory search latency and edits/s since the previous round, and gap-10
+reliability / I-Gen / T-Loc / I-Loc over the edits measured since the previous round. It writes
+`memory_growth.png` (all of them but I-Gen against memory size) and prints the table at 10^3 /
+10^4 / 10^5 (the rounds nearest those sizes) with each run's peak RSS. `--report RUN...` prints and plots finished run folders (e.g. `memory_growth/serac`) instead.
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ def run(method: str, world: Path, edits: int, probe_every: int, out: Path) -> tu
     return rounds, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-WINDOWED = ("reliability", "i_gen", "i_loc")  # gap-10 metrics, averaged over the edits since the previous round
+WINDOWED = ("reliability", "i_gen", "t_loc", "i_loc")  # gap-10 metrics, averaged over the edits since the previous round
+PLOTTED = {"reliability": "reliability (gap 10, since the last round)", "t_loc": "T-Loc (gap 10, since the last round)",
+           "i_loc": "I-Loc (gap 10, since the last round)"}
 
 
 def windowed(rounds: list[dict], index: int, key: str) -> float | None:
@@ -79,8 +81,10 @@ def windowed(rounds: list[dict], index: int, key: str) -> float | None:
 def report(method: str, rounds: list[dict], sizes: list[int], axes) -> None:
     """Plot one method's rounds and print its rows nearest `sizes`."""
     memory = [r["memory_size"] for r in rounds]
-    for ax, (key, title) in zip(axes.flat, SERIES.items()):
-        ax.plot(memory, [r.get(key) for r in rounds], label=method)
+    series = [[r.get(key) for r in rounds] for key in SERIES]
+    series += [[windowed(rounds, i, key) for i in range(len(rounds))] for key in PLOTTED]
+    for ax, values, title in zip(axes.flat, series, [*SERIES.values(), *PLOTTED.values()]):
+        ax.plot(memory, [float("nan") if v is None else v for v in values], label=method)
         ax.set(title=title, xlabel="edits in memory", xscale="log")
     for size in sizes:
         index = min(range(len(rounds)), key=lambda i: abs(rounds[i]["memory_size"] - size))
@@ -102,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
-    figure, axes = plt.subplots(2, 3, figsize=(13, 7))
+    figure, axes = plt.subplots(3, 3, figsize=(13, 10))
     header = [key[:12] for key in SERIES] + [f"{key.replace('reliability', 'rel')} (win)" for key in WINDOWED]
     print(f"{'method':6s} {'memory':>7s} " + " ".join(f"{h:>12s}" for h in header))
     if args.report:
