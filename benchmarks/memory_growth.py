@@ -11,7 +11,9 @@ re-asked), reference agreement (locality on the fixed reference set), retrieval 
 false-hit rate, the memory search latency and edits/s since the previous round, and gap-10
 reliability / I-Gen / T-Loc / I-Loc over the edits measured since the previous round. It writes
 `memory_growth.png` (all of them but I-Gen against memory size) and prints the table at 10^3 /
-10^4 / 10^5 (the rounds nearest those sizes) with each run's peak RSS. `--report RUN...` prints and plots finished run folders (e.g. `memory_growth/serac`) instead.
+10^4 / 10^5 (the rounds nearest those sizes) with each run's peak RSS. The world is written once
+into `OUT/world-N` and kept beside the runs. `--report RUN...` prints and plots finished run
+folders (e.g. `memory_growth/serac`) instead.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import argparse
 import json
 import logging
 import resource
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from editors import METHODS, HasMemory, editor_class  # noqa: E402
 from simulator.config import RunConfig  # noqa: E402
 from simulator.run import simulate  # noqa: E402
-from simulator.world.export import StreamConfig, write_world  # noqa: E402
+from simulator.world.export import StreamConfig, read_manifest, write_world  # noqa: E402
 from simulator.world.graph import WorldConfig  # noqa: E402
 
 SERIES = {  # rounds.jsonl key -> plot title
@@ -114,8 +115,11 @@ def main() -> None:
             rounds = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
             report(folder.name, rounds, [s for s in (10**3, 10**4, 10**5) if s <= rounds[-1]["memory_size"]], axes)
     else:
-        work = Path(tempfile.mkdtemp(prefix="editwatch-growth-"))
-        world = write_world(WorldConfig(), work / "w", stream=StreamConfig(edits=args.edits), progress=True)
+        if taken := [str(args.out / m) for m in args.methods if (args.out / m).exists()]:
+            raise SystemExit(f"a run is already in {', '.join(taken)}: choose another --out, or --report it")
+        world = args.out / f"world-{args.edits}"  # the same seed and size give the same world: written once
+        if read_manifest(world) is None:  # its manifest is written last: a world without one is unfinished
+            write_world(WorldConfig(), world, stream=StreamConfig(edits=args.edits), progress=True)
         sizes = [s for s in (10**3, 10**4, 10**5) if s <= args.edits]
         for method in args.methods:
             rounds, seconds, rss = run(method, world, args.edits, args.probe_every, args.out / method)
