@@ -106,6 +106,8 @@ def main() -> None:
                         help="print and plot finished runs (run folders, named by method) instead of running")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if not args.report and (taken := [str(args.out / m) for m in args.methods if (args.out / m).exists()]):
+        raise SystemExit(f"a run is already in {', '.join(taken)}: choose another --out, or --report it")
     args.out.mkdir(parents=True, exist_ok=True)
     figure, axes = plt.subplots(3, 3, figsize=(13, 10))
     header = [key[:12] for key in SERIES] + [f"{key.replace('reliability', 'rel')} (win)" for key in WINDOWED]
@@ -115,8 +117,6 @@ def main() -> None:
             rounds = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
             report(folder.name, rounds, [s for s in (10**3, 10**4, 10**5) if s <= rounds[-1]["memory_size"]], axes)
     else:
-        if taken := [str(args.out / m) for m in args.methods if (args.out / m).exists()]:
-            raise SystemExit(f"a run is already in {', '.join(taken)}: choose another --out, or --report it")
         world = args.out / f"world-{args.edits}"  # the same seed and size give the same world: written once
         if read_manifest(world) is None:  # its manifest is written last: a world without one is unfinished
             write_world(WorldConfig(), world, stream=StreamConfig(edits=args.edits), progress=True)
