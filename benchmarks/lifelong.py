@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from simulate import long_stream  # noqa: E402  (benchmarks/simulate.py)
 
-from simulator.world.export import write_world  # noqa: E402
+from simulator.world.export import read_manifest, write_world  # noqa: E402
 from simulator.world.graph import WorldConfig  # noqa: E402
 
 METHODS = ["ft-llm", "mend", "serac", "ike", "grace", "wise", "lora"]
@@ -129,7 +129,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report:
         world = args.out / "world"
-        if not (world / "eval.jsonl").is_file():
+        if read_manifest(world) is None:  # its manifest is written last: a world without one is unfinished
             write_world(WorldConfig(), world, progress=False)
         stream = long_stream(world, args.edits)
         threads = max(1, (os.cpu_count() or 1) // args.parallel)
