@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rows = [measure(size, args.lookups, args.seed) for size in args.sizes]
-    print(f"| entries | index | lookup p50 (ms) | lookup p99 (ms) | recall@1 | cdist p50 (ms) | build (s) |")
+    print("| entries | index | lookup p50 (ms) | lookup p99 (ms) | recall@1 | cdist p50 (ms) | build (s) |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['size']:,} | {r['index']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['recall_at_1']:.3f} "

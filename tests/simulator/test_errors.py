@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from editors import FAMILIES, LVLM, EditorState, create_editor
+from editors import FAMILIES, LVLM, create_editor
 from simulator.cli import main
 from simulator.world.graph import build_world
 from simulator.world.model import ModelConfig, build_model
