@@ -107,7 +107,8 @@ class ScoreMemo:
     A query asked for fewer top-k entries, or for the log-probs at ids its stored top-k holds
     (a locality probe gathering at its own pre-edit top-k), is answered from the stored score:
     those are the very numbers a forward would give. As a guard the memo is emptied when a
-    parameter is added, replaced or changed in place (its version counter moves). Scores are kept
+    parameter is added, replaced or changed in place (its version counter moves), or when the
+    prompt format or a template changes (`InputBuilder.form`). Scores are kept
     in generations (`GenerationCache`), the oldest going whole beyond `capacity`, so that a
     checkpoint can save the memo a sealed generation at a time (and a copy of the open one) and a
     resumed run look up the very scores the uninterrupted one holds (`restore`). The decoder's
@@ -118,10 +119,10 @@ class ScoreMemo:
     def __init__(self, capacity: int = 65536, prefix_bytes: int = PREFIX_CACHE_BYTES) -> None:
         self.scores: GenerationCache[Memoised] = GenerationCache(capacity)
         self.prefixes: LRUCache[KeysValues] = prefix_cache(prefix_bytes)  # shared image prefixes (`LVLM.score`)
-        self._weights: tuple = ()
+        self._under: tuple = ()  # the weights' versions and the input form the scores were computed under
 
     def key(self, query: Query, sequence_top_k: int) -> tuple:
-        """What a score depends on besides the weights and the top-k asked: the query's text and image."""
+        """What a score depends on besides the weights, the input form and the top-k asked: the query's text and image."""
         image = None if query.image is None else image_digest(query.image)
         return query.prompt, query.answer, image, sequence_top_k
 
@@ -130,6 +131,7 @@ class ScoreMemo:
         held = self.scores.get(key)
         if held is None:
             return None
+        gather = None if gather is None else gather.cpu()  # scores are held on the host
         score, asked, gathered_at = held
         if top_k > asked:
             return None
@@ -148,21 +150,22 @@ class ScoreMemo:
 
     def put(self, key: tuple, score: SpanScore, top_k: int, gather: torch.Tensor | None) -> None:
         """Keep `score`, computed with `top_k` entries and log-probs at `gather`."""
-        self.scores.put(key, (score, top_k, gather))
+        self.scores.put(key, (score, top_k, None if gather is None else gather.cpu()))
 
-    def check(self, model: nn.Module) -> None:
-        """Empty the memo (scores and prefixes) if `model`'s parameters changed since it was filled."""
-        weights = _versions(model.parameters())
-        if weights != self._weights:
+    def check(self, model: nn.Module, form: tuple) -> None:
+        """Empty the memo (scores and prefixes) if `model`'s parameters or the input `form` changed since it was
+        filled."""
+        under = (_versions(model.parameters()), form)
+        if under != self._under:
             self.clear()
-            self._weights = weights
+            self._under = under
 
     def restore(self, sealed: dict[int, dict[tuple, Memoised]], opened: int, values: dict[tuple, Memoised],
-                model: nn.Module) -> None:
-        """Hold saved scores of `model` as it is now (see `GenerationCache.restore`)."""
+                model: nn.Module, form: tuple) -> None:
+        """Hold saved scores of `model` as it is now, under the input `form` (see `GenerationCache.restore`)."""
         self.clear()
         self.scores.restore(sealed, opened, values)
-        self._weights = _versions(model.parameters())
+        self._under = (_versions(model.parameters()), form)
 
     def clear(self) -> None:
         """Forget every score and prefix."""
@@ -303,16 +306,23 @@ class LVLM:
         """
         if gather is not None and len(gather) != len(queries):
             raise ValueError(f"gather has {len(gather)} entries for {len(queries)} queries")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         results: list[SpanScore | None] = [None] * len(queries)
         wanted = [None if gather is None else gather[i] for i in range(len(queries))]
         keys: list[tuple] = []
         if memo is not None:
             keys = [memo.key(q, sequence_top_k) for q in queries]
-            memo.check(self.model)
+            memo.check(self.model, self.inputs.form())
             for i, key in enumerate(keys):
                 results[i] = memo.get(key, top_k, wanted[i])
         todo = [i for i, r in enumerate(results) if r is None]
         encoded = dict(zip(todo, self.inputs.encode_many([queries[i] for i in todo])))
+        for i in todo:
+            if wanted[i] is not None and len(wanted[i]) > encoded[i].answer_len:
+                # Rows past the span would be read from padding, so the result would depend on the batch.
+                raise ValueError(f"gather for query {i} has {len(wanted[i])} rows; its answer "
+                                 f"{queries[i].answer!r} has {encoded[i].answer_len} tokens")
         if self.family.shares_image_features:
             self._check_features()
             groups = [list(range(len(todo)))]  # the model gets image features, not pixels: text rows may join
@@ -435,8 +445,8 @@ class LVLM:
                 ids = gather[row].to(logprobs.device)
                 score.gathered_logprobs = logprobs[row, : ids.shape[0]].gather(-1, ids).cpu()
             if sequence_top_k:
-                n = batch.lengths[row]
-                score.sequence_topk_ids = full[row, :n].topk(sequence_top_k, dim=-1).indices.cpu()
+                n, k = batch.lengths[row], min(sequence_top_k, full.shape[-1])
+                score.sequence_topk_ids = full[row, :n].topk(k, dim=-1).indices.cpu()
             out.append(score)
         return out
 

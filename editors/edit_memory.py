@@ -554,7 +554,7 @@ class MemoryEditor(Editor, HasMemory, CanRetract, HasJournal, ScoresUnedited):
         else:
             sealed = {g: load_generation(memo_path(memo, g)) for g in saved["generations"]}
             self._memo.restore(sealed, saved["opened"], load_generation(open_path(memo, saved["open"])),
-                               self.lvlm.model)
+                               self.lvlm.model, self.lvlm.inputs.form())
             self._memo_named, self._memo_written = dict(saved), set(sealed)
         self._drop_memo_files(memo)
 

@@ -181,11 +181,15 @@ class InputBuilder:
                                  f"{self.max_tokens}")
         return found  # type: ignore[return-value]
 
+    def form(self) -> tuple[str, str, str | None]:
+        """How a query becomes text: the prompt format and templates, which tests and protocols switch on a live
+        builder, so every cache of encodings or scores depends on them."""
+        return self.prompt_format, self.plain_template, self.chat_template
+
     def _key(self, query: Query, with_answer: bool) -> tuple:
-        """What an encoding depends on; the format is part of it, as tests and protocols switch it on a live builder."""
+        """What an encoding depends on: the `form`, the query and its image."""
         image = None if query.image is None else image_digest(query.image)
-        return (self.prompt_format, self.plain_template, self.chat_template, query.prompt, query.answer, image,
-                with_answer)
+        return (*self.form(), query.prompt, query.answer, image, with_answer)
 
     def _text(self, query: Query, with_answer: bool) -> tuple[str, int]:
         """The text to tokenize (prompt, and the answer after a separator) and where the answer starts in it."""

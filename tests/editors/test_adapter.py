@@ -441,6 +441,48 @@ def test_a_score_memo_answers_fewer_top_k_and_ids_inside_its_top_k_with_the_numb
     assert len(forwards) == 3  # `fresh` above was one, this the other
 
 
+def test_a_score_memo_is_emptied_when_the_prompt_format_or_a_template_changes():
+    from editors.adapter import ScoreMemo
+
+    lvlm = tiny_llava()
+    memo = ScoreMemo()
+    queries = [Query("what is shown?", "a dog", random_image(7)), Query("city?", "Paris")]
+
+    def logprobs(scores):
+        return [s.target_logprobs.tolist() for s in scores]
+
+    template = lvlm.inputs.plain_template
+    assert lvlm.inputs.prompt_format == "plain"
+    plain = logprobs(lvlm.score(queries, memo=memo))
+    for name, value in (("prompt_format", "vlkeb"), ("plain_template", "Q: {image}{prompt} A:")):
+        setattr(lvlm.inputs, name, value)
+        remembered, fresh = logprobs(lvlm.score(queries, memo=memo)), logprobs(lvlm.score(queries))
+        assert remembered == fresh and fresh != plain, name
+        lvlm.inputs.prompt_format, lvlm.inputs.plain_template = "plain", template
+        assert logprobs(lvlm.score(queries, memo=memo)) == plain  # back to the form the memo was first filled under
+
+
+def test_a_gather_longer_than_its_answer_is_refused_alone_and_in_a_batch():
+    lvlm = tiny_llava()
+    short, long = Query("city?", "Paris"), Query("what is shown?", "a very small brown dog", random_image(7))
+    span = len(lvlm.score([short])[0].target_ids)
+    ids = torch.zeros(span + 2, 2, dtype=torch.long)
+    for queries, gather in (([short], [ids]), ([long, short], [None, ids])):
+        with pytest.raises(ValueError, match=f"gather for query {len(queries) - 1} has {span + 2} rows"):
+            lvlm.score(queries, gather=gather)
+    assert lvlm.score([short], gather=[ids[:span]])[0].gathered_logprobs.shape == (span, 2)
+
+
+def test_score_refuses_a_batch_size_below_one_and_ranks_the_whole_vocabulary_at_most():
+    lvlm = tiny_llava()
+    query = Query("city?", "Paris")
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        lvlm.score([query], batch_size=0)
+    vocabulary = lvlm.model.get_output_embeddings().weight.shape[0]
+    ranked = lvlm.score([query], sequence_top_k=vocabulary + 5)[0].sequence_topk_ids
+    assert ranked.shape[-1] == vocabulary and sorted(ranked[0].tolist()) == list(range(vocabulary))
+
+
 def _least_likely(lvlm, query: Query) -> torch.Tensor:
     """The id of each answer position's least likely token, (T, 1)."""
     batch = lvlm._batch([query])
