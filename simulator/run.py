@@ -277,8 +277,11 @@ def _simulate(config: RunConfig, out: Path, checkpoint: Checkpoint | None, sinks
         with stopping_on_signals(stop, "stopping after the current edit (checkpoint and summary follow); "
                                  "Ctrl-C again stops at once"):
             timeline.run(_tracked(reader, bar, timeline, sinks), lambda: save_timeline(timeline, counters()), stop)
-    except ImageRootError as error:  # a fault of the run, not of a record: stop where the stream was, checkpointed
-        timeline.line = reader.line
+    except ImageRootError as error:  # a fault of the run, not of a record
+        if timeline.in_record:  # met halfway through a record (a due edit's or a probe round's image): not savable
+            raise RunError(f"{error}; the run stopped halfway through a record: --resume continues from "
+                           "the last checkpoint once the images are back") from None
+        timeline.line = reader.line  # met by the reader, between records: stop where the stream was, checkpointed
         save_timeline(timeline, counters())
         raise RunError(f"{error}; the run stopped after {timeline.applied} edits with a checkpoint: --resume "
                        "continues once the images are back") from None

@@ -100,6 +100,8 @@ class Timeline:
         self.alarms = AlarmLog()
         self.stopped: str | None = None
         self.held_back = False  # the run ended with a record read from the stream but not applied
+        # A record is being taken: what the run holds may be half of it, so no checkpoint can be written now.
+        self.in_record = False
         self._clock = time.monotonic()
         self._edits_since_round = 0
 
@@ -118,10 +120,12 @@ class Timeline:
                 self.stopped = "interrupted" if interrupted else "limit"
                 self.line, self.held_back = line - 1, True
                 return
+            self.in_record = True
             if isinstance(record, Retraction):
                 self.retract(line, record)
             else:
                 self.step(line, record)
+            self.in_record = False
             if self.config.limit is not None and self.edits_read >= self.config.limit:
                 self.stopped = "limit"
             if self.edits_read % self.config.checkpoint_every == 0 and not self.stopped:

@@ -86,6 +86,35 @@ def test_a_vanished_image_root_stops_the_run_with_a_checkpoint_and_resume_finish
         {k: v for k, v in whole.items() if k not in ("run", "last_round")}
 
 
+def test_an_image_root_vanishing_halfway_through_a_record_resumes_from_the_last_checkpoint(
+        good, small_world, small_model, tmp_path, monkeypatch):
+    """Images too large to stay cached are opened again for each measurement, so the root can vanish after an edit
+    was applied and before it was measured: no checkpoint may be written then, or resume would skip the rest."""
+    import simulator.run
+    from simulator.stream import ImageRoot
+
+    class Uncached(ImageRoot):
+        def __init__(self, root, **kwargs):
+            super().__init__(root, cache_bytes=0)
+
+    monkeypatch.setattr(simulator.run, "ImageRoot", Uncached)
+    images = tmp_path / "images"
+    shutil.copytree(small_world / "images", images)
+    stream = write(tmp_path / "s.jsonl", good)
+    whole = simulate(config(stream, images, small_model, tmp_path / "whole"), progress=False)
+    with pytest.raises(RunError, match="halfway through a record: --resume continues from the last checkpoint"):
+        simulate(config(stream, images, small_model, tmp_path / "run"), [Vanish(images, 3)], progress=False)
+    checkpoint = json.loads((tmp_path / "run" / "checkpoint" / "checkpoint.json").read_text())
+    assert (checkpoint["edits_read"], checkpoint["line"]) == (2, 2)  # the periodic one, before the third record
+    (tmp_path / "gone").rename(images)
+    resumed = simulate(config(stream, images, small_model, tmp_path / "run", resume=True), progress=False)
+    assert {k: v for k, v in resumed.items() if k not in ("run", "last_round")} == \
+        {k: v for k, v in whole.items() if k not in ("run", "last_round")}
+    for name in ("pool.jsonl", "rounds.jsonl"):
+        rows = [(tmp_path / run / name).read_text().splitlines() for run in ("whole", "run")]
+        assert len(rows[0]) == len(rows[1]) > 0, name
+
+
 def test_an_exception_inside_the_method_fails_that_record_and_the_run_goes_on(good, small_world, small_model,
                                                                                 tmp_path, monkeypatch, caplog):
     """Out of memory while applying one edit: the record fails with the reason, its weights are restored, and
