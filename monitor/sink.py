@@ -31,6 +31,9 @@ class Sink:
     def on_edit(self, applied: bool, seconds: float, step: int) -> None:
         """One edit was applied (or failed and was rolled back) in `seconds`."""
 
+    def on_retraction(self, applied: bool) -> None:
+        """A retraction undid its edit (`applied`), or was refused and counts as a failed line."""
+
     def on_quarantine(self, total: int) -> None:
         """The count of quarantined stream lines is now `total`."""
 

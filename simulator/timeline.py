@@ -252,6 +252,8 @@ class Timeline:
                 outcome = self.editor.retract(key)
             except Exception as error:  # not KeyboardInterrupt: a stop is not a failed retraction
                 outcome = EditOutcome(applied=False, message=f"{type(error).__name__}: {error}")
+        for sink in self.sinks:
+            sink.on_retraction(outcome.applied)
         if not outcome.applied:
             self.failed += 1
             log.warning("retraction of %s at line %d failed: %s", key, line, outcome.message)

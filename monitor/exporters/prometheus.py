@@ -98,8 +98,8 @@ class PrometheusSink(Sink):
         self.running = Gauge("editwatch_run_running", "1 while the run is running, 0 once it ended.", LABELS,
                              registry=r)
         self.run_failed = Gauge("editwatch_run_failed", "1 when the run ended on an error.", LABELS, registry=r)
-        self.progress = Gauge("editwatch_last_progress_timestamp_seconds", "Unix time of the run's last edit or "
-                              "probe round.", LABELS, registry=r)
+        self.progress = Gauge("editwatch_last_progress_timestamp_seconds", "Unix time of the run's last edit, "
+                              "retraction or probe round.", LABELS, registry=r)
         self.collapse = Gauge("editwatch_collapse_alarm", "1 when the latest probe round raised the collapse alarm.",
                               LABELS, registry=r)
         self.collapse_check = Gauge("editwatch_collapse_check", "1 when the latest probe round crossed this "
@@ -155,6 +155,13 @@ class PrometheusSink(Sink):
         """Count the edit and its duration."""
         (self.applied if applied else self.failed).labels(**self.labels).inc()
         self.edit_seconds.labels(**self.labels).observe(seconds)
+        self.progress.labels(**self.labels).set_to_current_time()
+        self._push()
+
+    def on_retraction(self, applied: bool) -> None:
+        """Note the progress; a refused retraction counts as a failed line, as `summary.json`'s `failed` does."""
+        if not applied:
+            self.failed.labels(**self.labels).inc()
         self.progress.labels(**self.labels).set_to_current_time()
         self._push()
 

@@ -3,8 +3,10 @@
 import json
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from editors import LVLM, Query, create_editor
+from monitor.exporters.prometheus import PrometheusSink
 from monitor.metrics import token_accuracy
 from simulator import ImageRoot, load_records
 from simulator.config import RunConfig
@@ -87,11 +89,16 @@ def test_retraction_deletes_a_memory_edit_and_measures_what_the_model_answers_no
 
 def test_an_editor_that_cannot_retract_fails_the_line_with_its_reason(setup, small_world, caplog):
     lvlm, images, records, out = setup
+    prometheus = PrometheusSink(CollectorRegistry())
     run = timeline(create_editor("ft-llm", lvlm), small_world, images, out, gap=[1])
-    run.run([(1, records[0]), (2, Retraction(op="retract", id=records[0].id))])
+    run.sinks.append(prometheus)
+    prometheus.on_start("r", {"method": "ft-llm", "model": "m"}, out, 0)
+    run.run([(1, records[0]), (2, Retraction(op="retract", id=records[0].id)), (3, Retraction(op="retract", id="no"))])
     summary = run.summary(0)
-    assert (summary["failed"], summary["retracted"], summary["edits_applied"]) == (1, 0, 1)
+    assert (summary["failed"], summary["retracted"], summary["edits_applied"]) == (2, 0, 1)
     assert "ft-llm cannot retract an edit" in caplog.text
+    # The live counter agrees with the summary, as the one a resumed run starts from it does.
+    assert prometheus.registry.get_sample_value("editwatch_edits_failed_total", prometheus.labels) == 2
 
 
 def test_port_chance_is_one_over_the_distinct_answers_of_each_hop(setup, small_world):
