@@ -34,11 +34,11 @@ class PoolEntry:
     image: str
     rephrase: str
     image_rephrase: str
-    at_edit: float  # its reliability right after it was applied
+    at_edit: float | None  # its reliability right after it was applied; None: that measurement was lost
     pred: str | None = None  # the fact's answer before the edit, when the record says
 
     @classmethod
-    def remembered(cls, edit: Any, key: str, at_edit: float) -> PoolEntry:
+    def remembered(cls, edit: Any, key: str, at_edit: float | None) -> PoolEntry:
         """The pool entry of `edit` (a record) just applied, with its reliability `at_edit` measured then."""
         return cls(key, edit.src, edit.alt, edit.image, edit.rephrase, edit.image_rephrase, at_edit, edit.pred)
 
@@ -61,17 +61,19 @@ class Pool:
 
     An entry dies when a later edit re-edits its fact (the newest value is the fact's value) or
     when it is retracted; rounds re-ask live entries only, so a replaced value is not counted as
-    forgotten.
+    forgotten. An entry whose reliability after the edit was lost stays live (it can be retracted,
+    its later gaps are measured) but rounds cannot re-ask it: there is nothing to compare with.
     """
 
     entries: list[PoolEntry] = field(default_factory=list)
     dead: set[int] = field(default_factory=set)
+    unasked: set[int] = field(default_factory=set)  # entries without a reliability after the edit
     rows: int = 0  # lines of the pool file this pool holds
     _facts: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # fact -> its entries, oldest first
     _keys: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.entries) - len(self.dead)
+        return len(self.entries) - len(self.dead | self.unasked)
 
     @classmethod
     def from_rows(cls, rows: Iterable[dict[str, Any]]) -> Pool:
@@ -90,6 +92,8 @@ class Pool:
         self.dead.update(chain)
         chain.append(len(self.entries))
         self._keys[entry.key] = len(self.entries)
+        if entry.at_edit is None:
+            self.unasked.add(len(self.entries))
         self.entries.append(entry)
         self.rows += 1
         return entry.row()
@@ -115,10 +119,11 @@ class Pool:
         return [v for v in dict.fromkeys(values) if v != value]
 
     def live(self) -> Sequence[PoolEntry]:
-        """The live entries, in order."""
-        if not self.dead:
+        """The live entries rounds can re-ask, in order."""
+        gone = self.dead | self.unasked
+        if not gone:
             return self.entries
-        return [e for i, e in enumerate(self.entries) if i not in self.dead]
+        return [e for i, e in enumerate(self.entries) if i not in gone]
 
 
 @dataclass

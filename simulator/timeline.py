@@ -327,19 +327,21 @@ class Timeline:
 
     def _measure(self, plan: Measurement) -> None:
         """Score `plan` in one call and record it. A failure while scoring (a rewritten query too long for the
-        model, out of memory) loses these measurements and the record's place in the retention pool, not the run:
-        it is logged and counted as `unmeasured`.
+        model, out of memory) loses what the call measured, not the run: the record's reliability (rounds cannot
+        re-ask it, though it stays live) and the due edits' values at this gap. Each edit that lost a measurement
+        is logged and counted as `unmeasured`.
         """
         try:
             scores = score_probes(self.editor, plan.probes, plan.references, vlkeb_compat=self.config.vlkeb_compat)
         except Exception as error:  # not KeyboardInterrupt: a stop is not a lost measurement
-            self.unmeasured += 1
             record = plan.record
-            log.warning("measuring after edit %s failed, its measurements are lost: %s: %s", record.id,
-                        type(error).__name__, error)
-            if plan.setting is None:  # it still replaces its fact's older value, but rounds cannot re-ask it
-                self.files.append(POOL, self.pool.add(PoolEntry.remembered(record, str(record.id), 0.0)))
-                self.files.append(POOL, self.pool.retract(str(record.id)))
+            lost = [str(record.id)] if plan.reliability is not None else []
+            lost = list(dict.fromkeys([*lost, *(str(item.record.id) for item, _, _ in plan.due)]))
+            self.unmeasured += len(lost)
+            log.warning("measuring after edit %s failed, the measurements of %s are lost: %s: %s", record.id,
+                        ", ".join(lost), type(error).__name__, error)
+            if plan.reliability is not None:  # it still replaces its fact's older value
+                self.files.append(POOL, self.pool.add(PoolEntry.remembered(record, str(record.id), None)))
             return
         self._record(plan, scores)
 
