@@ -20,6 +20,9 @@ class CollapseThresholds(BaseModel):
     )
     weight_change: float | None = Field(None, gt=0, description="alarm when the accumulated weight-change norm exceeds")
     retention: float | None = Field(None, ge=0, le=1, description="alarm when retention of earlier edits falls below")
+    entropy: float | None = Field(
+        None, gt=0, description="alarm when the mean next-token entropy on the reference set exceeds this (nats)"
+    )
 
 
 NONFINITE = "nonfinite_parameters"  # the indicator of NaN/Inf weights, beside the metric keys
@@ -49,7 +52,8 @@ def collapse_checks(limits: CollapseThresholds) -> list[Check]:
     declared = [("ref_ppl_ratio", limits.ppl_ratio, True, "reference perplexity ratio"),
                 ("ref_agreement", limits.agreement, False, "reference agreement"),
                 ("weight_change_norm", limits.weight_change, True, "weight change norm"),
-                ("retention", limits.retention, False, "retention")]
+                ("retention", limits.retention, False, "retention"),
+                ("generation_entropy", limits.entropy, True, "generation entropy")]
     return [Check(metric, threshold, above, what) for metric, threshold, above, what in declared
             if threshold is not None]
 

@@ -14,8 +14,9 @@ def collapse_alarms(values, nonfinite, limits):
 
 
 # Every check switched on, at thresholds that are exact in binary floating point.
-ALL_ON = CollapseThresholds(ppl_ratio=2.0, agreement=0.5, weight_change=3.0, retention=0.75)
-HEALTHY = {"ref_ppl_ratio": 1.0, "ref_agreement": 1.0, "weight_change_norm": 0.0, "retention": 1.0}
+ALL_ON = CollapseThresholds(ppl_ratio=2.0, agreement=0.5, weight_change=3.0, retention=0.75, entropy=4.0)
+HEALTHY = {"ref_ppl_ratio": 1.0, "ref_agreement": 1.0, "weight_change_norm": 0.0, "retention": 1.0,
+           "generation_entropy": 1.0}
 
 
 # -- forgetting -------------------------------------------------------------------------------
@@ -47,15 +48,17 @@ def test_no_drop_is_no_forgetting_even_with_a_narrow_interval(forgetting):
 
 
 def test_defaults_are_the_documented_thresholds():
-    """ppl ratio 2, agreement 0.5 on; weight change and retention off."""
+    """ppl ratio 2, agreement 0.5 on; weight change, retention and entropy off."""
     limits = CollapseThresholds()
-    assert (limits.ppl_ratio, limits.agreement, limits.weight_change, limits.retention) == (2.0, 0.5, None, None)
+    assert (limits.ppl_ratio, limits.agreement, limits.weight_change, limits.retention, limits.entropy) == \
+        (2.0, 0.5, None, None, None)
 
 
 def test_a_healthy_round_and_values_exactly_at_each_threshold_raise_nothing():
     """The comparisons are strict: a value equal to its threshold is not a crossing."""
     assert collapse_alarms(HEALTHY, [], ALL_ON) == []
-    at = {"ref_ppl_ratio": 2.0, "ref_agreement": 0.5, "weight_change_norm": 3.0, "retention": 0.75}
+    at = {"ref_ppl_ratio": 2.0, "ref_agreement": 0.5, "weight_change_norm": 3.0, "retention": 0.75,
+          "generation_entropy": 4.0}
     assert collapse_alarms(at, [], ALL_ON) == []
 
 
@@ -66,6 +69,7 @@ def test_a_healthy_round_and_values_exactly_at_each_threshold_raise_nothing():
         ("ref_agreement", 0.501, 0.25, "reference agreement 0.250 < 0.5"),
         ("weight_change_norm", 2.999, 3.5, "weight change norm 3.5 > 3.0"),
         ("retention", 0.751, 0.5, "retention 0.500 < 0.75"),
+        ("generation_entropy", 3.999, 5.5, "generation entropy 5.5 > 4.0"),
     ],
 )
 def test_each_threshold_crossed_gives_exactly_its_reason(key, inside, crossed, reason):
@@ -81,34 +85,39 @@ def test_a_hair_past_the_boundary_is_crossed():
         "ref_agreement": math.nextafter(0.5, -math.inf),
         "weight_change_norm": math.nextafter(3.0, math.inf),
         "retention": math.nextafter(0.75, -math.inf),
+        "generation_entropy": math.nextafter(4.0, math.inf),
     }
     assert collapse_alarms(values, [], ALL_ON) == [
         "reference perplexity ratio 2 > 2.0",
         "reference agreement 0.500 < 0.5",
         "weight change norm 3 > 3.0",
         "retention 0.750 < 0.75",
+        "generation entropy 4 > 4.0",
     ]
 
 
 def test_nan_values_raise_the_alarm():
     """A NaN compares False with everything, so it must be caught explicitly: every NaN check raises."""
     nan = float("nan")
-    values = {"ref_ppl_ratio": nan, "ref_agreement": nan, "weight_change_norm": nan, "retention": nan}
+    values = {"ref_ppl_ratio": nan, "ref_agreement": nan, "weight_change_norm": nan, "retention": nan,
+              "generation_entropy": nan}
     assert collapse_alarms(values, [], ALL_ON) == [
         "reference perplexity ratio nan > 2.0",
         "reference agreement nan < 0.5",
         "weight change norm nan > 3.0",
         "retention nan < 0.75",
+        "generation entropy nan > 4.0",
     ]
 
 
 def test_none_switches_a_check_off_even_for_nan_and_missing_values_are_skipped():
     """A switched-off check never fires (not even on NaN); a value absent from the round is not a crossing."""
-    off = CollapseThresholds(ppl_ratio=None, agreement=None, weight_change=None, retention=None)
-    awful = {"ref_ppl_ratio": 1e9, "ref_agreement": 0.0, "weight_change_norm": float("nan"), "retention": 0.0}
+    off = CollapseThresholds(ppl_ratio=None, agreement=None, weight_change=None, retention=None, entropy=None)
+    awful = {"ref_ppl_ratio": 1e9, "ref_agreement": 0.0, "weight_change_norm": float("nan"), "retention": 0.0,
+             "generation_entropy": 50.0}
     assert collapse_alarms(awful, [], off) == []
     assert collapse_alarms({}, [], ALL_ON) == []
-    # The defaults leave weight change and retention off: only the two default checks fire.
+    # The defaults leave weight change, retention and entropy off: only the two default checks fire.
     assert collapse_alarms(awful, [], CollapseThresholds()) == [
         "reference perplexity ratio 1e+09 > 2.0",
         "reference agreement 0.000 < 0.5",
