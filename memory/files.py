@@ -31,7 +31,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp)
     write(tmp)
     if not tmp.is_dir():
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
         fsync_folder(path.parent)
         return
@@ -139,13 +139,18 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def fsync_tree(folder: Path) -> None:
-    """Flush every file of a folder to disk before it is renamed into place (survives power loss)."""
+    """Flush every file of a folder, and every folder's entries, to disk before it is renamed into place (survives
+    power loss)."""
     for path in folder.rglob("*"):
         if path.is_file():
-            _fsync_file(path)
+            fsync_file(path)
+        elif path.is_dir():
+            fsync_folder(path)
+    fsync_folder(folder)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush a file's contents to disk."""
     with path.open("rb") as handle:
         os.fsync(handle.fileno())
 

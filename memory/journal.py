@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from memory.files import fsync_tree, write_atomically
+from memory.files import fsync_folder, fsync_tree, write_atomically
 from memory.index import IndexPlan
 from memory.stats import RetrievalStats
 from memory.store import VectorMemory
@@ -84,9 +84,7 @@ class MemoryJournal:
         The log is cut back to the recorded length and every other generation is deleted: no checkpoint names them.
         """
         log = _log(self.folder, position.generation)
-        size = log.stat().st_size if log.is_file() else -1
-        if size < position.log_bytes:
-            raise JournalError(f"{log} holds {max(size, 0)} bytes; the checkpoint recorded {position.log_bytes}")
+        _check_length(log, position.log_bytes)
         with log.open("r+b") as handle:
             handle.truncate(position.log_bytes)
             os.fsync(handle.fileno())
@@ -147,6 +145,7 @@ class MemoryJournal:
         write_atomically(snapshot, write)
         with _log(self.folder, generation).open("wb") as handle:
             os.fsync(handle.fileno())
+        fsync_folder(self.folder)  # the new log's entry too: a checkpoint will name it
         self.position = JournalPosition(generation=generation, log_bytes=0)
         self._snapshot_bytes, self._plan = _bytes(snapshot), memory.plan
         return self.position
@@ -183,11 +182,17 @@ def _encoded(change: Change) -> bytes:
     return record + CHECK.pack(zlib.crc32(record))
 
 
+def _check_length(log: Path, recorded: int) -> None:
+    """JournalError unless `log` holds at least the `recorded` bytes its checkpoint names."""
+    if not log.is_file():
+        raise JournalError(f"{log} is missing; the checkpoint recorded {recorded} bytes of it")
+    if (size := log.stat().st_size) < recorded:
+        raise JournalError(f"{log} holds {size} bytes; the checkpoint recorded {recorded}")
+
+
 def _records(log: Path, length: int) -> Iterator[tuple[int, int, bytes, bytes]]:
     """(kind, entry, key bytes, payload bytes) of each record in the log's first `length` bytes."""
-    size = log.stat().st_size if log.is_file() else -1
-    if size < length:
-        raise JournalError(f"{log} holds {max(size, 0)} bytes; the checkpoint recorded {length}")
+    _check_length(log, length)
     offset = 0
     with log.open("rb") as handle:
         while offset < length:

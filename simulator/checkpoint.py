@@ -113,7 +113,7 @@ def save_timeline(timeline: Timeline, extra: dict[str, Any]) -> None:
         "hop_answers": {k: sorted(v) for k, v in timeline.hop_answers.items()},
         "pending": pending, "pool": timeline.pool.rows,
         "rng": timeline.rng.bit_generator.state, "refset": {**refset, "records": timeline.refset_records},
-        "files": timeline.files.sizes(), **extra,
+        "files": timeline.files.durable_sizes(), **extra,
     }
     editor, out = timeline.editor, timeline.files.folder
     journaled = isinstance(editor, HasJournal)

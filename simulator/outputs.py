@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from memory.files import append_jsonl, jsonable, read_jsonl, write_text_atomically
+from memory.files import append_jsonl, fsync_file, fsync_folder, jsonable, read_jsonl, write_text_atomically
 
 SUMMARY = "summary.json"
 ROUNDS = "rounds.jsonl"  # one line per probe round
@@ -31,8 +31,17 @@ class RunFiles:
         append_jsonl(self.path(name), row)
 
     def sizes(self) -> dict[str, int]:
-        """Byte size of every append-only file now (what a checkpoint records)."""
+        """Byte size of every append-only file now."""
         return {name: self.path(name).stat().st_size if self.path(name).exists() else 0 for name in APPEND_ONLY}
+
+    def durable_sizes(self) -> dict[str, int]:
+        """`sizes`, after flushing the files and the folder to disk: what a checkpoint records, so that a power loss
+        cannot leave a file shorter than its checkpoint says."""
+        for name in APPEND_ONLY:
+            if self.path(name).exists():
+                fsync_file(self.path(name))
+        fsync_folder(self.folder)
+        return self.sizes()
 
     def rows(self, name: str) -> Iterator[dict[str, Any]]:
         """The rows of a JSONL output."""

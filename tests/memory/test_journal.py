@@ -169,6 +169,10 @@ def test_damage_within_the_recorded_length_is_an_error_not_a_change(tmp_path):
         read_journal(tmp_path / "j", JournalPosition(generation=1, log_bytes=7))
     with pytest.raises(JournalError, match="holds no snapshot 5"):
         read_journal(tmp_path / "j", JournalPosition(generation=5, log_bytes=0))
+    log.unlink()
+    for call in (lambda: read_journal(tmp_path / "j", position), lambda: journal.resume(position, mirror.memory)):
+        with pytest.raises(JournalError, match=f"log-1.bin is missing; the checkpoint recorded {position.log_bytes}"):
+            call()
 
 
 # A writer that checkpoints after every write, as a run does: journal write, then the checkpoint (its position and
