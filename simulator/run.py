@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from pydantic import BaseModel
 from tqdm import tqdm
 
 from editors import LVLM, EditExample, Editor, EditorState, HasMemory, HasWeightDelta, create_editor, editor_class
@@ -175,8 +176,9 @@ RESUMABLE = frozenset({
 def check_resumable(saved: dict[str, Any], config: RunConfig) -> None:
     """Refuse to resume with settings that change what is measured (another stream, gap, seed ...)."""
     now = json.loads(config.model_dump_json())
-    # A setting added after the run started is read as its default, so older runs still resume.
-    saved = {key: saved[key] if key in saved else _default(key) for key in now}
+    # A setting added after the run started (also inside a group such as --collapse) is read as its default, so
+    # older runs still resume.
+    saved = {key: _with_default(key, saved[key]) if key in saved else _default(key) for key in now}
     changed = [f"--{key.replace('_', '-')}: {saved[key]!r} in the checkpoint, {now[key]!r} now"
                for key in sorted(now) if key not in RESUMABLE and saved[key] != now[key]]
     if changed:
@@ -186,8 +188,18 @@ def check_resumable(saved: dict[str, Any], config: RunConfig) -> None:
 def _default(key: str) -> Any:
     """The JSON value of a RunConfig field's default (None for a required field)."""
     field = RunConfig.model_fields[key]
-    return None if field.is_required() else json.loads(json.dumps(field.get_default(call_default_factory=True),
-                                                                   default=str))
+    if field.is_required():
+        return None
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, BaseModel):
+        return default.model_dump(mode="json")
+    return json.loads(json.dumps(default, default=str))
+
+
+def _with_default(key: str, value: Any) -> Any:
+    """A saved setting with the fields its group gained since read as their defaults."""
+    default = _default(key)
+    return {**default, **value} if isinstance(default, dict) and isinstance(value, dict) else value
 
 
 def run_name(config: RunConfig) -> str:

@@ -145,3 +145,17 @@ def test_probe_refuses_a_checkpoint_of_another_model(small_world, small_model, o
     assert main(["probe", "--state", str(tmp_path / "out"), "--rounds", "1", "--no-mlflow"]) == 2
     line = error_line(capsys)
     assert f"trained on model '{small_model}'" in line and f"this run uses '{other_model}'" in line
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_and_a_changed_setting_is_refused(tmp_path):
+    """Settings added since (a top-level flag, a field of --collapse) read as their defaults; a changed one is named."""
+    from simulator.config import RunConfig
+    from simulator.run import RunError, check_resumable
+
+    config = RunConfig(stream="s.jsonl", out=tmp_path / "out")
+    saved = json.loads(config.model_dump_json())
+    del saved["checkpoint_every"], saved["collapse"]["entropy"]
+    check_resumable(saved, config)
+    saved["collapse"]["ppl_ratio"] = 3.0
+    with pytest.raises(RunError, match=r"--collapse: \{'ppl_ratio': 3.0, .* in the checkpoint, \{'ppl_ratio': 2.0"):
+        check_resumable(saved, config)
