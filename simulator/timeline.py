@@ -36,7 +36,7 @@ from simulator.config import RunConfig
 from simulator.outputs import POOL, ROUNDS, RunFiles
 from simulator.records import EditRecord, Retraction
 from simulator.requests import edit_request, one_hop_request
-from simulator.stream import ImageRoot
+from simulator.stream import ImageRoot, ImageRootError
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +282,8 @@ class Timeline:
         """
         try:
             return self._apply_pair(record)
+        except ImageRootError:  # opening the edit's image: a fault of the run, not of this record
+            raise
         except Exception as error:  # not KeyboardInterrupt: a stop is not a failed record
             return EditOutcome(applied=False, message=f"{type(error).__name__}: {error}")
 
@@ -328,15 +330,14 @@ class Timeline:
     def _measure(self, plan: Measurement) -> None:
         """Score `plan` in one call and record it. A failure while scoring (a rewritten query too long for the
         model, out of memory) loses what the call measured, not the run: the record's reliability (rounds cannot
-        re-ask it, though it stays live) and the due edits' values at this gap. Each edit that lost a measurement
-        is logged and counted as `unmeasured`.
+        re-ask it, though it stays live) and the due edits' values at this gap. `unmeasured` counts each edit that
+        lost a measurement in the call (an edit can lose more than one call's), and the log names them.
         """
         try:
             scores = score_probes(self.editor, plan.probes, plan.references, vlkeb_compat=self.config.vlkeb_compat)
         except Exception as error:  # not KeyboardInterrupt: a stop is not a lost measurement
             record = plan.record
-            lost = [str(record.id)] if plan.reliability is not None else []
-            lost = list(dict.fromkeys([*lost, *(str(item.record.id) for item, _, _ in plan.due)]))
+            lost = [str(record.id)] * (plan.reliability is not None) + [str(item.record.id) for item, _, _ in plan.due]
             self.unmeasured += len(lost)
             log.warning("measuring after edit %s failed, the measurements of %s are lost: %s: %s", record.id,
                         ", ".join(lost), type(error).__name__, error)

@@ -87,7 +87,8 @@ class PrometheusSink(Sink):
         self.linger_seconds = linger_seconds
         r = self.registry
         self.applied = Counter("editwatch_edits_applied", "Edits applied to the model.", LABELS, registry=r)
-        self.failed = Counter("editwatch_edits_failed", "Edits that failed and were rolled back.", LABELS, registry=r)
+        self.failed = Counter("editwatch_edits_failed", "Stream lines that failed: edits rolled back, retractions "
+                              "refused.", LABELS, registry=r)
         self.quarantined = Counter("editwatch_edits_quarantined", "Stream lines quarantined as bad input.", LABELS,
                                    registry=r)
         self.rounds = Counter("editwatch_probe_rounds", "Probe rounds run.", LABELS, registry=r)

@@ -86,11 +86,14 @@ def test_a_vanished_image_root_stops_the_run_with_a_checkpoint_and_resume_finish
         {k: v for k, v in whole.items() if k not in ("run", "last_round")}
 
 
+@pytest.mark.parametrize("when", ["after the third edit", "before the third edit"])
 def test_an_image_root_vanishing_halfway_through_a_record_resumes_from_the_last_checkpoint(
-        good, small_world, small_model, tmp_path, monkeypatch):
-    """Images too large to stay cached are opened again for each measurement, so the root can vanish after an edit
-    was applied and before it was measured: no checkpoint may be written then, or resume would skip the rest."""
+        good, small_world, small_model, tmp_path, monkeypatch, when):
+    """Images too large to stay cached are opened again where they are needed, so the root can vanish inside a
+    record: after its edit was applied and before it was measured, or just before the edit's own image is opened.
+    No checkpoint may be written then, nor the record failed, or resume would skip the rest of it."""
     import simulator.run
+    import simulator.timeline
     from simulator.stream import ImageRoot
 
     class Uncached(ImageRoot):
@@ -102,8 +105,19 @@ def test_an_image_root_vanishing_halfway_through_a_record_resumes_from_the_last_
     shutil.copytree(small_world / "images", images)
     stream = write(tmp_path / "s.jsonl", good)
     whole = simulate(config(stream, images, small_model, tmp_path / "whole"), progress=False)
-    with pytest.raises(RunError, match="halfway through a record: --resume continues from the last checkpoint"):
-        simulate(config(stream, images, small_model, tmp_path / "run"), [Vanish(images, 3)], progress=False)
+    request = simulator.timeline.edit_request
+
+    def vanishing(record, root):
+        if record.id == good[2]["id"]:
+            images.rename(images.with_name("gone"))
+        return request(record, root)
+
+    with monkeypatch.context() as patch:
+        if when.startswith("before"):
+            patch.setattr(simulator.timeline, "edit_request", vanishing)
+        with pytest.raises(RunError, match="halfway through a record: --resume continues from the last checkpoint"):
+            simulate(config(stream, images, small_model, tmp_path / "run"),
+                     [Vanish(images, 3)] if when.startswith("after") else [], progress=False)
     checkpoint = json.loads((tmp_path / "run" / "checkpoint" / "checkpoint.json").read_text())
     assert (checkpoint["edits_read"], checkpoint["line"]) == (2, 2)  # the periodic one, before the third record
     (tmp_path / "gone").rename(images)
