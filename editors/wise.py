@@ -134,7 +134,9 @@ class _Stop(Exception):
 class _Pass:
     """What the side-memory hook does in one forward over a batch of queries (rows)."""
 
-    prompt_lengths: list[int]  # per row: positions before the answer, the tokens scored
+    prompt_lengths: list[int]  # per row: positions before the answer, the tokens scored (set per forward: `_enter`)
+    by_ids: dict[tuple[int, ...], int] | None = None  # full-sequence scoring: token ids -> prompt length
+    side: int = 0  # rows routed to a side memory, over every forward of the pass
     train: torch.Tensor | None = None  # editing: the shard being trained answers every row
     stop: bool = False  # raise _Stop after the layer
     scores: torch.Tensor | None = None  # (B,) activation score of the trained shard / of the best memory
@@ -153,7 +155,7 @@ class Wise(Editor, HasMemory, HasWeightDelta):
     def __init__(self, lvlm: LVLM, config: WiseConfig | dict[str, Any] | None = None) -> None:
         super().__init__(lvlm, config)
         self.irrelevant: list[Query] = []
-        self._hook_handle: Any = None
+        self._hook_handles: list[Any] = []
         self._configure()
 
     # -- set-up ------------------------------------------------------------------------------
@@ -168,9 +170,14 @@ class Wise(Editor, HasMemory, HasWeightDelta):
         act = next(getattr(text_config, k) for k in ("hidden_act", "hidden_activation", "activation_function")
                    if getattr(text_config, k, None))
         self._act = ACT2FN[act]
-        if self._hook_handle is not None:
-            self._hook_handle.remove()
-        self._hook_handle = self.module.register_forward_hook(weak_hook(self, "_hook"))
+        for handle in self._hook_handles:
+            handle.remove()
+        tops = {id(self.lvlm.model): self.lvlm.model}
+        if self.lvlm.family.text_module:
+            text = self.lvlm.model.get_submodule(self.lvlm.family.text_module)
+            tops[id(text)] = text
+        self._hook_handles = [self.module.register_forward_hook(weak_hook(self, "_hook"))] + [
+            top.register_forward_pre_hook(weak_hook(self, "_enter"), with_kwargs=True) for top in tops.values()]
         self._pass: _Pass | None = None
         self._bypass = False
         self._clear()
@@ -218,6 +225,21 @@ class Wise(Editor, HasMemory, HasWeightDelta):
             return distance.masked_fill(mask == 0, float("-inf")).amax(1)
         return (distance * mask).sum(1) / mask.sum(1).clamp(min=1)
 
+    def _enter(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Read each row's prompt length from the batch the model gets: `LVLM.score` sorts and batches rows its own
+        way. Its answer positions (`logits_to_keep`, B x T) start at the last prompt token; full-sequence scoring
+        finds a row by its token ids."""
+        run = self._pass
+        keep = kwargs.get("logits_to_keep")
+        if run is None:
+            return
+        if isinstance(keep, torch.Tensor) and keep.ndim == 2:
+            run.prompt_lengths = (keep[:, 0] + 1).tolist()
+        elif run.by_ids is not None and kwargs.get("input_ids") is not None:
+            ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+            lengths = mask.sum(1).tolist() if mask is not None else [ids.shape[1]] * len(ids)
+            run.prompt_lengths = [run.by_ids[tuple(row[:n].tolist())] for row, n in zip(ids, lengths)]
+
     def _hook(self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
         run = self._pass
         if run is None:
@@ -239,6 +261,7 @@ class Wise(Editor, HasMemory, HasWeightDelta):
             best, index = scores.max(0)
             routed = best >= self.threshold  # WISE.py: the main memory only when the score is below it
             run.scores, run.chosen = best, torch.where(routed, index, -1)
+            run.side += int(routed.sum())
             picked = outs[index, torch.arange(x.shape[0], device=x.device)]  # (B, L, H)
             result = torch.where(routed[:, None, None], picked, output)
         if run.stop:
@@ -270,23 +293,14 @@ class Wise(Editor, HasMemory, HasWeightDelta):
         """Teacher-forced scores, each query answered by the memory the router picks for it."""
         if self._bypass or not self._memories():
             return self.lvlm.score(queries, **kwargs)
-        gather = kwargs.pop("gather", None)
-        batch_size = kwargs.pop("batch_size", 16)
-        results: list = [None] * len(queries)
-        for group in image_index_groups(queries):
-            for start in range(0, len(group), batch_size):
-                chunk = group[start : start + batch_size]
-                chosen = [queries[i] for i in chunk]
-                extra = {} if gather is None else {"gather": [gather[i] for i in chunk]}
-                # One homogeneous chunk is one batch of `LVLM.score`, rows in this order.
-                with self._running(_Pass(self._prompt_lengths(chosen))) as run:
-                    scores = self.lvlm.score(chosen, batch_size=len(chunk), **extra, **kwargs)
-                side = int((run.chosen >= 0).sum())
-                self.routed["side"] += side
-                self.routed["main"] += len(chunk) - side
-                for i, s in zip(chunk, scores):
-                    results[i] = s
-        return results
+        by_ids = None
+        if kwargs.get("sequence_top_k"):
+            by_ids = {tuple(e.input_ids): e.answer_start for e in self.lvlm.inputs.encode_many(queries)}
+        with self._running(_Pass([], by_ids=by_ids)) as run:
+            scores = self.lvlm.score(queries, **kwargs)
+        self.routed["side"] += run.side
+        self.routed["main"] += len(queries) - run.side
+        return scores
 
     def retrieve(self, queries: Sequence[Query]) -> list[Retrieval]:
         """Per query: the nearest stored edit when routed to the side memory, None for the main memory."""

@@ -133,3 +133,28 @@ def test_state_round_trip_restores_side_memory_threshold_and_routing(edited_worl
         [(r.key, round(r.score, 4)) for r in editor.retrieve(queries)]
     for a, b in zip(fresh.score(queries), editor.score(queries)):
         torch.testing.assert_close(a.target_logprobs, b.target_logprobs, atol=1e-5, rtol=0)
+
+
+def test_a_query_is_routed_and_scored_as_alone_in_any_batch_lvlm_score_makes():
+    """`LVLM.score` sorts a call's rows by length and may cut them into several batches: each row's prompt length
+    must come from the batch the layer sees, or its activation score, and so its memory, would be another row's."""
+    editor = _tiny_wise()
+    for edit in _edits(3):
+        assert editor.apply(edit).applied
+    queries = [Query("which animal is shown in picture 1? and some much longer trailing words here", "a brown dog"),
+               Query("which animal is shown in picture 0?", "a brown dog", random_image(100)),
+               Query("hi", "a brown dog"),
+               Query("which animal is shown in picture 2? more words", "a brown dog", random_image(102)),
+               *[Query("hi there", "a cat")] * 7, *[Query("the quick brown fox jumps over " * 4, "a dog")] * 7]
+    with torch.no_grad():
+        alone = [float(editor._layer_pass([q]).scores[0]) for q in queries]
+    # A threshold between the activation scores, so that the router sends some queries each way.
+    editor.min_activation = sorted(set(alone))[len(set(alone)) // 2] / editor.config.act_ratio
+    sides = sum(score >= editor.threshold for score in alone)
+    assert 0 < sides < len(queries)
+    before = dict(editor.routed)
+    batched = editor.score(queries)
+    assert editor.routed["side"] - before["side"] == sides
+    for query, score in zip(queries, batched):
+        single = editor.score([query])[0]
+        torch.testing.assert_close(score.target_logprobs, single.target_logprobs, rtol=0, atol=1e-5)
