@@ -104,6 +104,13 @@ class GraceConfig(BaseModel):
         return memory
 
 
+def _covering(distance: float) -> float:
+    """The least float32 radius at or above `distance`: radii are float32, distances float64, and an entry must
+    hold the key that set its radius."""
+    radius = np.float32(distance)
+    return float(radius) if float(radius) >= distance else float(np.nextafter(radius, np.float32(np.inf)))
+
+
 @dataclass
 class Codebook:
     """Keys (in a `VectorMemory`, id = entry index), values (N, H) and radii (N,), with each entry's target and edit."""
@@ -164,10 +171,21 @@ class Codebook:
         if self.targets[i] == target:
             if d <= float(self._radii[i]):
                 return i, "hold"
-            self._radii[i] = d  # eps_expand: coverage
+            self._radii[i] = _covering(d)  # eps_expand: coverage
             return i, "expand"
         self._radii[i] = min(float(self._radii[i]), d / 2)
         return self._add(key, target, edit_key, value, min(epsilon_init, d / 2)), "split"
+
+    def mark(self) -> tuple[int, torch.Tensor, list[str], list[str]]:
+        """What `place` may change (entries added, radii, targets, edits), for `restore` when the edit fails."""
+        return len(self), self._radii.clone(), list(self.targets), list(self.edit_keys)
+
+    def restore(self, mark: tuple[int, torch.Tensor, list[str], list[str]]) -> None:
+        """Undo every `place` since `mark` (the values of older entries are the caller's to keep)."""
+        size, radii, targets, edit_keys = mark
+        self.keys.remove(range(size, len(self)))
+        self._radii[: len(radii)] = radii
+        self.targets[:], self.edit_keys[:] = targets, edit_keys
 
     def _add(self, key: np.ndarray, target: str, edit_key: str, value: torch.Tensor, radius: float) -> int:
         self.extend(key[None], value[None], torch.tensor([radius]), [target], [edit_key])
@@ -351,12 +369,18 @@ class Grace(Editor, HasMemory):
             value = output
         else:
             value = torch.rand(self.codebook.value_dim, generator=torch.Generator().manual_seed(len(self.codebook)))
+        mark = self.codebook.mark()
         entry, action = self.codebook.place(key, edit.target, edit.key, value, self.config.epsilon_init)
         before = self.codebook.values[entry].clone()
-        loss = self._train_value(entry, edit)
+        try:
+            loss = self._train_value(entry, edit)  # sets the value only when the loss is finite
+        except BaseException:  # out of memory, a stop: the codebook is as before the edit
+            self.codebook.restore(mark)
+            raise
         if not torch.isfinite(loss):
-            self.codebook.set_value(entry, before)
-            return EditOutcome(applied=False, message=f"GRACE value of entry {entry} diverged (loss {loss}); kept")
+            self.codebook.restore(mark)
+            return EditOutcome(applied=False, message=f"GRACE value of entry {entry} diverged (loss {loss}); "
+                                                      "the codebook is as before the edit")
         change = float((self.codebook.values[entry] - before).norm())
         return EditOutcome(
             applied=True, changed={f"{self.module_path}.codebook[{entry}]": change},

@@ -61,6 +61,55 @@ def test_euclidean_lookup_stays_exact_for_stored_keys_in_the_ivf_index():
     assert book.nearest((keys[7] + 0.01)[None])[1][0] == pytest.approx(brute, rel=1e-4)
 
 
+def test_an_expanded_entry_holds_the_key_that_expanded_it():
+    """Radii are float32 and distances float64: a radius rounded down would leave the edit outside its own entry."""
+    for scale in np.linspace(1.01, 1.99, 99, dtype=np.float32):
+        book = Codebook(4, 3, L2)
+        book.place(unit(0) * 0, "A", "a", torch.zeros(3), 1.0)
+        assert book.place(unit(1) * scale, "A", "a2", torch.zeros(3), 1.0) == (0, "expand")
+        assert book.hits((unit(1) * scale)[None])[2].tolist() == [True], scale
+
+
+def test_restore_undoes_every_placement_since_the_mark():
+    book = Codebook(4, 3, L2)
+    book.place(unit(0) * 0, "A", "a", torch.zeros(3), 1.0)
+    book.place(unit(0) * 3, "B", "b", torch.zeros(3), 1.0)
+    before = (len(book), book.radii.tolist(), list(book.targets), list(book.edit_keys))
+    for key, target in ((unit(1) * 1.4, "A"), (unit(2) * 0.6, "C"), (unit(0) * 0, "D")):  # expand, split, replace
+        mark = book.mark()
+        book.place(key, target, "new", torch.ones(3), 1.0)
+        book.restore(mark)
+        assert (len(book), book.radii.tolist(), book.targets, book.edit_keys) == before
+        assert book.nearest(np.stack([unit(1) * 1.4, unit(0) * 3]))[0].tolist() == [0, 1]
+    book.place(unit(1) * 9, "E", "e", torch.ones(3), 1.0)  # the id an undone add had is taken again
+    assert len(book) == 3 and book.nearest((unit(1) * 9)[None])[0].tolist() == [2]
+
+
+@pytest.mark.parametrize("failure", ["diverged", "raised"])
+def test_a_failed_edit_leaves_the_codebook_as_before(lvlm, monkeypatch, failure):
+    import editors.grace
+
+    editor = create_editor("grace", lvlm, {"steps": 2})
+    assert editor.apply(DOG).applied
+    book, rain = editor.codebook, Query("what is the weather like?", "rain")
+    before = (len(book), book.radii.clone(), book.values.clone(), list(book.targets), list(book.edit_keys))
+    routed = editor.retrieve([rain])
+    if failure == "diverged":
+        monkeypatch.setattr(editors.grace, "answer_nll", lambda *a, **k: torch.tensor(float("nan")))
+        outcome = editor.apply(EditRequest(rain.prompt, "rain", None, key="rain"))
+        assert not outcome.applied and "the codebook is as before the edit" in outcome.message
+    else:
+        def out_of_memory(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+        monkeypatch.setattr(editors.grace, "fit_answer", out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError):
+            editor.apply(EditRequest(rain.prompt, "rain", None, key="rain"))
+    assert len(book) == before[0] and torch.equal(book.radii, before[1]) and torch.equal(book.values, before[2])
+    assert (book.targets, book.edit_keys) == (before[3], before[4])
+    assert editor.retrieve([rain]) == routed
+
+
 def test_config_refuses_a_cosine_store():
     with pytest.raises(ValueError, match="Euclidean"):
         GraceConfig(memory=MemoryConfig())
