@@ -263,8 +263,8 @@ def finished_summary(config: RunConfig) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     summary = json.loads(path.read_text(encoding="utf-8"))
-    if summary.get("stopped") == "interrupted":
-        return None
+    if summary.get("stopped") == "interrupted" or not summary.get("edits_read"):
+        return None  # also a run that found no usable record: it wrote its summary, then failed
     if summary.get("stopped") == "limit" and (config.limit is None or summary["edits_read"] < config.limit):
         return None
     return summary

@@ -191,6 +191,7 @@ class PrometheusSink(Sink):
 
     def on_finish(self, summary: dict[str, Any], folder: Path) -> None:
         """Publish the final means (single mode has no probe rounds), the run's values, and that it ended."""
+        self.on_quarantine(summary.get("quarantined", self._seen_quarantined))  # bad lines after the last record
         self._results(summary.get("results", {}))
         for key, value in summary.get("health", {}).items():
             if key in METRICS:

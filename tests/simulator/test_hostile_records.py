@@ -52,6 +52,27 @@ def test_records_the_model_cannot_take_are_quarantined_and_change_nothing(good, 
     assert run["results"] == clean["results"] and run["base"] == clean["base"]
 
 
+def test_bad_lines_after_the_last_record_reach_prometheus_and_a_sweep_does_not_count_an_unusable_run_finished(
+        good, small_world, small_model, tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from monitor.exporters.prometheus import PrometheusSink
+    from simulator.sweep import finished_summary
+
+    stream = tmp_path / "s.jsonl"
+    stream.write_text("".join(json.dumps(r) + "\n" for r in good[:2]) + "not json\n{}\n")
+    sink = PrometheusSink(CollectorRegistry())
+    summary = simulate(config(stream, small_world / "images", small_model, tmp_path / "run"), [sink], progress=False)
+    assert summary["quarantined"] == 2
+    assert sink.registry.get_sample_value("editwatch_edits_quarantined_total", sink.labels) == 2
+    assert finished_summary(config(stream, small_world / "images", small_model, tmp_path / "run")) is not None
+    bad = write(tmp_path / "bad.jsonl", [{"id": "x"}])
+    with pytest.raises(RunError, match="no usable record"):
+        simulate(config(bad, small_world / "images", small_model, tmp_path / "bad"), progress=False)
+    assert (tmp_path / "bad" / "summary.json").is_file()  # written before the error, yet not a finished cell
+    assert finished_summary(config(bad, small_world / "images", small_model, tmp_path / "bad")) is None
+
+
 def test_max_tokens_lowers_the_longest_query(good, small_world, small_model, tmp_path):
     with pytest.raises(RunError, match="no usable record .*: 4 lines read, 4 quarantined"):
         simulate(config(write(tmp_path / "s.jsonl", good), small_world / "images", small_model, tmp_path / "r",
