@@ -107,7 +107,8 @@ def _run(args: ProbeOptions, state: Path, out: Path, config: RunConfig, seconds:
     files = RunFiles(out)
     settings = {"state": str(state.resolve()), "every": args.every, "seed": seed, "run": config.model_dump(mode="json")}
     (out / CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-    params = {"method": config.method, "model": job.editor.lvlm.name, "mode": config.mode, "gaps": job.gaps, "seed": seed, "state": settings["state"], "every": args.every}
+    params = {"method": config.method, "model": job.editor.lvlm.name, "mode": config.mode, "gaps": job.gaps, "seed": seed, "state": settings["state"], "every": args.every,
+              "every_seconds": seconds}
     for sink in sinks:
         sink.on_start(name, params, out, job.applied)
     stop = threading.Event()

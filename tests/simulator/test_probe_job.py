@@ -70,6 +70,7 @@ def test_two_scheduled_rounds_reach_both_exporters_and_sigterm_stops_cleanly(run
     rounds_total = pushed["editwatch_probe_rounds_total", None]
     assert rounds_total.value == len(probe_rounds) and rounds_total.labels == labels
     assert pushed["editwatch_probe_norm", "weight_change_norm"].value == pytest.approx(first["weight_change_norm"])
+    assert pushed["editwatch_progress_interval_seconds", None].value == 2  # the stall alert waits for twice that
 
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("probes").experiment_id])
