@@ -87,6 +87,10 @@ class PrometheusSink(Sink):
         self.job = job
         self.linger_seconds = linger_seconds
         r = self.registry
+        # Collected first: a scrape's time is then never later than the values it read, so a scrape that still read
+        # "running" cannot end the linger after the run's end.
+        self.clock = _ScrapeClock()
+        r.register(self.clock)  # type: ignore[arg-type]
         self.applied = Counter("editwatch_edits_applied", "Edits applied to the model.", LABELS, registry=r)
         self.failed = Counter("editwatch_edits_failed", "Stream lines that failed: edits rolled back, retractions "
                               "refused.", LABELS, registry=r)
@@ -116,8 +120,6 @@ class PrometheusSink(Sink):
                 name = f"editwatch_{scope}_{suffix}"
                 self.values[name] = Gauge(name, f"{what} (unit: {unit}; monitor.metrics).", (*LABELS, *labels),
                                           registry=r)
-        self.clock = _ScrapeClock()
-        r.register(self.clock)  # type: ignore[arg-type]
         self.labels: dict[str, str] = {}
         self._crossed: set[str] = set()
         self._finished = False

@@ -178,3 +178,15 @@ def test_a_resumed_run_continues_its_counters(tmp_path):
     assert value("editwatch_edits_failed_total", LABELS) == 2
     assert value("editwatch_edits_quarantined_total", LABELS) == 4
     assert value("editwatch_probe_rounds_total", LABELS) == 10
+
+
+def test_a_scrape_notes_its_time_before_it_reads_the_run_state():
+    """Else a scrape that read "running" while the run ended could look like a scrape after the end, and end the
+    linger before Prometheus saw the end."""
+    sink = PrometheusSink(CollectorRegistry())
+    order = []
+    clock, running = sink.clock.collect, sink.running.collect
+    sink.clock.collect = lambda: order.append("clock") or clock()
+    sink.running.collect = lambda: order.append("running") or running()
+    list(sink.registry.collect())
+    assert order == ["clock", "running"]
