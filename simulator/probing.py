@@ -54,7 +54,7 @@ class ProbeJob:
         self.prober = ProbeRound(self.editor, self.images.open, config.collapse, config.retention_sample)
         self.gaps = sorted(set(config.gap))
         self.alarms = AlarmLog()
-        self.rounds = 0
+        self.rounds = max((row["round"] for row in self.files.rows(ROUNDS)), default=0)  # a restarted job goes on
         self.last: dict[str, Any] = {}
         self.progress: dict[str, int] = {}  # the run's counters at its checkpoint
         self.results: dict[str, dict[str, float]] = {}

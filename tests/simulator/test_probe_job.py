@@ -90,3 +90,12 @@ def test_a_folder_without_a_run_is_named(tmp_path, capsys):
 def test_a_bad_interval_is_named(run_state, capsys):
     assert main(["probe", "--state", str(run_state), "--every", "2 minutes"]) == 2
     assert "invalid interval '2 minutes'" in capsys.readouterr().err
+
+
+def test_a_restarted_probe_job_numbers_its_rounds_on(run_state, tmp_path):
+    from simulator.probing import ProbeJob
+
+    config = RunConfig.model_validate_json((run_state / "config.json").read_text())
+    for _ in range(2):  # a job, then the same job restarted into the same folder
+        ProbeJob(run_state, tmp_path / "probes", config, 0, []).round()
+    assert [row["round"] for row in rows(tmp_path / "probes" / "rounds.jsonl")] == [1, 2]
