@@ -175,7 +175,11 @@ def _data(run: RunView) -> str:
 
 
 def _limit(run: RunView) -> int | None:
-    return int(run.params["limit"]) if run.params.get("limit") else None
+    """The --limit the run ended under: a resume may raise it, and MLflow keeps a param's first value."""
+    from monitor.exporters.tracking import LIMIT_TAG
+
+    limit = run.tags.get(LIMIT_TAG, run.params.get("limit"))
+    return int(limit) if limit not in (None, "", "None") else None
 
 
 def differing_settings(runs: Iterable[RunView]) -> list[str]:

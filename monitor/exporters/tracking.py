@@ -61,6 +61,7 @@ SETTINGS_FILE = "config.json"  # the run's settings in its folder (simulate writ
 # training view: runs, params and metric charts (the UI's ExperimentKind enum, MLflow 3.17).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 COLLAPSE_AT_TAG = "editwatch.collapse_first_at"  # edits applied at the first collapse alarm (compare's column)
+LIMIT_TAG = "editwatch.limit"  # the --limit the run ended under: a resume may raise it, a param keeps its first value
 BASE_PREFIX = "base/"
 # The unedited model's accuracies (the summary's `base`) are logged at step 0, each under the key of the
 # run metric that asks the same query: `pred_src` is reliability's query (image + src) scored on the old
@@ -175,7 +176,8 @@ class MlflowSink(Sink):
         tags = {"editwatch.stopped": summary.get("stopped"),
                 "editwatch.collapse": collapse.get("raised"),
                 COLLAPSE_AT_TAG: collapse.get("first_at") if collapse.get("raised") else None,
-                "editwatch.forgetting": alarms.get("forgetting", {}).get("detected")}
+                "editwatch.forgetting": alarms.get("forgetting", {}).get("detected"),
+                LIMIT_TAG: _settings(folder).get("limit")}
         self.journal.append({"op": "tags", "tags": {k: str(v) for k, v in tags.items() if v is not None}})
         _snapshot(folder, self.journal.folder / ARTIFACTS)
         self.journal.append({"op": "artifacts", "dir": ARTIFACTS})

@@ -418,3 +418,20 @@ def test_a_flush_then_a_close_wait_flush_seconds_in_all_while_the_server_is_down
     sink.close()
     assert 2 <= time.monotonic() - start < 3.5  # not 2 + 2
     assert Journal(folder / "mlflow").unsent() == 7  # create, params, input, final metrics, tags, artifacts, end
+
+
+def test_a_resume_that_raises_the_limit_is_compared_under_the_new_one(store, tmp_path):
+    """MLflow keeps a param's first value: the limit the run ended under is a tag, which compare reads first."""
+    from simulator.compare import RunView, _limit
+
+    uri, client = store
+    folder = run_folder(tmp_path, limit=6)
+    play(MlflowSink(uri, "exp-limit"), folder, rounds=ROUNDS[:1], finish=False)
+    run_folder(tmp_path, limit=12)  # `--resume --limit 12` writes its settings again
+    play(MlflowSink(uri, "exp-limit"), folder, start=4, rounds=ROUNDS[1:])
+    run = only_run(client, "exp-limit")
+    assert run.data.params["limit"] == "6" and run.data.tags["editwatch.limit"] == "12"
+    view = RunView(run.info.run_id, "run-a", "ft-llm", "m", {}, run.data.params, run.data.tags)
+    assert _limit(view) == 12
+    assert _limit(RunView("r", "n", "ft-llm", "m", {}, {"limit": "6"})) == 6  # a run logged before the tag
+    assert _limit(RunView("r", "n", "ft-llm", "m", {}, {"limit": "None"}, {"editwatch.limit": "None"})) is None
