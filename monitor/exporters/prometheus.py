@@ -13,7 +13,7 @@ the metric registry's unit, so one graph never mixes a 0-1 ratio with a count or
   run, reduced by its aggregation (monitor.metrics.reduce_rounds);
 - the run's lifecycle, which the alert rules follow: `editwatch_run_running` (1 from start to its
   end), `editwatch_run_failed` (1 when it ended on an error), `editwatch_last_progress_timestamp_seconds`
-  (the last edit or round), `editwatch_progress_interval_seconds` (a scheduled probe job's interval);
+  (the last edit or round), `editwatch_progress_interval_seconds` (a probe job's interval, 0 for a run);
   `editwatch_collapse_alarm` (1 when the latest round raised the collapse
   alarm) and `editwatch_collapse_check{metric=INDICATOR}` (1 for each indicator that crossed its
   threshold: the alarm's reason, as a label);
@@ -107,7 +107,7 @@ class PrometheusSink(Sink):
         self.progress = Gauge("editwatch_last_progress_timestamp_seconds", "Unix time of the run's last edit, "
                               "retraction or probe round.", LABELS, registry=r)
         self.interval = Gauge("editwatch_progress_interval_seconds", "How often a scheduled job (simulate probe) "
-                              "makes progress; absent for a run, which progresses every edit.", LABELS, registry=r)
+                              "makes progress; 0 for a run, which progresses at every edit.", LABELS, registry=r)
         self.collapse = Gauge("editwatch_collapse_alarm", "1 when the latest probe round raised the collapse alarm.",
                               LABELS, registry=r)
         self.collapse_check = Gauge("editwatch_collapse_check", "1 when the latest probe round crossed this "
@@ -147,8 +147,7 @@ class PrometheusSink(Sink):
         self.running.labels(**self.labels).set(1)
         self.run_failed.labels(**self.labels).set(0)
         self.progress.labels(**self.labels).set_to_current_time()
-        if params.get("every_seconds"):  # the stall alert waits for twice that
-            self.interval.labels(**self.labels).set(params["every_seconds"])
+        self.interval.labels(**self.labels).set(params.get("every_seconds") or 0)  # the stall alert waits twice that
         self._push(force=True)
 
     def on_resume(self, counts: Mapping[str, int]) -> None:
