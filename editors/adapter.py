@@ -515,6 +515,12 @@ class LVLM:
         path = self.family.text_module
         return self.model.get_submodule(path) if path else self.model
 
+    def entry_modules(self) -> list[nn.Module]:
+        """The modules a forward of `score` or `span_logits` enters by: the model, and its text module for text rows;
+        a pre-hook on them sees the batch as `LVLM` built it (`logits_to_keep`, `input_ids`)."""
+        text = self._text_module()
+        return [self.model] if text is self.model else [self.model, text]
+
     # -- generation ------------------------------------------------------------------------
 
     @torch.no_grad()

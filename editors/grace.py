@@ -46,7 +46,7 @@ from torch import nn
 
 from editors.adapter import LVLM, SpanScore
 from editors.editor import EditOutcome, Editor, EditRequest, HasMemory, Retrieval, bypassing, weak_hook
-from editors.inputs import Query, image_index_groups
+from editors.inputs import Query, image_index_groups, row_ids
 from editors.losses import answer_nll, fit_answer
 from editors.state import EditorState
 from memory import MemoryConfig, RetrievalStats, VectorMemory
@@ -278,13 +278,8 @@ class Grace(Editor, HasMemory):
         module = self.lvlm.model.get_submodule(self.module_path)
         if not isinstance(module, nn.Linear):
             raise ValueError(f"{self.module_path} is a {type(module).__name__}, not the linear layer GRACE wraps")
-        tops = {id(self.lvlm.model): self.lvlm.model}
-        family = self.lvlm.family
-        if family.text_module:
-            text = self.lvlm.model.get_submodule(family.text_module)
-            tops[id(text)] = text
         handles = [module.register_forward_hook(weak_hook(self, "_replace"))]
-        for top in tops.values():
+        for top in self.lvlm.entry_modules():
             handles.append(top.register_forward_pre_hook(weak_hook(self, "_enter"), with_kwargs=True))
             handles.append(top.register_forward_hook(weak_hook(self, "_leave")))
         self._handles[:] = handles
@@ -299,10 +294,8 @@ class Grace(Editor, HasMemory):
         if isinstance(keep, torch.Tensor) and keep.ndim == 2:
             positions = keep[:, 0]
         elif self._id_positions is not None and kwargs.get("input_ids") is not None:
-            ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
-            lengths = mask.sum(1).tolist() if mask is not None else [ids.shape[1]] * len(ids)
-            positions = torch.tensor([self._id_positions.get(tuple(row[:n].tolist()), n - 1)
-                                      for row, n in zip(ids, lengths)])
+            rows = row_ids(kwargs["input_ids"], kwargs.get("attention_mask"))
+            positions = torch.tensor([self._id_positions.get(ids, len(ids) - 1) for ids in rows])
         self._positions.append(positions)
 
     def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:

@@ -323,6 +323,12 @@ def image_digest(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
+def row_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[tuple[int, ...]]:
+    """Each row's token ids without its right padding: how a hook finds a query in a batch `collate` built."""
+    lengths = attention_mask.sum(1).tolist() if attention_mask is not None else [input_ids.shape[1]] * len(input_ids)
+    return [tuple(row[:n].tolist()) for row, n in zip(input_ids, lengths)]
+
+
 def image_index_groups(queries: Sequence[Query]) -> list[list[int]]:
     """Indices of the queries with an image, then of those without (a batch cannot mix them); empty groups dropped."""
     groups = [[i for i, q in enumerate(queries) if q.image is not None], [i for i, q in enumerate(queries) if q.image is None]]

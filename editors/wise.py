@@ -76,7 +76,7 @@ from editors.editor import (
     bypassing,
     weak_hook,
 )
-from editors.inputs import Query, image_index_groups
+from editors.inputs import Query, image_index_groups, row_ids
 from editors.losses import answer_nll, image_groups
 from editors.state import EditorState
 from editors.weights import trainable_only
@@ -172,12 +172,9 @@ class Wise(Editor, HasMemory, HasWeightDelta):
         self._act = ACT2FN[act]
         for handle in self._hook_handles:
             handle.remove()
-        tops = {id(self.lvlm.model): self.lvlm.model}
-        if self.lvlm.family.text_module:
-            text = self.lvlm.model.get_submodule(self.lvlm.family.text_module)
-            tops[id(text)] = text
         self._hook_handles = [self.module.register_forward_hook(weak_hook(self, "_hook"))] + [
-            top.register_forward_pre_hook(weak_hook(self, "_enter"), with_kwargs=True) for top in tops.values()]
+            top.register_forward_pre_hook(weak_hook(self, "_enter"), with_kwargs=True)
+            for top in self.lvlm.entry_modules()]
         self._pass: _Pass | None = None
         self._bypass = False
         self._clear()
@@ -236,9 +233,7 @@ class Wise(Editor, HasMemory, HasWeightDelta):
         if isinstance(keep, torch.Tensor) and keep.ndim == 2:
             run.prompt_lengths = (keep[:, 0] + 1).tolist()
         elif run.by_ids is not None and kwargs.get("input_ids") is not None:
-            ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
-            lengths = mask.sum(1).tolist() if mask is not None else [ids.shape[1]] * len(ids)
-            run.prompt_lengths = [run.by_ids[tuple(row[:n].tolist())] for row, n in zip(ids, lengths)]
+            run.prompt_lengths = [run.by_ids[ids] for ids in row_ids(kwargs["input_ids"], kwargs.get("attention_mask"))]
 
     def _hook(self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
         run = self._pass
