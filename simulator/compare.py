@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Collection, Iterable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from monitor.run_tags import COLLAPSE_AT_TAG, COLLAPSE_TAG, LIMIT_TAG, STOPPED_TAG
 from monitor.sink import short_model_name
 from simulator.command import ArgumentParser, CommandError, add_model_options, options
 
@@ -43,8 +44,6 @@ COUNT_COLUMNS = ("status", "n", "edits")
 COLLAPSE_COLUMNS = ("collapsed", "collapse_at", "collapse_at_sd")  # runs that raised it; mean ± sd of where
 SD_SUFFIX = "_sd"
 HASH_SHOWN = 8  # hex digits of the data hash in the Markdown table (the CSV has all)
-# Tags the MLflow exporter sets at a run's end (monitor/exporters/tracking.py).
-STOPPED_TAG, COLLAPSE_TAG, COLLAPSE_AT_TAG = "editwatch.stopped", "editwatch.collapse", "editwatch.collapse_first_at"
 # Params that do not make two runs different experiments: the seed (what a row averages over), the key
 # columns' own params, where a run reads and writes, and how it runs and reports. Every other param that
 # differs between the compared runs splits their rows: a new setting splits by default, which shows a
@@ -176,8 +175,6 @@ def _data(run: RunView) -> str:
 
 def _limit(run: RunView) -> int | None:
     """The --limit the run ended under: a resume may raise it, and MLflow keeps a param's first value."""
-    from monitor.exporters.tracking import LIMIT_TAG
-
     limit = run.tags.get(LIMIT_TAG, run.params.get("limit"))
     return int(limit) if limit not in (None, "", "None") else None
 

@@ -36,6 +36,7 @@ from memory.files import read_jsonl
 from monitor.alarms import CollapseThresholds
 from monitor.exporters.journal import DeadLetters, Journal, JournalError
 from monitor.exporters.plots import collapse_thresholds, round_plots
+from monitor.run_tags import COLLAPSE_AT_TAG, COLLAPSE_TAG, FORGETTING_TAG, LIMIT_TAG, STOPPED_TAG
 from monitor.sink import Sink
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,6 @@ SETTINGS_FILE = "config.json"  # the run's settings in its folder (simulate writ
 # MLflow 3 opens an experiment without this tag in its GenAI view (traces, prompts); with it, in the
 # training view: runs, params and metric charts (the UI's ExperimentKind enum, MLflow 3.17).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
-COLLAPSE_AT_TAG = "editwatch.collapse_first_at"  # edits applied at the first collapse alarm (compare's column)
-LIMIT_TAG = "editwatch.limit"  # the --limit the run ended under: a resume may raise it, a param keeps its first value
 BASE_PREFIX = "base/"
 # The unedited model's accuracies (the summary's `base`) are logged at step 0, each under the key of the
 # run metric that asks the same query: `pred_src` is reliability's query (image + src) scored on the old
@@ -173,10 +172,10 @@ class MlflowSink(Sink):
         self._log_metrics(_rows(metrics, summary.get("edits_applied", 0)) + _rows(base, 0))
         alarms = summary.get("alarms", {})
         collapse = alarms.get("collapse", {})
-        tags = {"editwatch.stopped": summary.get("stopped"),
-                "editwatch.collapse": collapse.get("raised"),
+        tags = {STOPPED_TAG: summary.get("stopped"),
+                COLLAPSE_TAG: collapse.get("raised"),
                 COLLAPSE_AT_TAG: collapse.get("first_at") if collapse.get("raised") else None,
-                "editwatch.forgetting": alarms.get("forgetting", {}).get("detected"),
+                FORGETTING_TAG: alarms.get("forgetting", {}).get("detected"),
                 LIMIT_TAG: _settings(folder).get("limit")}
         self.journal.append({"op": "tags", "tags": {k: str(v) for k, v in tags.items() if v is not None}})
         _snapshot(folder, self.journal.folder / ARTIFACTS)
