@@ -631,7 +631,7 @@ class LVLM:
         for part in parts or available:
             if part not in available:
                 raise ValueError(f"Unknown vision part {part!r} for {self.family.name}. Available: {', '.join(available)}")
-            for declared in available[part]:
+            for declared in self.family.vision_part_paths(self.model.config, part):
                 path, target = _module_or_parameter(self.model, declared)
                 if isinstance(target, nn.Parameter):
                     yield path, target

@@ -122,6 +122,10 @@ class Family:
     # their own tokens after it (`LVLM.score`). On LLaVA-1.5 that prefix is ~580 of a query's ~600 tokens.
     shares_image_prefix: ClassVar[bool] = False
 
+    def vision_part_paths(self, config: PreTrainedConfig, part: str) -> tuple[str, ...]:
+        """The module or parameter paths of vision part `part` (a key of `vision_parts`) on a model of `config`."""
+        return self.vision_parts[part]
+
     def vlkeb_image(self) -> str:
         """The image marker of a VLKEB-format prompt (see `vlkeb_image_text`)."""
         if self.vlkeb_image_text is not None:

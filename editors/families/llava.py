@@ -46,6 +46,17 @@ def _view_features(family: str, config: PreTrainedConfig) -> int:
     return side * side + tokens - (1 if config.vision_feature_select_strategy == "default" else 0)
 
 
+def _last_read_block(config: PreTrainedConfig) -> int:
+    """Index of the last tower block whose output the projector reads: hidden state k of the tower (0: the patch
+    embeddings) is block k - 1's output, and `vision_feature_layer` names one hidden state or several."""
+    layers = config.vision_feature_layer
+    states = config.vision_config.num_hidden_layers + 1
+    last = max(layer % states for layer in (layers if isinstance(layers, (list, tuple)) else [layers]))
+    if last == 0:
+        raise ValueError("the projector reads the tower's patch embeddings only: no tower block reaches it")
+    return last - 1
+
+
 class Llava(Family):
     """LLaVA-1.5 / LLaVA-Interleave as ported to transformers (`llava-hf/*`): CLIP or SigLIP tower + MLP projector."""
 
@@ -59,9 +70,9 @@ class Llava(Family):
     vision_parts = {
         "tower": ("model.vision_tower",),
         "projector": ("model.multi_modal_projector",),
-        # LLaVA-1.5 reads the CLIP tower at vision_feature_layer=-2: the last block never reaches the
-        # projector, so the last block that does is the second to last.
-        "last_block_mlp": ("model.vision_tower.encoder.layers.-2.mlp",),
+        # The last tower block whose output reaches the projector (`vision_part_paths`): LLaVA-1.5 and NeXT read
+        # CLIP at vision_feature_layer=-2, so its last block is never read; Interleave and OneVision read SigLIP at -1.
+        "last_block_mlp": ("model.vision_tower.encoder.layers.{last_read}.mlp",),
     }
     default_vision_parts = ("projector",)
     # VLKEB's LLaVA FT (Vis) tunes `mm_projector` (hparams/FT/llava_mmproj.yaml).
@@ -73,6 +84,10 @@ class Llava(Family):
         """The decoder and the vision tower must both be declared."""
         super().check(config)
         _view_features(self.name, config)
+
+    def vision_part_paths(self, config: PreTrainedConfig, part: str) -> tuple[str, ...]:
+        """The declared paths, `last_block_mlp` in the last tower block that `vision_feature_layer` reads."""
+        return tuple(path.format(last_read=_last_read_block(config)) for path in super().vision_part_paths(config, part))
 
     def image_token_count(self, config: PreTrainedConfig, pixels: dict[str, torch.Tensor]) -> int:
         """Tower patches, plus CLIP's class token under "full" (SigLIP has none; "default" drops the first feature)."""
@@ -169,12 +184,6 @@ class LlavaOnevision(LlavaNext):
     name = "llava_onevision"
     config_class = LlavaOnevisionConfig
     model_class = LlavaOnevisionForConditionalGeneration
-    vision_parts = {
-        **LlavaNext.vision_parts,
-        # OneVision reads SigLIP's last block (vision_feature_layer=-1; the checkpoint already dropped
-        # SigLIP's final block), so the last block is the one that feeds the projector.
-        "last_block_mlp": ("model.vision_tower.encoder.layers.-1.mlp",),
-    }
 
     def _grid(self, config: PreTrainedConfig, height: int, width: int) -> tuple[int, int]:
         """NeXT's grid, shrunk (bilinear) when it holds over 1.1x the features of N tiles (`anyres_max_N`).

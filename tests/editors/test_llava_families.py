@@ -88,10 +88,9 @@ def test_image_features_need_one_count_and_keys_resize_to_one_tile(family):
     torch.testing.assert_close(torch.from_numpy(mixed).norm(dim=1), torch.ones(3))
 
 
-# Index of the declared block in the tiny 2-block towers. LLaVA-1.5 and NeXT read CLIP at layer -2 and
-# OneVision SigLIP at -1, so it is the last block the projector reads; LLaVA-Interleave (llava-qwen2)
-# reads SigLIP at -1 under LLaVA's declaration, which is one block upstream of that.
-LAST_READ_BLOCK = {"llava": 0, "llava-next": 0, "llava-onevision": 1, "llava-qwen2": 0}
+# Index of the last block the projector reads in the tiny 2-block towers: LLaVA-1.5 and NeXT read CLIP at
+# vision_feature_layer -2, OneVision and LLaVA-Interleave (llava-qwen2) read SigLIP at -1.
+LAST_READ_BLOCK = {"llava": 0, "llava-next": 0, "llava-onevision": 1, "llava-qwen2": 1}
 
 
 @pytest.mark.parametrize("family", sorted(LAST_READ_BLOCK))
@@ -167,3 +166,18 @@ def test_memory_editors_take_edits_and_queries_of_several_sizes_in_one_batch(fam
     with editor.unedited():
         before = editor.score(RESIZED)
     assert all(not torch.allclose(a.target_logprobs, b.target_logprobs) for a, b in zip(together, before))
+
+
+@pytest.mark.parametrize(("feature_layer", "block"), [(-2, 22), (-1, 23), ([-2, -5, -8], 22), ([3, -20], 4), (3, 2)])
+def test_last_block_mlp_follows_the_feature_layer_at_published_depth(feature_layer, block):
+    """LLaVA-1.5's 24-block CLIP tower read at -2 tunes block 22; hidden state k is block k - 1's output."""
+    from editors.families import family_for
+    from transformers import LlavaConfig
+
+    config = LlavaConfig(vision_feature_layer=feature_layer, vision_config={"model_type": "clip_vision_model",
+                                                                            "num_hidden_layers": 24})
+    paths = family_for(LlavaConfig()).vision_part_paths(config, "last_block_mlp")
+    assert paths == (f"model.vision_tower.encoder.layers.{block}.mlp",)
+    config.vision_feature_layer = 0
+    with pytest.raises(ValueError, match="no tower block"):
+        family_for(LlavaConfig()).vision_part_paths(config, "last_block_mlp")
