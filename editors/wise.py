@@ -336,8 +336,8 @@ class Wise(Editor, HasMemory, HasWeightDelta):
             self.mask = self._new_mask(self.edits // self.config.shard_every)
         start = (self.current if self.current is not None else self.main).detach()
         weight = self._tune(edit, start.clone())
-        if not torch.isfinite(weight).all():
-            message = "edit left non-finite side-memory weights; rolled back"
+        if weight is None or not torch.isfinite(weight).all():
+            message = f"edit {'had a non-finite loss' if weight is None else 'left non-finite side-memory weights'}; rolled back"
             log.warning(message)
             return EditOutcome(applied=False, message=message)
         with torch.no_grad():
@@ -358,7 +358,8 @@ class Wise(Editor, HasMemory, HasWeightDelta):
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + shard)
         return (torch.rand(self.main.shape, generator=generator) < self.config.mask_ratio).to(self.main.device)
 
-    def _tune(self, edit: EditRequest, weight: torch.Tensor) -> torch.Tensor:
+    def _tune(self, edit: EditRequest, weight: torch.Tensor) -> torch.Tensor | None:
+        """`weight` trained on the edit, or None where a loss was not finite (the edit failed, whatever it learnt)."""
         weight.requires_grad_(True)
         optimizer = torch.optim.SGD([weight], lr=self.config.lr, weight_decay=self.config.weight_decay)
         main, bound = self.main.detach(), self.config.norm_constraint
@@ -372,7 +373,8 @@ class Wise(Editor, HasMemory, HasWeightDelta):
                 outside = torch.cat([self._layer_pass(g, train=weight).scores for g in image_groups(negatives)])
                 loss = nll + margin_loss(inside, outside, self.config.alpha, self.config.beta, self.config.gamma)
                 if not torch.isfinite(loss):
-                    break
+                    log.debug("wise: edit %r had a non-finite loss at step %d", edit.key, step)
+                    return None
                 if loss.item() <= self.config.stop_loss and abs(previous - loss.item()) <= 1e-4:
                     break
                 previous = loss.item()

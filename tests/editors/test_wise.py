@@ -158,3 +158,18 @@ def test_a_query_is_routed_and_scored_as_alone_in_any_batch_lvlm_score_makes():
     for query, score in zip(queries, batched):
         single = editor.score([query])[0]
         torch.testing.assert_close(score.target_logprobs, single.target_logprobs, rtol=0, atol=1e-5)
+
+
+def test_an_edit_whose_loss_is_not_finite_fails_and_leaves_the_side_memory_as_it_was(monkeypatch):
+    """A NaN loss from the first step on trains nothing: the edit is not applied (it was counted applied before)."""
+    import editors.wise as wise
+
+    editor = _tiny_wise()
+    assert editor.apply(_edits(1)[0]).applied
+    side = editor.current.clone()
+    bad = EditRequest("which animal is shown in picture 9?", "a brown dog", random_image(109), "a cat", key="bad")
+    real = wise.answer_nll
+    monkeypatch.setattr(wise, "answer_nll", lambda lvlm, queries: real(lvlm, queries) * float("nan"))
+    outcome = editor.apply(bad)
+    assert not outcome.applied and "non-finite loss" in outcome.message
+    assert editor.memory_size() == 1 and editor.keys == ["e0"] and torch.equal(editor.current, side)
