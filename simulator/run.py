@@ -63,10 +63,13 @@ def load_model(config: RunConfig) -> LVLM:
     the longest query it takes."""
     _check_device(config.device)
     try:
+        world = read_manifest(Path(config.stream).parent) if config.model == "default" and config.stream != "-" else None
+    except ValueError as error:  # a world written by another version of the generator
+        raise RunError(str(error)) from None
+    try:
         if config.model != "default":
             lvlm = LVLM.load(config.model, config.dtype, config.device, config.prompt_format, config.trust_remote_code)
         else:
-            world = read_manifest(Path(config.stream).parent) if config.stream != "-" else None
             lvlm = load_world_model(world or WorldConfig(), device=config.device, dtype=config.dtype,
                                     prompt_format=config.prompt_format)
     except OSError as error:  # a missing folder or file, a hub id that cannot be reached

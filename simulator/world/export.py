@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from memory.files import write_atomically, write_text_atomically
-from simulator.world.graph import World, WorldConfig, build_world
-from simulator.world.schema import IMAGE_RELATIONS, RENDERS, TEXT_RELATIONS, ImageRelation
+from simulator.world.graph import SEED_EDITS, SEED_EVENTS, SEED_ONE_HOP, World, WorldConfig, build_world
+from simulator.world.schema import IMAGE_RELATIONS, RENDERS, TEXT_RELATIONS, ImageRelation, TextRelation
 
 MANIFEST = "world.json"
 # Glyphs of unseen creatures are checked against every other glyph (quadratic time): 50,000 take 6 s, 250,000 6.5 min.
@@ -27,6 +27,9 @@ MAX_EDITS = 200_000
 
 Fact = tuple[int, ImageRelation]  # (creature, image relation)
 RELATIONS = tuple(IMAGE_RELATIONS.values())
+# Text relations no image relation's chain starts with. `--one-hop-edit` rewrites facts of the others, so a
+# locality question about one of those could ask a fact the run itself changed.
+LOCALITY_RELATIONS = tuple(r for name, r in TEXT_RELATIONS.items() if all(i.chain[0] != name for i in RELATIONS))
 
 
 class StreamConfig(BaseModel):
@@ -65,8 +68,9 @@ def image_name(creature: int, variant: int) -> str:
 
 
 def text_fact_question(world: World, rng: np.random.Generator) -> tuple[str, str]:
-    """A random text-only fact as (question, answer), in its first template."""
-    relation = list(TEXT_RELATIONS.values())[rng.integers(len(TEXT_RELATIONS))]
+    """A random text-only fact that no edit (one-hop edits included) changes, as (question, answer), in its first
+    template."""
+    relation = LOCALITY_RELATIONS[rng.integers(len(LOCALITY_RELATIONS))]
     subjects = list(world.text_facts[relation.name])
     subject = subjects[rng.integers(len(subjects))]
     return relation.templates[0].format(x=subject), world.text_facts[relation.name][subject]
@@ -88,7 +92,7 @@ def eval_stream(world: World, stream: StreamConfig) -> list[dict]:
     """
     edits = _edits(world, world.eval_ids, "eval", 1) + _edits(world, world.unseen_ids, "eval", 3)
     edits = edits[: stream.distinct(world.config)]
-    n, rng = len(edits), np.random.default_rng([world.config.seed, 4])
+    n, rng = len(edits), np.random.default_rng([world.config.seed, SEED_EVENTS])
     retracted = rng.choice(n, size=round(stream.retractions * n), replace=False)
     live = np.setdiff1d(np.arange(n), retracted)
     re_count = round(stream.re_edits * n)
@@ -128,7 +132,7 @@ def port_chance(lines: Iterable[dict]) -> dict[str, float]:
 
 def _edits(world: World, creatures: list[int], split: str, stream: int) -> list[tuple[Fact, dict]]:
     """A counterfactual edit of every image relation of `creatures`, in a shuffled order."""
-    rng = np.random.default_rng([world.config.seed, stream])
+    rng = np.random.default_rng([world.config.seed, SEED_EDITS, stream])
     # m_loc shows a creature of the other split: one the stream never edits, so that memory
     # editors holding every edit of this split still have a truly out-of-scope image question.
     outsiders = world.train_ids if split == "eval" else world.eval_ids
@@ -152,8 +156,7 @@ def _record(world: World, fact: Fact, alt: str, rng: np.random.Generator, outsid
     other = outsiders[rng.integers(len(outsiders))]
     other_relation = RELATIONS[rng.integers(len(RELATIONS))]
     first_hop = TEXT_RELATIONS[relation.chain[0]]
-    hop_pool = [v for v in world.names[first_hop.object] if v != world.text_facts[first_hop.name][alt]]
-    onehop = hop_pool[rng.integers(len(hop_pool))]
+    onehop = _one_hop_value(world, first_hop, alt)
     return {
         "id": key,
         "src": relation.templates[0],
@@ -175,6 +178,15 @@ def _record(world: World, fact: Fact, alt: str, rng: np.random.Generator, outsid
         "port_edit_q": first_hop.templates[0].format(x=alt),
         "port_edit_a": onehop,
     }
+
+
+def _one_hop_value(world: World, relation: TextRelation, subject: str) -> str:
+    """The counterfactual answer of `relation`'s fact about `subject` that one-hop edits (VLKEB's edit_onehop) set: one
+    per fact, whichever record sets it, so that records of one stream never set a fact to two answers."""
+    true = world.text_facts[relation.name][subject]
+    pool = [v for v in world.names[relation.object] if v != true]
+    at = (list(TEXT_RELATIONS).index(relation.name), world.names[relation.subject].index(subject))
+    return pool[np.random.default_rng([world.config.seed, SEED_ONE_HOP, *at]).integers(len(pool))]
 
 
 def _hops(questions: tuple[str, ...], answers: list[str]) -> list[dict]:
@@ -228,9 +240,14 @@ def write_world(config: WorldConfig, out: str | Path, stream: StreamConfig | Non
 
 
 def read_manifest(folder: str | Path) -> WorldConfig | None:
-    """The config of the world written into `folder`, if it holds a `world.json`."""
+    """The config of the world written into `folder`, if it holds a `world.json`; ValueError if this generator would
+    write another world from it (the folder is from an older version: its facts and names are not the model's)."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    return WorldConfig(entities=data["entities"], seed=data["seed"])
+    config = WorldConfig(entities=data["entities"], seed=data["seed"])
+    if data.get("digest") != config.digest():
+        raise ValueError(f"{folder} holds a world from another version of the generator (digest {data.get('digest')}, "
+                         f"now {config.digest()}): write it again with `simulate world --out {folder}`")
+    return config

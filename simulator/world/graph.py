@@ -22,7 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from simulator.world.schema import IMAGE_RELATIONS, TEXT_RELATIONS, ImageRelation
 
-GENERATOR_VERSION = 3  # bump when a change alters the generated world
+GENERATOR_VERSION = 4  # bump when a change alters the generated world
+# What each of the generator's random streams is for (its second seed word), so that no two of them coincide.
+SEED_RENDER, SEED_WORLD, SEED_UNSEEN, SEED_EDITS, SEED_EVENTS, SEED_ONE_HOP = range(6)
 KINDS = ("city", "country", "language", "script", "era", "food", "person", "toy")
 GRID = 4  # glyph cells per side
 PALETTE = np.array(
@@ -44,7 +46,7 @@ class WorldConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     entities: int = Field(400, ge=8, le=20000, description="number of creatures")
-    seed: int = Field(0, description="generator seed")
+    seed: int = Field(0, ge=0, description="generator seed")
 
     @property
     def eval_creatures(self) -> int:
@@ -109,23 +111,20 @@ class World:
 
     def render(self, creature: int, variant: int) -> Image.Image:
         """Render `variant` of a creature, uncached (writing 50,000 renders should not keep them all)."""
-        return _render(self.glyphs[creature], np.random.default_rng([self.config.seed, creature, variant]))
+        return _render(self.glyphs[creature], np.random.default_rng([self.config.seed, SEED_RENDER, creature, variant]))
 
 
 def build_world(config: WorldConfig, unseen: int = 0) -> World:
     """Generate the world of `config`, plus `unseen` creatures its model never saw (for long streams)."""
-    rng = np.random.default_rng([config.seed, GENERATOR_VERSION])
+    rng = np.random.default_rng([config.seed, SEED_WORLD, GENERATOR_VERSION])
     size = config.pool_size
-    words = _unique_words(rng, (len(KINDS) + 1) * size)  # + 1: persons' last names
+    words = _unique_words(rng, len(KINDS) * size)
     names: dict[str, list[str]] = {}
     for kind in KINDS:
+        # One word (one token) per name, persons too: with two-word names a teacher-forced answer's second word
+        # would follow from its first, and a question answered by a person would score 0.5 knowing nothing.
         taken, words = words[:size], words[size:]
-        if kind == "person":  # two-word names: multi-token answers
-            taken = [f"{first} {last}" for first, last in zip(taken, words)]
-            words = words[size:]
-        elif kind in ("food", "toy"):
-            taken = [w.lower() for w in taken]
-        names[kind] = taken
+        names[kind] = [w.lower() for w in taken] if kind in ("food", "toy") else taken
     text_facts = {
         name: _one_to_one(rng, names[rel.subject], names[rel.object]) for name, rel in TEXT_RELATIONS.items()
     }
@@ -133,7 +132,7 @@ def build_world(config: WorldConfig, unseen: int = 0) -> World:
     glyphs = _glyphs(rng, config.entities)
     if unseen:
         # A generator of their own: adding unseen creatures leaves the config's world (and its model) unchanged.
-        more = np.random.default_rng([config.seed, GENERATOR_VERSION, 1])
+        more = np.random.default_rng([config.seed, SEED_UNSEEN, GENERATOR_VERSION])
         creatures += _creatures(more, names, unseen)
         glyphs = np.concatenate([glyphs, _glyphs(more, unseen, taken=glyphs)])
     return World(config, names, text_facts, creatures, glyphs)
