@@ -225,7 +225,9 @@ class EditMemory:
         self.edits: dict[int, StoredEdit] = {}
         self.facts: dict[tuple[str, str | None], int] = {}  # fact -> the entry holding it
         self.text_only = 0  # edits without an image (see `route`)
-        self.keyed: dict[str, int] = {}  # stream key -> the entry holding that edit
+        # Stream key -> the live entries given that key, oldest first (ids only grow): a key given to two facts names
+        # its newest live edit, in a live memory and in one restored from a state alike.
+        self.keyed: dict[str, list[int]] = {}
         # Changes since the last journal write; None: not journaled yet or replaced since (the next write compacts).
         self.changes: list[Change] | None = None
 
@@ -257,13 +259,14 @@ class EditMemory:
         replaced = None if older is None else self._remove(older)
         self.edits[entry] = stored
         self.text_only += stored.image is None
-        self.facts[stored.fact] = self.keyed[stored.key] = entry
+        self.facts[stored.fact] = entry
+        self.keyed.setdefault(stored.key, []).append(entry)
         return entry, replaced
 
     def retract(self, key: str) -> StoredEdit | None:
         """Delete the edit with stream key `key`; returns it, or None when no entry holds it."""
-        entry = self.keyed.get(key)
-        return None if entry is None else self._remove(entry)
+        entries = self.keyed.get(key)
+        return None if not entries else self._remove(entries[-1])
 
     def holder(self, edit: EditRequest) -> int | None:
         """The entry holding `edit`'s fact (its newest edit), if any."""
@@ -275,7 +278,9 @@ class EditMemory:
         self.text_only -= stored.image is None
         if self.facts.get(stored.fact) == entry:
             del self.facts[stored.fact]
-        if self.keyed.get(stored.key) == entry:  # a stream key given twice points at its newest edit
+        entries = self.keyed[stored.key]
+        entries.remove(entry)
+        if not entries:
             del self.keyed[stored.key]
         if self.changes is not None:
             self.changes.append(Change(entry))
@@ -402,7 +407,9 @@ class EditMemory:
         if set(self.edits) != set(self.memory.ids().tolist()):
             raise ValueError("editor state is inconsistent: its edit list and its memory index hold different ids")
         self.facts = {edit.fact: entry for entry, edit in self.edits.items()}
-        self.keyed = {edit.key: entry for entry, edit in self.edits.items()}
+        self.keyed = {}
+        for entry in sorted(self.edits):
+            self.keyed.setdefault(self.edits[entry].key, []).append(entry)
         self.text_only = sum(edit.image is None for edit in self.edits.values())
         self.changes = None
 

@@ -102,6 +102,26 @@ def test_an_edit_of_a_fact_held_replaces_it_and_retract_deletes_one(method):
 
 
 @pytest.mark.parametrize("method", ["ike", "serac"])
+def test_a_stream_key_given_to_two_facts_names_its_newest_live_edit_live_and_restored_alike(method):
+    """Retracting key "k" removes its newest edit; the next retraction of "k" removes the older one, in the live
+    memory and in one restored from a state saved between the two (a restored memory used to map "k" to the older
+    edit while the live one had forgotten it)."""
+    lvlm = tiny_llava(seed=1)
+    editor = create_editor(method, lvlm)
+    editor.apply(EditRequest(FACTS[0][0], FACTS[0][1], key="k"))
+    editor.apply(EditRequest(FACTS[1][0], FACTS[1][1], key="other"))
+    editor.apply(EditRequest(FACTS[2][0], FACTS[2][1], key="k"))  # another fact under the same key
+    assert editor.retract("k").applied
+    assert {e.key: e.target for e in editor.edits.edits.values()} == {"k": "Paris", "other": "Madrid"}
+    restored = create_editor(method, lvlm)
+    restored.load_state(editor.state())
+    for memory in (editor, restored):
+        outcome = memory.retract("k")
+        assert outcome.applied and [e.target for e in memory.edits.edits.values()] == ["Madrid"]
+        assert not memory.retract("k").applied
+
+
+@pytest.mark.parametrize("method", ["ike", "serac"])
 def test_a_journaled_checkpoint_restores_the_memory_a_whole_state_holds(method, tmp_path):
     lvlm, folder = tiny_llava(seed=1), tmp_path / "journal"
     editor = create_editor(method, lvlm)
