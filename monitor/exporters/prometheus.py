@@ -17,8 +17,11 @@ the metric registry's unit, so one graph never mixes a 0-1 ratio with a count or
   `editwatch_collapse_alarm` (1 when the latest round raised the collapse
   alarm) and `editwatch_collapse_check{metric=INDICATOR}` (1 for each indicator that crossed its
   threshold: the alarm's reason, as a label);
-- counters of edits applied / failed / quarantined and probe rounds; histograms of edit and
-  probe-round durations in seconds.
+- counters of edits applied / failed / quarantined and probe rounds, this process's: a resumed run's start at
+  0, as a restarted process's do, so `rate()` and `increase()` read them right (counters that went on from the
+  checkpoint fell below what the crashed process had exported, which Prometheus reads as a reset: a spike);
+  the run's totals across resumes (the summary's counts) are the gauges `editwatch_edits_{applied,failed,
+  quarantined}_in_run`; histograms of edit and probe-round durations in seconds.
 A served run that Prometheus has scraped before keeps serving after its end until one more
 scrape has seen the final state (at most `linger_seconds`), so an alert resolves because the run
 ended, and a run that vanishes while running is told apart.
@@ -97,6 +100,11 @@ class PrometheusSink(Sink):
         self.quarantined = Counter("editwatch_edits_quarantined", "Stream lines quarantined as bad input.", LABELS,
                                    registry=r)
         self.rounds = Counter("editwatch_probe_rounds", "Probe rounds run.", LABELS, registry=r)
+        self.in_run = {key: Gauge(f"editwatch_edits_{key}_in_run", f"{what} in the run so far, across resumes "
+                                  f"(summary.json's `{key}`; the _total counter counts this process's).", LABELS,
+                                  registry=r)
+                       for key, what in (("applied", "Edits applied"), ("failed", "Stream lines that failed"),
+                                         ("quarantined", "Stream lines quarantined"))}
         self.edit_seconds = Histogram("editwatch_edit_duration_seconds", "Time to apply one edit.", LABELS,
                                       buckets=BUCKETS, registry=r)
         self.probe_seconds = Histogram("editwatch_probe_duration_seconds", "Time of one probe round.", LABELS,
@@ -143,6 +151,8 @@ class PrometheusSink(Sink):
         self.labels = {"run": run, "method": str(params.get("method")), "model": short_model_name(str(params.get("model")))}
         for counter in (self.applied, self.failed, self.quarantined, self.rounds):
             counter.labels(**self.labels)
+        for gauge in self.in_run.values():
+            gauge.labels(**self.labels).set(0)
         self.collapse.labels(**self.labels).set(0)
         self.running.labels(**self.labels).set(1)
         self.run_failed.labels(**self.labels).set(0)
@@ -151,16 +161,15 @@ class PrometheusSink(Sink):
         self._push(force=True)
 
     def on_resume(self, counts: Mapping[str, int]) -> None:
-        """Continue the run's counters from its checkpoint, so `_total` series never fall back to 0."""
-        for counter, key in ((self.applied, "applied"), (self.failed, "failed"), (self.quarantined, "quarantined"),
-                             (self.rounds, "rounds")):
-            counter.labels(**self.labels).inc(counts.get(key, 0))
+        """Continue the run's totals from its checkpoint; the counters count this process's work from 0."""
+        for key, gauge in self.in_run.items():
+            gauge.labels(**self.labels).set(counts.get(key, 0))
         self._seen_quarantined = counts.get("quarantined", 0)
         self._push(force=True)
 
     def on_edit(self, applied: bool, seconds: float, step: int) -> None:
         """Count the edit and its duration."""
-        (self.applied if applied else self.failed).labels(**self.labels).inc()
+        self._count("applied" if applied else "failed")
         self.edit_seconds.labels(**self.labels).observe(seconds)
         self.progress.labels(**self.labels).set_to_current_time()
         self._push()
@@ -168,14 +177,20 @@ class PrometheusSink(Sink):
     def on_retraction(self, applied: bool) -> None:
         """Note the progress; a refused retraction counts as a failed line, as `summary.json`'s `failed` does."""
         if not applied:
-            self.failed.labels(**self.labels).inc()
+            self._count("failed")
         self.progress.labels(**self.labels).set_to_current_time()
         self._push()
 
     def on_quarantine(self, total: int) -> None:
         """Count newly quarantined lines."""
-        self.quarantined.labels(**self.labels).inc(max(total - self._seen_quarantined, 0))
+        self._count("quarantined", max(total - self._seen_quarantined, 0))
         self._seen_quarantined = total
+
+    def _count(self, key: str, amount: int = 1) -> None:
+        """Count stream lines of an outcome: this process's counter and the run's total."""
+        {"applied": self.applied, "failed": self.failed, "quarantined": self.quarantined}[key].labels(
+            **self.labels).inc(amount)
+        self.in_run[key].labels(**self.labels).inc(amount)
 
     def on_round(
         self, step: int, values: dict[str, float], seconds: float, results: dict[str, dict[str, float]],

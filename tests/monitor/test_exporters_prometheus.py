@@ -166,18 +166,26 @@ def test_a_run_never_scraped_does_not_linger(tmp_path):
     assert time.monotonic() - start < 1
 
 
-def test_a_resumed_run_continues_its_counters(tmp_path):
+def test_a_resumed_run_counts_from_zero_and_continues_its_totals(tmp_path):
+    """A resumed process's counters start at 0 (a crash after the checkpoint exported more than it holds, and a
+    counter that fell to the checkpoint's value would read as a reset: `rate()` would spike by the whole count);
+    the run's totals go on in the `_in_run` gauges."""
     registry = CollectorRegistry()
     sink = PrometheusSink(registry=registry)
     sink.on_start("r1", {"method": "ft-llm", "model": "tiny"}, tmp_path, 40)
     sink.on_resume({"applied": 40, "failed": 2, "quarantined": 3, "rounds": 10})
     sink.on_edit(True, 0.01, 41)
+    sink.on_edit(False, 0.01, 41)
+    sink.on_retraction(False)
     sink.on_quarantine(4)  # the reader's running total: one more line
     value = registry.get_sample_value
-    assert value("editwatch_edits_applied_total", LABELS) == 41
+    assert value("editwatch_edits_applied_total", LABELS) == 1
     assert value("editwatch_edits_failed_total", LABELS) == 2
-    assert value("editwatch_edits_quarantined_total", LABELS) == 4
-    assert value("editwatch_probe_rounds_total", LABELS) == 10
+    assert value("editwatch_edits_quarantined_total", LABELS) == 1
+    assert value("editwatch_probe_rounds_total", LABELS) == 0
+    assert value("editwatch_edits_applied_in_run", LABELS) == 41
+    assert value("editwatch_edits_failed_in_run", LABELS) == 4
+    assert value("editwatch_edits_quarantined_in_run", LABELS) == 4
 
 
 def test_a_scrape_notes_its_time_before_it_reads_the_run_state():
