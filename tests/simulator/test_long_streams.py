@@ -174,7 +174,8 @@ def test_a_memory_editor_scores_each_record_in_one_call_with_the_results_of_two(
         for key, value in together["results"][setting].items():
             assert value == pytest.approx(apart["results"][setting][key], abs=1e-6), (setting, key)
     assert run.pool.live() == run_apart.pool.live() and len(run.pool.live()) == 8
-    assert together["results"]["gap_1"]["reliability"] > 0 and together["results"]["gap_1"]["i_loc_kl"] > 0
+    # Not all trivially 0: the untrained model answers nothing right, but its KLs are real numbers to compare.
+    assert together["results"]["gap_1"]["i_loc_kl"] > 0 and together["results"]["gap_1"]["t_loc_kl"] > 0
 
 
 def test_when_the_one_call_fails_the_record_is_measured_in_two(setup, small_world, monkeypatch):
