@@ -100,6 +100,7 @@ class PrometheusSink(Sink):
         self.quarantined = Counter("editwatch_edits_quarantined", "Stream lines quarantined as bad input.", LABELS,
                                    registry=r)
         self.rounds = Counter("editwatch_probe_rounds", "Probe rounds run.", LABELS, registry=r)
+        self.counters = {"applied": self.applied, "failed": self.failed, "quarantined": self.quarantined}
         self.in_run = {key: Gauge(f"editwatch_edits_{key}_in_run", f"{what} in the run so far, across resumes "
                                   f"(summary.json's `{key}`; the _total counter counts this process's).", LABELS,
                                   registry=r)
@@ -149,7 +150,7 @@ class PrometheusSink(Sink):
     def on_start(self, run: str, params: dict[str, Any], folder: Path, step: int) -> None:
         """Label every series with the run; create the counters at 0 so dashboards see them at once."""
         self.labels = {"run": run, "method": str(params.get("method")), "model": short_model_name(str(params.get("model")))}
-        for counter in (self.applied, self.failed, self.quarantined, self.rounds):
+        for counter in (*self.counters.values(), self.rounds):
             counter.labels(**self.labels)
         for gauge in self.in_run.values():
             gauge.labels(**self.labels).set(0)
@@ -188,8 +189,7 @@ class PrometheusSink(Sink):
 
     def _count(self, key: str, amount: int = 1) -> None:
         """Count stream lines of an outcome: this process's counter and the run's total."""
-        {"applied": self.applied, "failed": self.failed, "quarantined": self.quarantined}[key].labels(
-            **self.labels).inc(amount)
+        self.counters[key].labels(**self.labels).inc(amount)
         self.in_run[key].labels(**self.labels).inc(amount)
 
     def on_round(
