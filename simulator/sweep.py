@@ -1,9 +1,11 @@
 """`simulate sweep SWEEP.yaml`: a grid of `simulate` runs on Ray Tune, resumable cell by cell.
 
-Ray Tune schedules the cells (resources per cell, retries, restore of an interrupted sweep); each
-cell is one editwatch run in its own folder, run in-process by the Ray worker, so killing the
-worker kills the run. Fault tolerance is the run's own: a retried cell whose folder holds a
-checkpoint continues from it (`--resume` semantics), and a finished cell is never run again.
+Ray Tune schedules the cells (resources per cell, retries); each cell is one editwatch run in its
+own folder, run in-process by the Ray worker, so killing the worker kills the run. Fault tolerance
+is the run's own: a retried cell whose folder holds a checkpoint continues from it (`--resume`
+semantics), and a finished cell is never run again. So every start of the sweep, `--resume`
+included, is a new Ray Tune experiment over all the cells: finished ones are kept as they are and
+the others, failed ones too, continue from their checkpoints.
 Ray is an optional extra (`editwatch[sweep]`), imported only inside what this command runs.
 
 The sweep folder holds:
@@ -13,7 +15,7 @@ The sweep folder holds:
     cells/<cell>/  each cell's run folder (summary.json, rounds.jsonl, checkpoint/, mlflow/ ...)
     compare/       `simulate compare`'s table and plots of the cells
     mlflow/        the journal of the sweep's parent MLflow run
-    ray/           Ray Tune's experiment state (Tuner.restore)
+    ray/start-<n>/ Ray Tune's results and experiment state of the sweep's n-th start
 """
 
 from __future__ import annotations
@@ -178,7 +180,8 @@ def _finish_parent(sweep: Sweep, out: Path, settings: RunConfig, summary: dict[s
 
 
 def _run(sweep: Sweep, configs: dict[str, RunConfig], out: Path, settings: SweepOptions) -> ResultGrid:
-    """The grid on Ray Tune: a new experiment, or the interrupted one restored from `out/ray`."""
+    """The grid on Ray Tune: a new experiment over every cell, under `out/ray/start-<n>` (`run_cell` keeps finished
+    cells and continues the others from their checkpoints)."""
     import ray
     from ray import tune
 
@@ -189,19 +192,18 @@ def _run(sweep: Sweep, configs: dict[str, RunConfig], out: Path, settings: Sweep
     cells = {name: config.model_dump_json() for name, config in configs.items()}
     trainable = tune.with_resources(tune.with_parameters(run_cell, cells=cells),
                                     {"cpu": sweep.spec.resources.cpu, "gpu": sweep.spec.resources.gpu})
+    # Not Tuner.restore: it keeps a cell that failed for a reason of its own (`run_cell` reports it and returns) as
+    # finished, so that cell would never run again, even once its cause is fixed.
+    starts = len(list((out / RAY).glob("start-*")))
     try:
-        if settings.resume and tune.Tuner.can_restore(out / RAY):
-            # Finished trials stay finished; running and pending ones, and those that failed, run again.
-            tuner = tune.Tuner.restore(str(out / RAY), trainable, resume_unfinished=True, restart_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space={"cell": tune.grid_search(list(cells))},
-                tune_config=tune.TuneConfig(max_concurrent_trials=settings.max_concurrent,
-                                            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-                run_config=tune.RunConfig(name=RAY, storage_path=str(out),
-                                          failure_config=tune.FailureConfig(max_failures=sweep.spec.max_failures)),
-            )
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"cell": tune.grid_search(list(cells))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=settings.max_concurrent,
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(name=f"start-{starts + 1}", storage_path=str(out / RAY),
+                                      failure_config=tune.FailureConfig(max_failures=sweep.spec.max_failures)),
+        )
         return tuner.fit()
     finally:
         ray.shutdown()

@@ -17,6 +17,7 @@ import yaml
 from editors.edit_memory import shared_text_embedder
 from memory.files import current_folder
 from simulator import cli
+from simulator.sweep import CELL_ERROR
 from simulator.sweep_config import load_sweep
 from tests.services import SIMULATE, free_port, get, mlflow_service, pushgateway_service, url_of, wait_until
 
@@ -241,6 +242,15 @@ def test_a_killed_worker_is_retried_from_the_cells_checkpoint_and_a_cells_own_er
     failed = "cell prompt_format=chat,method=ft-llm,seed=0 failed: prompt_format='chat' but"
     assert output.count(failed) == 1, output[-3000:]
     assert [s["status"] for s in summary(out)["cells"].values()] == ["finished", "failed"]
+    # --resume runs the failed cell again (its cause may have been fixed; here it was not) and keeps the finished one.
+    resumed = subprocess.run([SIMULATE, "sweep", str(path), "--address", ray_address, "--out", str(out), "--resume"],
+                             env=env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 1 and (resumed.stdout + resumed.stderr).count(failed) == 1, resumed.stderr[-3000:]
+    assert f"cell {cell.name} finished before: kept as it is" in resumed.stdout + resumed.stderr
+    assert [s["status"] for s in summary(out)["cells"].values()] == ["finished", "failed"]
+    assert sorted(p.name for p in (out / "ray").iterdir() if p.is_dir()) == ["start-1", "start-2"]
+    rerun = out / "ray" / "start-2" / "prompt_format=chat,method=ft-llm,seed=0" / "result.json"
+    assert CELL_ERROR in json.loads(rerun.read_text().splitlines()[-1])  # the second start ran it
 
 
 @pytest.mark.slow
