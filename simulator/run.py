@@ -66,6 +66,8 @@ def load_model(config: RunConfig) -> LVLM:
         world = read_manifest(Path(config.stream).parent) if config.model == "default" and config.stream != "-" else None
     except ValueError as error:  # a world written by another version of the generator
         raise RunError(str(error)) from None
+    except OSError as error:  # an unreadable world.json
+        raise RunError(f"cannot read the world beside the stream: {error}") from None
     try:
         if config.model != "default":
             lvlm = LVLM.load(config.model, config.dtype, config.device, config.prompt_format, config.trust_remote_code)

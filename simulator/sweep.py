@@ -194,7 +194,8 @@ def _run(sweep: Sweep, configs: dict[str, RunConfig], out: Path, settings: Sweep
                                     {"cpu": sweep.spec.resources.cpu, "gpu": sweep.spec.resources.gpu})
     # Not Tuner.restore: it keeps a cell that failed for a reason of its own (`run_cell` reports it and returns) as
     # finished, so that cell would never run again, even once its cause is fixed.
-    starts = len(list((out / RAY).glob("start-*")))
+    starts = max((int(p.name.removeprefix("start-")) for p in (out / RAY).glob("start-*")
+                  if p.name.removeprefix("start-").isdigit()), default=0)
     try:
         tuner = tune.Tuner(
             trainable,

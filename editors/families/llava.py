@@ -51,7 +51,11 @@ def _last_read_block(config: PreTrainedConfig) -> int:
     embeddings) is block k - 1's output, and `vision_feature_layer` names one hidden state or several."""
     layers = config.vision_feature_layer
     states = config.vision_config.num_hidden_layers + 1
-    last = max(layer % states for layer in (layers if isinstance(layers, (list, tuple)) else [layers]))
+    layers = layers if isinstance(layers, (list, tuple)) else [layers]
+    if not all(-states <= layer < states for layer in layers):
+        raise ValueError(f"vision_feature_layer {config.vision_feature_layer} is out of range for a tower of "
+                         f"{states - 1} blocks")
+    last = max(layer % states for layer in layers)
     if last == 0:
         raise ValueError("the projector reads the tower's patch embeddings only: no tower block reaches it")
     return last - 1
@@ -87,7 +91,10 @@ class Llava(Family):
 
     def vision_part_paths(self, config: PreTrainedConfig, part: str) -> tuple[str, ...]:
         """The declared paths, `last_block_mlp` in the last tower block that `vision_feature_layer` reads."""
-        return tuple(path.format(last_read=_last_read_block(config)) for path in super().vision_part_paths(config, part))
+        paths = super().vision_part_paths(config, part)
+        if not any("{last_read}" in path for path in paths):
+            return paths
+        return tuple(path.format(last_read=_last_read_block(config)) for path in paths)
 
     def image_token_count(self, config: PreTrainedConfig, pixels: dict[str, torch.Tensor]) -> int:
         """Tower patches, plus CLIP's class token under "full" (SigLIP has none; "default" drops the first feature)."""

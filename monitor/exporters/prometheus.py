@@ -152,8 +152,8 @@ class PrometheusSink(Sink):
         self.labels = {"run": run, "method": str(params.get("method")), "model": short_model_name(str(params.get("model")))}
         for counter in (*self.counters.values(), self.rounds):
             counter.labels(**self.labels)
-        for gauge in self.in_run.values():
-            gauge.labels(**self.labels).set(0)
+        for key, gauge in self.in_run.items():  # a probe job starts where its run's edits stand
+            gauge.labels(**self.labels).set(step if key == "applied" else 0)
         self.collapse.labels(**self.labels).set(0)
         self.running.labels(**self.labels).set(1)
         self.run_failed.labels(**self.labels).set(0)
@@ -213,6 +213,10 @@ class PrometheusSink(Sink):
     def on_finish(self, summary: dict[str, Any], folder: Path) -> None:
         """Publish the final means (single mode has no probe rounds), the run's values, and that it ended."""
         self.on_quarantine(summary.get("quarantined", self._seen_quarantined))  # bad lines after the last record
+        for key, gauge in self.in_run.items():  # the run's totals as its summary holds them
+            counted = summary.get("edits_applied" if key == "applied" else key)
+            if isinstance(counted, int):
+                gauge.labels(**self.labels).set(counted)
         self._results(summary.get("results", {}))
         for key, value in summary.get("health", {}).items():
             if key in METRICS:

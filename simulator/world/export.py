@@ -248,6 +248,9 @@ def read_manifest(folder: str | Path) -> WorldConfig | None:
     data = json.loads(path.read_text())
     config = WorldConfig(entities=data["entities"], seed=data["seed"])
     if data.get("digest") != config.digest():
+        stream = StreamConfig.model_validate(data.get("stream", {}))
+        options = f"--entities {config.entities} --seed {config.seed}" + "".join(
+            f" --{name.replace('_', '-')} {value}" for name, value in stream.model_dump(exclude_defaults=True).items())
         raise ValueError(f"{folder} holds a world from another version of the generator (digest {data.get('digest')}, "
-                         f"now {config.digest()}): write it again with `simulate world --out {folder}`")
+                         f"now {config.digest()}): write it again with `simulate world --out {folder} {options}`")
     return config

@@ -178,6 +178,12 @@ def test_last_block_mlp_follows_the_feature_layer_at_published_depth(feature_lay
                                                                             "num_hidden_layers": 24})
     paths = family_for(LlavaConfig()).vision_part_paths(config, "last_block_mlp")
     assert paths == (f"model.vision_tower.encoder.layers.{block}.mlp",)
+    family = family_for(LlavaConfig())
     config.vision_feature_layer = 0
     with pytest.raises(ValueError, match="no tower block"):
-        family_for(LlavaConfig()).vision_part_paths(config, "last_block_mlp")
+        family.vision_part_paths(config, "last_block_mlp")
+    assert family.vision_part_paths(config, "projector") == ("model.multi_modal_projector",)  # other parts unaffected
+    for outside in (25, -26, [-2, 30]):
+        config.vision_feature_layer = outside
+        with pytest.raises(ValueError, match="out of range for a tower of 24 blocks"):
+            family.vision_part_paths(config, "last_block_mlp")

@@ -188,6 +188,19 @@ def test_a_resumed_run_counts_from_zero_and_continues_its_totals(tmp_path):
     assert value("editwatch_edits_quarantined_in_run", LABELS) == 4
 
 
+def test_the_run_totals_start_where_a_probe_job_stands_and_end_as_its_summary_says(tmp_path):
+    """A probe job starts at its run's edits applied, and every run's totals end as summary.json's counts."""
+    registry = CollectorRegistry()
+    sink = PrometheusSink(registry=registry)
+    sink.on_start("r1", {"method": "ft-llm", "model": "tiny"}, tmp_path, 40)
+    assert registry.get_sample_value("editwatch_edits_applied_in_run", LABELS) == 40
+    sink.on_finish({"edits_applied": 40, "failed": 3, "quarantined": 2}, tmp_path)
+    totals = {key: registry.get_sample_value(f"editwatch_edits_{key}_in_run", LABELS)
+              for key in ("applied", "failed", "quarantined")}
+    assert totals == {"applied": 40, "failed": 3, "quarantined": 2}
+    assert registry.get_sample_value("editwatch_edits_quarantined_total", LABELS) == 2  # seen by this process
+
+
 def test_a_scrape_notes_its_time_before_it_reads_the_run_state():
     """Else a scrape that read "running" while the run ended could look like a scrape after the end, and end the
     linger before Prometheus saw the end."""

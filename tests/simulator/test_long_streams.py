@@ -98,8 +98,9 @@ def test_an_editor_that_cannot_retract_fails_the_line_with_its_reason(setup, sma
     summary = run.summary(0)
     assert (summary["failed"], summary["retracted"], summary["edits_applied"]) == (2, 0, 1)
     assert "ft-llm cannot retract an edit" in caplog.text
-    # The live counter agrees with the summary, as the one a resumed run starts from it does.
+    # The live counter and the run's total agree with the summary (a resumed run's total starts from it).
     assert prometheus.registry.get_sample_value("editwatch_edits_failed_total", prometheus.labels) == 2
+    assert prometheus.registry.get_sample_value("editwatch_edits_failed_in_run", prometheus.labels) == 2
 
 
 def test_port_chance_is_one_over_the_distinct_answers_of_each_hop(setup, small_world):

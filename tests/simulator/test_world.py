@@ -152,12 +152,14 @@ def test_one_hop_edits_never_set_a_fact_to_two_answers_and_locality_asks_none_of
 
 
 def test_a_world_folder_from_another_generator_version_is_refused(tmp_path):
-    write_world(SMALL, tmp_path / "w", progress=False)
+    write_world(SMALL, tmp_path / "w", StreamConfig(re_edits=0.5), progress=False)
     manifest = tmp_path / "w" / "world.json"
     data = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({**data, "digest": "0123456789abcdef"}))
-    with pytest.raises(ValueError, match="another version of the generator .*simulate world --out"):
+    with pytest.raises(ValueError, match="another version of the generator") as refused:
         read_manifest(tmp_path / "w")
+    # The command it gives writes the same world again: its options, not the default world's.
+    assert str(refused.value).endswith(f"`simulate world --out {tmp_path / 'w'} --entities 16 --seed 5 --re-edits 0.5`")
     from simulator.config import RunConfig
     from simulator.run import RunError, load_model
 
