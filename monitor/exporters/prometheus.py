@@ -25,6 +25,9 @@ the metric registry's unit, so one graph never mixes a 0-1 ratio with a count or
 A served run that Prometheus has scraped before keeps serving after its end until one more
 scrape has seen the final state (at most `linger_seconds`), so an alert resolves because the run
 ended, and a run that vanishes while running is told apart.
+A pushed run's group is its run name and its folder (as `instance`, which the scrape of the
+Pushgateway keeps): two runs of one name, e.g. the same cell of two sweeps, keep their own groups,
+and a resumed run pushes into its own again.
 """
 
 from __future__ import annotations
@@ -130,6 +133,7 @@ class PrometheusSink(Sink):
                 self.values[name] = Gauge(name, f"{what} (unit: {unit}; monitor.metrics).", (*LABELS, *labels),
                                           registry=r)
         self.labels: dict[str, str] = {}
+        self._group: dict[str, str] = {}  # the Pushgateway grouping key: the run and its folder
         self._crossed: set[str] = set()
         self._finished = False
         self._seen_quarantined = 0
@@ -150,6 +154,7 @@ class PrometheusSink(Sink):
     def on_start(self, run: str, params: dict[str, Any], folder: Path, step: int) -> None:
         """Label every series with the run; create the counters at 0 so dashboards see them at once."""
         self.labels = {"run": run, "method": str(params.get("method")), "model": short_model_name(str(params.get("model")))}
+        self._group = {"run": run, "instance": str(Path(folder).resolve())}
         for counter in (*self.counters.values(), self.rounds):
             counter.labels(**self.labels)
         for key, gauge in self.in_run.items():  # a probe job starts where its run's edits stand
@@ -255,7 +260,7 @@ class PrometheusSink(Sink):
                     self.values[series_name("edit", key)].labels(**self.labels, setting=setting, metric=key).set(value)
 
     def _push(self, force: bool = False) -> None:
-        """Push to the Pushgateway (grouped by job and run); a failure warns once and the run goes on."""
+        """Push to the Pushgateway (grouped by job, run and folder); a failure warns once and the run goes on."""
         if self.pushgateway is None or not self.labels:
             return
         if not force and time.monotonic() - self._last_push < PUSH_EVERY_SECONDS:
@@ -263,7 +268,7 @@ class PrometheusSink(Sink):
         self._last_push = time.monotonic()
         try:
             push_to_gateway(self.pushgateway, job=self.job, registry=self.registry,
-                            grouping_key={"run": self.labels["run"]}, timeout=PUSH_TIMEOUT_SECONDS)
+                            grouping_key=self._group, timeout=PUSH_TIMEOUT_SECONDS)
         except (URLError, OSError) as error:
             if not self._push_failing:
                 log.warning("Pushgateway %s unreachable (%s): metrics are pushed again when it answers",

@@ -98,7 +98,7 @@ def test_pushgateway_holds_the_pushed_run(pushgateway, tmp_path):  # noqa: F811
     sink = PrometheusSink(registry=CollectorRegistry(), pushgateway=pushgateway, job="editwatch")
     feed(sink, tmp_path)
     families = {f.name: f for f in text_string_to_metric_families(get(f"{pushgateway}/metrics").decode())}
-    pushed = {**LABELS, "job": "editwatch", "instance": ""}
+    pushed = {**LABELS, "job": "editwatch", "instance": str(tmp_path.resolve())}  # its group: run and folder
 
     def sample(family, name, **labels):
         return next(s.value for s in families[family].samples if s.name == name and s.labels == {**pushed, **labels})
@@ -108,6 +108,19 @@ def test_pushgateway_holds_the_pushed_run(pushgateway, tmp_path):  # noqa: F811
     assert sample("editwatch_probe_factor", "editwatch_probe_factor", metric="ref_ppl_ratio") == 1.5
     assert sample("editwatch_run_running", "editwatch_run_running") == 0  # the group is marked ended
     assert sample("editwatch_edit_duration_seconds", "editwatch_edit_duration_seconds_count") == 3
+
+
+def test_two_runs_of_one_name_keep_their_own_pushgateway_groups(pushgateway, tmp_path):  # noqa: F811
+    # The same cell of two sweeps: one name, two folders. Grouped by the name alone, the second overwrote the first.
+    for folder, edits in [(tmp_path / "sweep-a" / "cell", 2), (tmp_path / "sweep-b" / "cell", 5)]:
+        sink = PrometheusSink(registry=CollectorRegistry(), pushgateway=pushgateway, job="editwatch")
+        sink.on_start("cell", {"method": "serac", "model": "tiny"}, folder, 0)
+        for _ in range(edits):
+            sink.on_edit(True, 0.01, 1)
+        sink.on_finish({"results": {}}, folder)
+    pushed = {s.labels["instance"]: s.value for f in text_string_to_metric_families(get(f"{pushgateway}/metrics").decode())
+              for s in f.samples if s.name == "editwatch_edits_applied_total" and s.labels.get("run") == "cell"}
+    assert pushed == {str(tmp_path / "sweep-a" / "cell"): 2, str(tmp_path / "sweep-b" / "cell"): 5}
 
 
 def test_an_unreachable_pushgateway_warns_once_and_the_run_goes_on(tmp_path, caplog):
