@@ -5,6 +5,9 @@ indexes are not safe under concurrent mutation). When the size crosses a plan bo
 `MemoryConfig`), a new index is built in a background thread from a snapshot of the old one;
 searches keep using the old index meanwhile, changes made during the build are logged and
 replayed onto the new one, and only the last small batch of them holds the lock at the swap.
+A rebuild that fails (in the background or not) keeps the old index; its error is raised by
+`wait()` or by the next add or remove before that changes anything, never by the change that
+started it, which is done: so a caller's bookkeeping of what the memory holds stays true.
 """
 
 from __future__ import annotations
@@ -277,8 +280,6 @@ class VectorMemory:
             with self._rebuild_guard:
                 self._rebuild_error = error
                 self._rebuilding = False
-            if not self.config.background:
-                self._raise_rebuild_error()
 
     def _rebuild(self, plan: IndexPlan) -> None:
         start = time.perf_counter()
@@ -302,7 +303,7 @@ class VectorMemory:
     def _raise_rebuild_error(self) -> None:
         if self._rebuild_error is not None:
             error, self._rebuild_error = self._rebuild_error, None
-            raise RuntimeError(f"a background rebuild of the memory index failed: {error}") from error
+            raise RuntimeError(f"a rebuild of the memory index failed: {error}") from error
 
 
 @contextmanager

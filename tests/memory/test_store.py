@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from memory import MemoryConfig, MemoryInputError, VectorMemory
+from memory import store as store_module
 from memory.stats import LATENCY_BUCKETS
 
 DIM = 16
@@ -81,6 +82,28 @@ def test_index_switches_to_ivf_past_the_threshold_and_keeps_results():
     memory.remove(np.arange(99, 800))  # below half the threshold: back to exact search
     assert memory.index_kind == "flat" and len(memory) == 99
     assert np.array_equal(memory.search(queries, k=2).ids, exact_top(keys[:99], np.arange(99), queries, 2))
+
+
+def test_a_failed_rebuild_keeps_the_change_that_started_it_and_refuses_the_next(monkeypatch):
+    # An editor records an entry once `add` returns. A rebuild in the caller's thread (background: false) that
+    # raised out of the add which started it left a stored key no edit owned.
+    keys, queries = unit(200, 0), unit(20, 1)
+    memory = VectorMemory(DIM, EXACT_IVF)
+    memory.add(keys[:199])
+
+    def broken(*args, **kwargs):
+        raise MemoryError("no room for the new index")
+
+    monkeypatch.setattr(store_module, "build", broken)
+    assert memory.add(keys[199:]).tolist() == [199]  # crosses exact_below: the rebuild fails, the add stands
+    assert len(memory) == 200 and memory.index_kind == "flat"
+    with pytest.raises(RuntimeError, match="rebuild of the memory index failed: no room"):
+        memory.add(unit(1, 2))
+    assert memory.ids().tolist() == list(range(200))  # the refused add changed nothing
+    assert np.array_equal(memory.search(queries, k=3).ids, exact_top(keys, np.arange(200), queries, 3))
+    monkeypatch.undo()
+    assert memory.add(unit(1, 2)).tolist() == [200]  # the next change rebuilds, and this time it works
+    assert memory.index_kind == "ivf" and len(memory) == 201
 
 
 def test_ivf_with_few_probes_is_approximate_but_close():
