@@ -159,18 +159,28 @@ def read_journal(
     snapshot = _snapshot(folder, position.generation)
     if not (snapshot / ENTRIES).is_file():
         raise JournalError(f"{folder} holds no snapshot {position.generation} (missing {snapshot.name}/{ENTRIES})")
-    memory = VectorMemory.load(snapshot, stats)
-    entries = json.loads((snapshot / ENTRIES).read_text())
-    payloads = dict(zip(entries["ids"], entries["payloads"]))
+    # A snapshot is whole once its folder has its name; what fails here was damaged since (or removed under us).
+    try:
+        memory = VectorMemory.load(snapshot, stats)
+        entries = json.loads((snapshot / ENTRIES).read_text())
+        payloads = dict(zip(entries["ids"], entries["payloads"], strict=True))
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as error:  # FAISS: RuntimeError
+        raise JournalError(f"{snapshot} cannot be read: {type(error).__name__}: {error}") from error
+    log = _log(folder, position.generation)
     # One call per change, as they were made: batching adds would change FAISS's arithmetic (BLAS past 20 queries
     # when an IVF index assigns lists), and with it, on near ties, which list a key lands in.
-    for kind, entry, key, payload in _records(_log(folder, position.generation), position.log_bytes):
+    for kind, entry, key, payload in _records(log, position.log_bytes):
         if kind == ADD:
-            memory.add(np.frombuffer(key, dtype=np.float32)[None], ids=[entry])
+            try:
+                memory.add(np.frombuffer(key, dtype=np.float32)[None], ids=[entry])
+            except ValueError as error:  # a key of another size, an id in use: not this memory's log
+                raise JournalError(f"{log}: the log adds entry {entry}, which the memory cannot take: "
+                                   f"{error}") from error
             payloads[entry] = json.loads(payload)
-        elif payloads.pop(entry, None) is None:
+        elif entry not in payloads:  # a payload may be None itself
             raise JournalError(f"{folder}: the log removes entry {entry}, which the memory does not hold")
         else:
+            del payloads[entry]
             memory.remove([entry])
     return memory, payloads
 
@@ -200,8 +210,8 @@ def _records(log: Path, length: int) -> Iterator[tuple[int, int, bytes, bytes]]:
             kind, entry, key_bytes, payload_bytes = HEADER.unpack(head) if len(head) == HEADER.size else (0, 0, 0, 0)
             end = offset + HEADER.size + key_bytes + payload_bytes + CHECK.size
             if kind not in (ADD, REMOVE) or end > length:
-                raise JournalError(f"{log}: the record at byte {offset} does not end within the {length} bytes "
-                                   "recorded")
+                raise JournalError(f"{log}: the record at byte {offset} is damaged or cut short: it does not end "
+                                   f"within the {length} bytes recorded")
             body = handle.read(key_bytes + payload_bytes)
             if CHECK.unpack(handle.read(CHECK.size))[0] != zlib.crc32(head + body):
                 raise JournalError(f"{log}: the record at byte {offset} is damaged (checksum mismatch)")

@@ -165,7 +165,7 @@ def test_damage_within_the_recorded_length_is_an_error_not_a_change(tmp_path):
     log.write_bytes(bytes(data[: position.log_bytes - 10]))
     with pytest.raises(JournalError, match=f"holds {position.log_bytes - 10} bytes; the checkpoint recorded"):
         read_journal(tmp_path / "j", position)
-    with pytest.raises(JournalError, match="the record at byte 0 does not end within the 7 bytes recorded"):
+    with pytest.raises(JournalError, match="byte 0 is damaged or cut short: it does not end within the 7 bytes"):
         read_journal(tmp_path / "j", JournalPosition(generation=1, log_bytes=7))
     with pytest.raises(JournalError, match="holds no snapshot 5"):
         read_journal(tmp_path / "j", JournalPosition(generation=5, log_bytes=0))
@@ -174,6 +174,41 @@ def test_damage_within_the_recorded_length_is_an_error_not_a_change(tmp_path):
         with pytest.raises(JournalError, match=f"log-1.bin is missing; the checkpoint recorded {position.log_bytes}"):
             call()
 
+
+
+def test_a_none_payload_replays_and_can_be_removed(tmp_path):
+    # A payload is any JSON value: null too. Its removal was taken for the removal of an entry never held.
+    memory, journal = VectorMemory(DIM, MemoryConfig(background=False)), MemoryJournal(tmp_path / "j")
+    keep, gone = np.eye(DIM, dtype=np.float32)[:2]
+    journal.write(memory, None, dict)
+    a, b = (int(memory.add(v[None])[0]) for v in (keep, gone))
+    memory.remove([b])
+    position = journal.write(memory, [Change(a, keep, None), Change(b, gone, None), Change(b)], lambda: {a: None})
+    replayed, payloads = read_journal(tmp_path / "j", position)
+    assert payloads == {a: None}
+    assert_same_memory(replayed, memory)
+
+
+def test_a_damaged_snapshot_or_a_log_of_another_memory_is_a_journal_error(tmp_path):
+    # The probe job re-reads a checkpoint on CheckpointError (a JournalError's) and OSError: FAISS's RuntimeError,
+    # a KeyError or a MemoryInputError crashed it.
+    mirror, journal = Mirror(MemoryConfig(background=False), seed=5), MemoryJournal(tmp_path / "j")
+    for _ in range(5):
+        mirror.add()
+    position = mirror.write(journal)
+    held = int(mirror.memory.ids()[0])
+    again = journal.write(mirror.memory, [Change(held, np.ones(DIM, np.float32), ["dup"])], lambda: mirror.payloads)
+    with pytest.raises(JournalError, match=f"log-1.bin: the log adds entry {held}, which the memory cannot take"):
+        read_journal(tmp_path / "j", again)
+    snapshot = tmp_path / "j" / "snapshot-1"
+    entries = (snapshot / "entries.json").read_text()
+    (snapshot / "entries.json").write_text(json.dumps({"ids": json.loads(entries)["ids"]}))
+    with pytest.raises(JournalError, match="snapshot-1 cannot be read: KeyError"):
+        read_journal(tmp_path / "j", position)
+    (snapshot / "entries.json").write_text(entries)
+    (snapshot / "index.faiss").write_bytes(b"not an index")
+    with pytest.raises(JournalError, match="snapshot-1 cannot be read: RuntimeError"):
+        read_journal(tmp_path / "j", position)
 
 # A writer that checkpoints after every write, as a run does: journal write, then the checkpoint (its position and
 # how many steps it holds) replaced atomically, then commit. Every step is one seeded change, so the memory a
