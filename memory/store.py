@@ -177,7 +177,8 @@ class VectorMemory:
         with self._lock.read():
             manifest = self._manifest()
             write_atomically(directory / INDEX_FILE, lambda tmp: faiss.write_index(self._index, str(tmp)))
-        # The manifest goes last: a folder with a manifest always has the index it describes.
+        # The manifest goes last. Saved over an older memory, a crash between the two leaves the older manifest
+        # beside the new index: `load` refuses it unless it matches (size, kind, ids below its next id).
         write_text_atomically(directory / MANIFEST_FILE, manifest.model_dump_json(indent=2))
 
     @classmethod
@@ -216,6 +217,9 @@ class VectorMemory:
                 f"index ({type(index).__name__}, d={index.d}, {len(ids)} entries) does not match its manifest "
                 f"({manifest.kind}, d={manifest.dim}, {manifest.size} entries)"
             )
+        # An index saved over another's whose manifest was not written after it: new ids would repeat held ones.
+        if len(ids) and int(ids.max()) >= manifest.next_id:
+            raise ValueError(f"index holds id {int(ids.max())}, but its manifest's next id is {manifest.next_id}")
         memory._index = index
         memory._plan = IndexPlan(manifest.kind, manifest.lists, manifest.planned_size)
         memory._ids = set(ids.tolist())

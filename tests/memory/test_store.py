@@ -144,6 +144,13 @@ def test_load_rejects_a_mismatched_manifest(tmp_path):
     (tmp_path / "m" / "memory.json").write_text(text)
     with pytest.raises(ValueError, match="does not match its manifest"):
         VectorMemory.load(tmp_path / "m")
+    # Saved again over it, with a crash between the index and the manifest: same size and kind, older id counter.
+    memory.add(unit(1, 1))
+    memory.remove([0])
+    memory.save(tmp_path / "m")
+    (tmp_path / "m" / "memory.json").write_text(text.replace('"size": 11', '"size": 10'))
+    with pytest.raises(ValueError, match="index holds id 10, but its manifest's next id is 10"):
+        VectorMemory.load(tmp_path / "m")
     with pytest.raises(FileNotFoundError, match="no vector memory"):
         VectorMemory.load(tmp_path / "missing")
 
