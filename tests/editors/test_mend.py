@@ -1,5 +1,7 @@
 """MEND: the gradient's token factors, the identity-initialised network, training and its guard rails."""
 
+import math
+
 import pytest
 import torch
 
@@ -68,8 +70,9 @@ def test_training_is_seeded_learns_and_survives_a_reset():
     # Random tiny models cannot generalise to other images, so the edit itself shows the learning.
     assert report["loss"] < report["loss_first_epoch"] - 0.3
     assert edit_success(first, [example.edit for example in EXAMPLES]) >= 0.9
-    # The learned step sizes moved away from their initial value.
-    assert all(abs(g.log_lr.item() - torch.log(torch.tensor(1e-3)).item()) > 0.01 for g in first.net)
+    # The learned step sizes moved away from their initial value (the config's edit_lr).
+    initial = math.log(first.config.edit_lr)
+    assert all(abs(g.log_lr.item() - initial) > 0.01 for g in first.net)
     first.apply(EDITS[0])
     first.reset()
     assert first.report == report and first.weight_change() == 0.0
