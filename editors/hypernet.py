@@ -101,8 +101,9 @@ class HyperEditor(ParameterEditor):
 
     def _configure(self) -> None:
         super()._configure()
-        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-            torch.manual_seed(self.config.seed)
+        # Built on the CPU from its generator alone: `torch.manual_seed` would also reset every CUDA generator.
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(self.config.seed)
             self.net = self._build().to(self.lvlm.device)
         self.report: dict[str, float] = {}
 

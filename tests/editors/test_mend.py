@@ -57,6 +57,22 @@ def test_untrained_mend_refuses_to_edit():
         editor.train([])
 
 
+def test_the_seeded_network_leaves_the_callers_generators_alone(monkeypatch):
+    # torch.manual_seed seeds every CUDA generator too, which a process's other CUDA work draws from.
+    models = [tiny_llava(seed=2), tiny_llava(seed=2)]
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    seeded.clear()
+    torch.manual_seed(7)
+    first = create_editor("mend", models[0], {"seed": 5})
+    assert torch.equal(torch.rand(3), expected) and seeded == [7]  # the CPU generator goes on; no CUDA seeding
+    second = create_editor("mend", models[1], {"seed": 5})
+    for a, b in zip(first.net.state_dict().values(), second.net.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_training_is_seeded_learns_and_survives_a_reset():
     config = {"epochs": 12, "batch_size": 1, "rank": 16, "lr": 1e-2}
     first = create_editor("mend", tiny_llava(seed=2), config)
