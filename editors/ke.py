@@ -2,16 +2,18 @@
 
 A hypernetwork conditioned on the edit: a bidirectional LSTM reads the edit's text (question,
 old answer when known, new answer) into a condition c. For each edited weight W (m, n), c
-predicts vectors that shape the fine-tuning gradient G = dL/dW of the edit (as in the authors'
-`ConditionedParameter`):
+predicts vectors that shape the fine-tuning gradient G = dL/dW of the edit (the authors'
+`ConditionedParameter` gives max_scale * sigmoid(eta) * (G * a + b)); here
 
     a = softmax(alpha_row)^T alpha_col,   b = softmax(beta_row)^T beta_col     (m, n) rank-1 each
     dW = -max_scale * sigmoid(eta) * (G * a + b) / ||G * a + b||_F
 
-so each update has norm at most `max_scale`. Deviations: G is scaled to unit RMS first and the
-network starts as a normalised gradient step (a uniform, b = 0), so training does not first
-have to find the gradient's scale; the LSTM reads the model's own (frozen) input embeddings
-instead of a trainable copy, which keeps the state small on real vocabularies. Training is the shared loop of `editors.hypernet`.
+Deviations: the update is divided by its Frobenius norm, so its size is max_scale * sigmoid(eta)
+whatever the gradient's (at most `max_scale`), and only its direction follows G; G is scaled to
+unit RMS first and the network starts as a normalised gradient step (a uniform, b = 0), so
+training does not first have to find the gradient's scale; the LSTM reads the model's own
+(frozen) input embeddings instead of a trainable copy, which keeps the state small on real
+vocabularies. Training is the shared loop of `editors.hypernet`.
 """
 
 from __future__ import annotations
