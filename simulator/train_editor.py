@@ -77,6 +77,8 @@ def main(namespace: argparse.Namespace) -> int:
         raise CommandError(f"method {args.method!r} learns nothing to train. Trainable methods: {', '.join(learners)}")
     settings: dict[str, Any] = dict(args.method_config)
     if args.seed is not None:
+        if "seed" not in cls.Config.model_fields:
+            raise CommandError(f"--seed: {args.method} draws nothing at random in training, so it takes no seed")
         settings["seed"] = args.seed
     try:
         config = cls.Config.model_validate(settings)

@@ -72,6 +72,7 @@ def test_trains_saves_and_the_state_edits_in_a_fresh_editor(method, small_world,
         (["--method", "mend", "--method-config", '{"rnk": 3}'], "rnk: Extra inputs are not permitted"),
         (["--method", "mend", "--method-config", "[1]"], "--method-config: Input should be a valid dictionary"),
         (["--method", "mend", "--limit", "0"], "--limit: Input should be greater than 0"),
+        (["--method", "serac", "--seed", "3"], "--seed: serac draws nothing at random in training"),
     ],
 )
 def test_bad_arguments_say_what_is_wrong(args, message, small_world, small_model, tmp_path, capsys):
