@@ -57,6 +57,20 @@ def test_untrained_mend_refuses_to_edit():
         editor.train([])
 
 
+def test_standardisation_is_each_weights_token_mean_and_sample_std_over_the_train_edits():
+    editor = create_editor("mend", tiny_llava(seed=2))
+    editor._prepare(EXAMPLES)
+    rows = {name: [] for name in editor.tracker.params}
+    for example in EXAMPLES:
+        for name, (u, delta) in token_factors(editor.lvlm, editor.tracker.params, example.edit.query).items():
+            rows[name].append(torch.cat([u, delta], -1).double())
+    for g, name in zip(editor.net, editor.tracker.params):
+        x = torch.cat(rows[name])
+        assert len(x) > len(EXAMPLES)  # every answer token of every edit, not one row an edit
+        torch.testing.assert_close(g.mean.double(), x.mean(0), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(g.std.double(), x.std(0, correction=1).clamp(min=1e-8), rtol=1e-4, atol=1e-7)
+
+
 def test_the_seeded_network_leaves_the_callers_generators_alone(monkeypatch):
     # torch.manual_seed seeds every CUDA generator too, which a process's other CUDA work draws from.
     models = [tiny_llava(seed=2), tiny_llava(seed=2)]
