@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -125,6 +126,7 @@ class RunData:
     collapse: CollapseThresholds
     rows: list[dict[str, Any]]
     summary: Summary | None
+    stale: bool = False  # summary.json was left by an earlier end (the run was resumed since) and is not read
 
     @property
     def results(self) -> dict[str, dict[str, float | None]]:
@@ -133,18 +135,15 @@ class RunData:
             return self.summary.results
         return self.rows[-1]["results"] if self.rows else {}
 
-    def round_values(self, key: str) -> list[tuple[int, float]]:
-        """(edits applied, value) of a probe-round metric, rounds without it (or with null) left out."""
-        return [(row["edits_applied"], float(row[key])) for row in self.rows if row.get(key) is not None]
-
     def run_value(self, key: str) -> float | None:
-        """A probe-round metric's run value: the summary's `health`, else reduced from the rounds."""
-        if self.summary is not None and self.summary.health.get(key) is not None:
-            return self.summary.health[key]
-        from monitor.metrics import reduce
+        """A probe-round metric's run value: the summary's `health`, else reduced from the rounds as the run's end
+        reduces them; null (how the files hold NaN/Inf) is NaN, never an older finite value."""
+        if self.summary is not None and key in self.summary.health:
+            value = self.summary.health[key]
+            return math.nan if value is None else value
+        from monitor.metrics import reduce_rounds
 
-        values = [value for _, value in self.round_values(key)]
-        return reduce(key, values) if values else None
+        return reduce_rounds(self.rows).get(key)
 
     def first_collapse(self) -> tuple[int | None, list[str]]:
         """Edits applied at the first collapse alarm and its reasons (None when never raised)."""
@@ -196,9 +195,15 @@ def load_run(folder: Path) -> RunData:
         raise CommandError(f"{folder} is not a run folder: it has no {CONFIG} or {SUMMARY}")
     config = _json(folder / CONFIG) if (folder / CONFIG).is_file() else {}
     collapse = _validated(folder / CONFIG, _Config, config).collapse
-    summary = _validated(folder / SUMMARY, Summary, _json(folder / SUMMARY)) if (folder / SUMMARY).is_file() else None
+    raw = _json(folder / SUMMARY) if (folder / SUMMARY).is_file() else None
+    if isinstance(raw, dict) and "sweep" in raw and "cells" in raw:
+        raise CommandError(f"{folder} is a sweep's folder: give one of its cells' run folders, in {folder / 'cells'}")
+    summary = None if raw is None else _validated(folder / SUMMARY, Summary, raw)
     name = (summary.run if summary else None) or config.get("run_name") or folder.resolve().name
-    return RunData(folder, name, config, collapse, _rounds(folder / ROUNDS), summary)
+    rows = _rounds(folder / ROUNDS)
+    # A resumed run goes on past the end its summary.json describes until it ends again: its rounds are newer.
+    stale = summary is not None and bool(rows) and rows[-1]["edits_applied"] > (summary.edits_applied or 0)
+    return RunData(folder, name, config, collapse, rows, None if stale else summary, stale)
 
 
 @dataclass(frozen=True)
@@ -258,16 +263,16 @@ def _collapse_check(run: RunData) -> Check:
         return Check("collapse", "collapse", "n/a", "no probe rounds (single mode, or fewer edits than a round)", bound)
     extremes = []
     for key, line in limits.items():
-        values = [value for _, value in run.round_values(key)]
+        # null is how the rounds hold NaN/Inf: the worst value, not a round to skip
+        values = [math.nan if row[key] is None else float(row[key]) for row in run.rows if key in row]
         if values:
-            worst, word = (max(values), "highest") if line.label.endswith("above") else (min(values), "lowest")
-            extremes.append(f"{word} {key} {worst:.3g}")
-    worst = "; ".join(extremes)
+            above = line.label.endswith("above")
+            worst = math.nan if any(map(math.isnan, values)) else max(values) if above else min(values)
+            extremes.append(f"{'highest' if above else 'lowest'} {key} {worst:.3g}")
     first_at, reasons = run.first_collapse()
-    if first_at is None:
-        return Check("collapse", "collapse", "pass", f"no alarm in {len(run.rows)} probe rounds; {worst}", bound)
-    return Check("collapse", "collapse", "fail", f"first alarm after {first_at} edits: {'; '.join(reasons)}; {worst}",
-                 bound)
+    found = [f"no alarm in {len(run.rows)} probe rounds"] if first_at is None else [
+        f"first alarm after {first_at} edits: {'; '.join(reasons)}"]
+    return Check("collapse", "collapse", "pass" if first_at is None else "fail", "; ".join(found + extremes), bound)
 
 
 def _forgetting_check(run: RunData) -> Check:
@@ -415,9 +420,12 @@ def _check_sections(runs: list[RunData], options: ReportOptions) -> str:
 
 def _header(run: RunData) -> str:
     summary = run.summary
-    status = f"stopped: {summary.stopped}" if summary else "no summary.json: the run is still going, or was killed"
-    facts = [f"method {run.config.get('method') or (summary.method if summary else '?')}",
-             f"model {short_model_name(summary.model if summary else run.config.get('model', '?'))}", status]
+    status = (f"stopped: {summary.stopped}" if summary else
+              "resumed since summary.json was written: read from its rounds; still going, or killed" if run.stale else
+              "no summary.json: the run is still going, or was killed")
+    model = (summary.model if summary else None) or run.config.get("model") or "?"
+    facts = [f"method {run.config.get('method') or (summary.method if summary else None) or '?'}",
+             f"model {short_model_name(model)}", status]
     if summary:
         facts.insert(2, f"{summary.edits_applied} edits applied of {summary.edits_read} read, {summary.failed} failed, "
                         f"{summary.quarantined} quarantined, {summary.rounds} probe rounds")

@@ -265,6 +265,7 @@ def _simulate(config: RunConfig, out: Path, checkpoint: Checkpoint | None, sinks
     else:
         for file_name in files.sizes():
             files.path(file_name).unlink(missing_ok=True)
+    files.path(SUMMARY).unlink(missing_ok=True)  # an earlier end's: this run ends again, and writes its own then
     write_text_atomically(out / CONFIG, given.model_dump_json(indent=2) + "\n")  # as given: what --resume compares
     stop = threading.Event()
     reader = StreamReader(config.stream, config.record_format, images, files.path(QUARANTINE), start_line,

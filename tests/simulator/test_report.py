@@ -120,6 +120,32 @@ def test_an_unfinished_run_is_reported_from_its_rounds(tmp_path):
     assert found["t_loc-gap_1"].state == "fail"  # the running means of the last round
 
 
+def test_a_resumed_run_is_read_from_its_rounds_not_the_summary_of_its_earlier_end(tmp_path):
+    # Interrupted at 10 edits (healthy), resumed and now at 20 (sick): the summary of 10 edits is left until it ends.
+    folder = write_run(tmp_path / "resumed", HEALTHY[:2], {"ppl_ratio": 1.5})
+    (folder / "rounds.jsonl").write_text("".join(json.dumps(row) + "\n" for row in HEALTHY[:2] + SICK[2:]))
+    run = load_run(folder)
+    assert run.summary is None and run.stale
+    found = {check.ident: check for check in checks(run, ReportOptions())}
+    assert found["collapse"].state == "fail" and found["retention"].detail.startswith(
+        "retention after the last round 0.550")
+    assert "resumed since summary.json was written" in render([run], ReportOptions())
+
+
+def test_nan_or_inf_in_the_last_round_is_shown_not_an_older_value(tmp_path):
+    # The files hold NaN/Inf as null, and so does the summary's health: it is the run's value, not a gap.
+    rows = HEALTHY[:3] + [{**HEALTHY[3], "ref_ppl_ratio": None, "retention": None}]
+    for summary in (True, False):
+        run = load_run(write_run(tmp_path / str(summary), rows, summary=summary))
+        assert run.run_value("ref_ppl_ratio") != run.run_value("ref_ppl_ratio")  # NaN
+        found = {check.ident: check for check in checks(run, ReportOptions())}
+        assert "highest ref_ppl_ratio nan" in found["collapse"].detail, found["collapse"].detail
+        assert found["retention"].state == "fail" and "nan" in found["retention"].detail
+    unjudged = [{k: v for k, v in row.items() if k not in ("ref_ppl_ratio", "ref_agreement")} for row in HEALTHY]
+    collapse = checks(load_run(write_run(tmp_path / "plain", unjudged, summary=False)), ReportOptions())[0]
+    assert collapse.detail == "no alarm in 4 probe rounds"  # nothing to add: no dangling separator
+
+
 def test_a_single_mode_run_has_no_rounds_to_judge_but_its_locality(tmp_path):
     folder = tmp_path / "single"
     write_run(folder, HEALTHY[:1])
@@ -258,6 +284,13 @@ def test_bad_run_folders_are_one_line_errors(tmp_path, capsys):
     (broken / "config.json").write_text("{")
     assert main(["report", str(broken)]) == 2
     assert "config.json is not JSON" in capsys.readouterr().err
+    sweep = tmp_path / "sweep"  # a sweep's own folder: config.json and summary.json too, but of its cells
+    sweep.mkdir()
+    (sweep / "config.json").write_text(json.dumps({"name": "grid", "base": {}, "grid": {}}))
+    (sweep / "summary.json").write_text(json.dumps({"sweep": "grid", "stopped": "end of grid", "cells": {}}))
+    assert main(["report", str(sweep)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "is a sweep's folder: give one of its cells' run folders" in error
 
 
 def test_a_torn_last_round_is_left_out_and_a_torn_middle_one_is_an_error(tmp_path, caplog):

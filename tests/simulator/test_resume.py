@@ -78,6 +78,12 @@ def test_sigterm_stops_between_records_and_resume_gives_the_same_outputs(small_w
     assert summary["stopped"] == "interrupted" and 7 <= summary["edits_applied"] < 40
     assert len(pool.read_text().splitlines()) == summary["edits_applied"]  # every applied edit fully recorded
 
+    # Resumed, the run goes on past the end its summary describes: that summary goes (a report would show it as
+    # the run's state), and killed again before its new end, the run has none.
+    process = started(run_args(small_world, small_model, stopped) + ["--resume"], summary["edits_applied"] + 2)
+    process.kill()
+    assert process.wait() == -9
+    assert not (stopped / "summary.json").exists()
     resumed = subprocess.run(run_args(small_world, small_model, stopped) + ["--resume"], env=ENV,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
