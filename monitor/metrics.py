@@ -147,8 +147,9 @@ def reduce_rounds(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
 
 
 def best(key: str, values: Sequence[float]) -> float | None:
-    """The best of several values of metric `key` by its direction; None for a metric without one."""
+    """The best of several values of metric `key` by its direction, NaN never; None for a metric without one."""
     direction = get_metric(key).higher_is_better
+    values = [value for value in values if not math.isnan(value)]  # max/min with NaN depend on the order
     if direction is None or not values:
         return None
     return max(values) if direction else min(values)

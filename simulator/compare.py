@@ -202,9 +202,12 @@ def _variants(runs: list[RunView]) -> dict[str, tuple[tuple[str, str | None], ..
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (n - 1) of `values`; the deviation is None for fewer than two."""
+    """Mean and sample standard deviation (n - 1) of `values`; the deviation is None for fewer than two, and NaN
+    (the mean NaN or infinite) when a value is NaN or infinite, as a diverged run's can be."""
     if not values:
         return None, None
+    if not all(map(math.isfinite, values)):  # fsum and stdev raise on these; a plain sum gives inf or NaN
+        return sum(values) / len(values), math.nan if len(values) > 1 else None
     return math.fsum(values) / len(values), statistics.stdev(values) if len(values) > 1 else None
 
 
@@ -348,11 +351,13 @@ def latest_per_step(history: Iterable[Any]) -> Points:
 def histories(client: Any, runs: list[RunView], metrics: Collection[str]) -> dict[str, dict[str, Points]]:
     """Metric key -> run label -> (edits applied, value), for probe-round metrics and per-setting means."""
     out: dict[str, dict[str, Points]] = {}
+    named = Counter(run.label for run in runs)  # two runs of one name (the same cell of two sweeps) are two lines
     for run in runs:
+        label = run.label if named[run.label] == 1 else f"{run.label} [{run.run_id[:8]}]"
         for key in run.metrics:
             if key not in metrics and (split_key(key, metrics) is None or key.endswith("/edits_measured")):
                 continue
-            out.setdefault(key, {})[run.label] = latest_per_step(client.get_metric_history(run.run_id, key))
+            out.setdefault(key, {})[label] = latest_per_step(client.get_metric_history(run.run_id, key))
     return out
 
 
@@ -361,6 +366,7 @@ def main(namespace: argparse.Namespace) -> int:
     args = options(namespace, CompareOptions)
     # imported here: MLflow and torch (under the metric definitions) take seconds, not needed for --help
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     from monitor.exporters.journal import JournalError
     from monitor.exporters.plots import metric_plots
@@ -378,8 +384,12 @@ def main(namespace: argparse.Namespace) -> int:
         if (count := rejected.count()):
             log.warning("%s: %d MLflow writes were rejected by the tracking server and are not sent again; they are "
                         "in %s with the server's answers", folder, count, rejected.path)
-    client = MlflowClient(tracking_uri=args.mlflow_uri)
-    found = find_runs(client, args.mlflow_experiment, args.runs)
+    try:
+        client = MlflowClient(tracking_uri=args.mlflow_uri)
+        found = find_runs(client, args.mlflow_experiment, args.runs)
+    except (MlflowException, OSError) as error:  # an unknown run id, a tracking URI that cannot be read
+        where = args.mlflow_uri or "MLflow's default tracking URI"
+        raise CommandError(f"cannot read the runs from {where}: {str(error).splitlines()[0]}") from None
     runs = [run for run in found if run.finished or args.include_unfinished]
     left_out = [f"{run.name} ({run.state.lower()})" for run in found if not (run.finished or args.include_unfinished)]
     if left_out:
@@ -387,7 +397,8 @@ def main(namespace: argparse.Namespace) -> int:
                     ", ".join(left_out))
     if not runs:
         unfinished = f"; {len(left_out)} unfinished: --include-unfinished compares them" if left_out else ""
-        raise CommandError(f"no finished simulate runs in MLflow experiment {args.mlflow_experiment!r}{unfinished}")
+        asked = "among the given runs" if args.runs else f"in MLflow experiment {args.mlflow_experiment!r}"
+        raise CommandError(f"no finished simulate runs {asked}{unfinished}")
     out = Path(args.out)
     columns, rows = table(runs, list(METRICS))
     csv_path, _, markdown = write_table(columns, rows, out)

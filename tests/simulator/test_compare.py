@@ -13,6 +13,7 @@ import pytest
 
 from simulator import compare
 from monitor.sink import short_model_name
+from simulator.command import CommandError
 from simulator.compare import RunView, find_runs, histories, latest_per_step, table, write_table
 from tests.services import SIMULATE, free_port, mlflow_service, url_of, wait_until
 
@@ -95,6 +96,46 @@ def test_the_markdown_shows_mean_and_sd_and_bolds_the_best_mean_by_each_metrics_
     with csv_path.open() as handle:
         first = next(csv.DictReader(handle))
     assert (first["reliability"], first["reliability_sd"], first["data_hash"]) == ("0.625", str(math.sqrt(0.03125)), A)
+
+
+def test_a_diverged_seed_makes_its_mean_nan_and_never_wins_the_bold(tmp_path):
+    # A diverged run logs run/ref_ppl_ratio as NaN (or inf): statistics.stdev raised on it, and max/min with NaN
+    # picked a winner by the order of the rows.
+    runs = [view("a0", {"gap_10/reliability": 0.5, "run/ref_ppl_ratio": math.nan}),
+            view("a1", {"gap_10/reliability": 0.75, "run/ref_ppl_ratio": 2.0}, seed=1),
+            view("b", {"gap_10/reliability": 1.0, "run/ref_ppl_ratio": 1.5}, "ike"),
+            view("c0", {"gap_10/reliability": 0.5, "run/ref_ppl_ratio": math.inf}, "none"),
+            view("c1", {"gap_10/reliability": 0.5, "run/ref_ppl_ratio": 3.0}, "none", seed=1)]
+    columns, found = table(runs, METRICS)
+    ft, ike, none = found
+    assert math.isnan(ft["ref_ppl_ratio"]) and math.isnan(ft["ref_ppl_ratio_sd"]) and ft["reliability"] == 0.625
+    assert none["ref_ppl_ratio"] == math.inf and math.isnan(none["ref_ppl_ratio_sd"])
+    for order in (runs, runs[::-1]):
+        columns, found = table(order, METRICS)
+        _, _, markdown = write_table(columns, found, tmp_path)
+        bold = [line for line in markdown.splitlines() if "**1.500**" in line]
+        assert len(bold) == 1 and "| ike |" in bold[0], markdown
+
+
+def test_two_runs_of_one_name_are_two_lines_of_a_plot():
+    from mlflow.entities import Metric
+
+    class Client:
+        def get_metric_history(self, run_id, key):
+            return [Metric(key, 1.0 if run_id == "1" * 32 else 0.5, 0, 10)]
+
+    twins = [RunView(run_id, "method=ft-llm,seed=0", "ft-llm", MODEL, {"retention": 1.0}, {}, {})
+             for run_id in ("1" * 32, "2" * 32)]
+    lines = histories(Client(), twins, METRICS)["retention"]
+    assert lines == {"method=ft-llm,seed=0 (ft-llm) [11111111]": [(10, 1.0)],
+                     "method=ft-llm,seed=0 (ft-llm) [22222222]": [(10, 0.5)]}
+
+
+def test_an_unknown_run_id_or_an_unreadable_uri_is_a_one_line_error(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = compare.parser().parse_args(["--mlflow-uri", uri, "--runs", "0123456789abcdef", "--out", str(tmp_path)])
+    with pytest.raises(CommandError, match=f"cannot read the runs from {uri}: Run with id=0123456789abcdef not"):
+        compare.main(args)
 
 
 @pytest.mark.parametrize("model, short", [("llava-hf/llava-1.5-7b-hf", "llava-1.5-7b-hf"), ("default", "default"),
