@@ -8,8 +8,10 @@ from typing import Any, Iterator
 
 from memory.files import append_jsonl, fsync_file, fsync_folder, jsonable, read_jsonl, write_text_atomically
 
-SUMMARY = "summary.json"
-ROUNDS = "rounds.jsonl"  # one line per probe round
+from monitor.run_files import CONFIG, ROUNDS, SUMMARY
+
+__all__ = ["APPEND_ONLY", "CONFIG", "POOL", "QUARANTINE", "ROUNDS", "SUMMARY", "RunFiles"]
+
 POOL = "pool.jsonl"  # one line per applied edit: what retention probes re-ask later
 QUARANTINE = "quarantine.jsonl"  # bad stream lines, with line number and reason
 APPEND_ONLY = (ROUNDS, POOL, QUARANTINE)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from monitor.schedule import IntervalSchedule, ScheduleError, parse_interval
 from simulator.command import ArgumentParser, CommandError, add_model_options, exporters, options
 from simulator.config import RunConfig
+from simulator.outputs import CONFIG, RunFiles
 from simulator.signals import stopping_on_signals
 
 if TYPE_CHECKING:
@@ -66,8 +67,6 @@ def parser() -> argparse.ArgumentParser:
 def main(namespace: argparse.Namespace) -> int:
     """`simulate probe`."""
     args = options(namespace, ProbeOptions)
-    from simulator.run import CONFIG  # imported here, as the rest: torch is not needed for --help
-
     try:
         seconds = parse_interval(args.every)
     except ScheduleError as error:
@@ -94,9 +93,8 @@ def _run(args: ProbeOptions, state: Path, out: Path, config: RunConfig, seconds:
          sinks: list[Sink]) -> int:
     """Restore the run, announce the probe job to the exporters, probe on schedule, then summarise."""
     from simulator.checkpoint import CheckpointError
-    from simulator.outputs import RunFiles
     from simulator.probing import ProbeError, ProbeJob
-    from simulator.run import CONFIG, RunError, run_name
+    from simulator.run import RunError, run_name
 
     seed = config.seed if args.seed is None else args.seed
     try:

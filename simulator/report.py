@@ -32,7 +32,7 @@ from memory.files import write_text_atomically
 from monitor.alarms import CollapseThresholds
 from monitor.sink import short_model_name
 from simulator.command import ArgumentParser, CommandError, add_model_options, options, validation_problems
-from simulator.outputs import ROUNDS, SUMMARY
+from simulator.outputs import CONFIG, ROUNDS, SUMMARY
 from simulator.report_html import check_item, figure, page, table
 
 if TYPE_CHECKING:
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CONFIG = "config.json"  # as simulator/run.py writes it
 REPORT = "report.html"
 DEFAULT_RETENTION_FLOOR = 0.8
 LOCALITY = ("t_loc", "i_loc")

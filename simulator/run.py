@@ -23,7 +23,7 @@ from monitor.probes import edit_success
 from monitor.sink import Sink
 from simulator.checkpoint import FOLDER, Checkpoint, restore_timeline, save_timeline, truncate
 from simulator.config import RunConfig, apply_protocol
-from simulator.outputs import POOL, QUARANTINE, ROUNDS, SUMMARY, RunFiles
+from simulator.outputs import CONFIG, POOL, QUARANTINE, ROUNDS, SUMMARY, RunFiles
 from simulator.records import EditRecord
 from simulator.requests import edit_example
 from simulator.settings import cache_root
@@ -35,7 +35,6 @@ from simulator.world.export import read_manifest
 from simulator.world.graph import WorldConfig
 
 log = logging.getLogger(__name__)
-CONFIG = "config.json"
 
 
 class RunError(RuntimeError):

@@ -33,7 +33,7 @@ from monitor.sink import Sink
 from simulator import compare
 from simulator.command import INTERRUPTED, ArgumentParser, CommandError, add_model_options, options, user_errors
 from simulator.config import RunConfig
-from simulator.outputs import SUMMARY
+from simulator.outputs import CONFIG, SUMMARY
 from simulator.sweep_config import Sweep, SweepOptions, load_sweep
 
 if TYPE_CHECKING:
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CONFIG = "config.json"
 CELL_SETTINGS = "cells.json"
 CELLS = "cells"
 RAY = "ray"

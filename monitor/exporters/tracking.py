@@ -36,6 +36,7 @@ from memory.files import read_jsonl
 from monitor.alarms import CollapseThresholds
 from monitor.exporters.journal import DeadLetters, Journal, JournalError
 from monitor.exporters.plots import collapse_thresholds, round_plots
+from monitor.run_files import CONFIG, ROUNDS, SUMMARY
 from monitor.run_tags import COLLAPSE_AT_TAG, COLLAPSE_TAG, FORGETTING_TAG, LIMIT_TAG, STOPPED_TAG
 from monitor.sink import Sink
 
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 FOLDER = "mlflow"  # inside the run folder: journal, state and artifact snapshots
 ARTIFACTS = "artifacts"
-RUN_FILES = ("config.json", "summary.json", "rounds.jsonl")
+RUN_FILES = (CONFIG, SUMMARY, ROUNDS)
 # Tags the MLflow run with its journal's id, so that re-sending a `create` (a crash after the
 # run was created but before that was recorded) finds the run instead of making a second one.
 JOURNAL_TAG = "editwatch.journal"
@@ -57,7 +58,6 @@ RUN_PREFIX = "run/"  # run-level value of a probe-round metric (monitor.metrics.
 BATCH = 1000  # MLflow's log_batch limit on metrics per call
 PARAM_BATCH = 100  # ... and on params per call
 MAX_PARAM_KEY, MAX_PARAM_VALUE = 250, 6000  # MLflow's limits on a param's key and value (characters)
-SETTINGS_FILE = "config.json"  # the run's settings in its folder (simulate writes it before the exporters start)
 # MLflow 3 opens an experiment without this tag in its GenAI view (traces, prompts); with it, in the
 # training view: runs, params and metric charts (the UI's ExperimentKind enum, MLflow 3.17).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -253,10 +253,10 @@ def _snapshot(folder: Path, target: Path) -> None:
     for name in RUN_FILES:
         if (folder / name).is_file():
             shutil.copy2(folder / name, target / name)
-    rounds = folder / "rounds.jsonl"
+    rounds = folder / ROUNDS
     if rounds.is_file():
         rows = list(read_jsonl(rounds))
-        config = folder / "config.json"
+        config = folder / CONFIG
         given = json.loads(config.read_text(encoding="utf-8")).get("collapse", {}) if config.is_file() else {}
         round_plots(rows, target / "plots", collapse_thresholds(CollapseThresholds.model_validate(given)))
 
@@ -283,7 +283,7 @@ def _journal_value(value: Any) -> float | str:
 
 def _settings(folder: Path) -> dict[str, Any]:
     """The run's settings file (`config.json`) as a mapping; empty when there is none (yet)."""
-    path = folder / SETTINGS_FILE
+    path = folder / CONFIG
     if not path.is_file():
         return {}
     loaded = json.loads(path.read_text(encoding="utf-8"))
