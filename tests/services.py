@@ -123,9 +123,14 @@ class Service:
 
 
 def pushgateway_service(folder: Path) -> Service:
-    """A Pushgateway on a free port (not started)."""
+    """A Pushgateway on a free port, its metrics in memory only (not started).
+
+    Debian's build persists to /var/lib/prometheus/pushgateway.data by default: every test's gateway would start
+    with the groups of the ones before it.
+    """
     port = free_port()
-    return Service([require_binary("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
+    return Service([require_binary("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}",
+                    "--persistence.file="],
                    folder / "pushgateway.log", f"http://127.0.0.1:{port}/-/ready")
 
 
