@@ -204,6 +204,8 @@ class PrometheusSink(Sink):
         """Publish the round's values, the running means per setting and the collapse alarm with its indicators."""
         self.rounds.labels(**self.labels).inc()
         self.probe_seconds.labels(**self.labels).observe(seconds)
+        # Edits applied when measured: a run's count already, and the only one of a probe job, which applies none.
+        self.in_run["applied"].labels(**self.labels).set(step)
         for key, value in values.items():
             self.values[series_name("probe", key)].labels(**self.labels, metric=key).set(value)
         self._results(results)

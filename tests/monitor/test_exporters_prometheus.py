@@ -207,10 +207,12 @@ def test_the_run_totals_start_where_a_probe_job_stands_and_end_as_its_summary_sa
     sink = PrometheusSink(registry=registry)
     sink.on_start("r1", {"method": "ft-llm", "model": "tiny"}, tmp_path, 40)
     assert registry.get_sample_value("editwatch_edits_applied_in_run", LABELS) == 40
-    sink.on_finish({"edits_applied": 40, "failed": 3, "quarantined": 2}, tmp_path)
+    sink.on_round(55, {"retention": 1.0}, 0.1, {})  # the run checkpointed since: this round probed 55 edits
+    assert registry.get_sample_value("editwatch_edits_applied_in_run", LABELS) == 55
+    sink.on_finish({"edits_applied": 60, "failed": 3, "quarantined": 2}, tmp_path)
     totals = {key: registry.get_sample_value(f"editwatch_edits_{key}_in_run", LABELS)
               for key in ("applied", "failed", "quarantined")}
-    assert totals == {"applied": 40, "failed": 3, "quarantined": 2}
+    assert totals == {"applied": 60, "failed": 3, "quarantined": 2}
     assert registry.get_sample_value("editwatch_edits_quarantined_total", LABELS) == 2  # seen by this process
 
 
