@@ -95,7 +95,8 @@ def locked(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise FolderLockedError(f"{folder} is in use by another process (a run or a --resume of it)") from None
+            raise FolderLockedError(f"{folder} is in use by another process (a run, a --resume of it, or a probe "
+                                    "job)") from None
         try:
             yield
         finally:

@@ -165,6 +165,15 @@ class AlarmLog:
         """The summary's `alarms`."""
         return {"collapse": self.collapse, "forgetting": self.forgetting}
 
+    def merged(self, other: AlarmLog) -> AlarmLog:
+        """Each alarm as first raised by either log (the earlier one when both raised it)."""
+        def first(mine: dict[str, Any], theirs: dict[str, Any], flag: str) -> dict[str, Any]:
+            raised = [log for log in (mine, theirs) if log[flag]]
+            return dict(min(raised, key=lambda log: log["first_at"]) if raised else mine)
+
+        return AlarmLog(first(self.collapse, other.collapse, "raised"),
+                        first(self.forgetting, other.forgetting, "detected"))
+
 
 class ProbeRound:
     """The probe round of one editor: retention on a sample of its pool, reference set, collapse, retrieval."""

@@ -11,10 +11,11 @@ import json
 import logging
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
+from memory.files import locked
 from monitor.schedule import IntervalSchedule, ScheduleError, parse_interval
 from simulator.command import ArgumentParser, CommandError, add_model_options, exporters, options
 from simulator.config import RunConfig
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JOB_STORE = "jobs.sqlite"
+SKIPPED_ROUNDS = 3  # rounds in a row that may find no readable checkpoint before the job gives up
 
 
 _RUN = RunConfig.model_fields  # settings shared with `simulate`: same names, types and help
@@ -91,38 +93,74 @@ def main(namespace: argparse.Namespace) -> int:
 
 def _run(args: ProbeOptions, state: Path, out: Path, config: RunConfig, seconds: float,
          sinks: list[Sink]) -> int:
-    """Restore the run, announce the probe job to the exporters, probe on schedule, then summarise."""
+    """Restore the run, announce the probe job to the exporters, probe on schedule, then summarise.
+
+    The job holds its folder's lock: a second job there would take over the first one's schedule and interleave
+    their rounds. A round that fails stops the job with the reason (the exporters mark it failed); a checkpoint
+    that cannot be read (the run replacing it) only skips the round, up to `SKIPPED_ROUNDS` in a row.
+    """
     from simulator.checkpoint import CheckpointError
     from simulator.probing import ProbeError, ProbeJob
     from simulator.run import RunError, run_name
 
     seed = config.seed if args.seed is None else args.seed
-    try:
-        job = ProbeJob(state, out, config, seed, sinks)
-    except (CheckpointError, RunError, ProbeError) as error:
-        raise CommandError(str(error)) from None
-    name = args.run_name or f"{run_name(config)}-probe"
-    files = RunFiles(out)
     settings = {"state": str(state.resolve()), "every": args.every, "seed": seed, "run": config.model_dump(mode="json")}
-    (out / CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-    params = {"method": config.method, "model": job.editor.lvlm.name, "mode": config.mode, "gaps": job.gaps, "seed": seed, "state": settings["state"], "every": args.every,
-              "every_seconds": seconds}
-    for sink in sinks:
-        sink.on_start(name, params, out, job.applied)
-    stop = threading.Event()
+    with locked(out):
+        _check_same_job(out, settings)
+        try:
+            job = ProbeJob(state, out, config, seed, sinks)
+        except (CheckpointError, RunError, ProbeError) as error:
+            raise CommandError(str(error)) from None
+        name = args.run_name or f"{run_name(config)}-probe"
+        files = RunFiles(out)
+        (out / CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        params = {"method": config.method, "model": job.editor.lvlm.name, "mode": config.mode, "gaps": job.gaps,
+                  "seed": seed, "state": settings["state"], "every": args.every, "every_seconds": seconds}
+        for sink in sinks:
+            sink.on_start(name, params, out, job.applied)
+        stop = threading.Event()
+        failure: list[str] = []
+        skipped = 0
 
-    def scheduled() -> None:
-        job.round()
-        if args.rounds is not None and job.rounds >= args.rounds:
-            stop.set()
+        def scheduled() -> None:
+            nonlocal skipped
+            try:
+                job.round()
+            except CheckpointError as error:  # the run is replacing it, or it is gone: the next round tries again
+                skipped += 1
+                log.warning("probe round skipped (%d in a row): %s", skipped, error)
+                if skipped >= SKIPPED_ROUNDS:
+                    failure.append(f"{skipped} rounds in a row could not read the checkpoint: {error}")
+                    stop.set()
+                return
+            except Exception as error:  # not KeyboardInterrupt: one line, and the job ends as failed
+                failure.append(f"{type(error).__name__}: {error}")
+                stop.set()
+                return
+            skipped = 0
+            if args.rounds is not None and job.rounds >= args.rounds:
+                stop.set()
 
-    with stopping_on_signals(stop):
-        IntervalSchedule(scheduled, seconds, out / JOB_STORE).run(stop)
-    summary = {"run": name, "state": settings["state"], "rounds": job.rounds, "edits_applied": job.applied,
-               "last_round": job.last, "alarms": job.alarms.as_dict(),
-               "stopped": "rounds" if args.rounds is not None and job.rounds >= args.rounds else "stopped"}
-    files.write_summary(summary)
-    for sink in sinks:
-        sink.on_finish(summary, out)
+        with stopping_on_signals(stop):
+            IntervalSchedule(scheduled, seconds, out / JOB_STORE).run(stop)
+        if failure:
+            raise RunError(f"probe job stopped after {job.rounds} rounds: {failure[0]}")
+        summary = {"run": name, "state": settings["state"], "rounds": job.rounds, "edits_applied": job.applied,
+                   "last_round": job.last, "alarms": job.alarms.as_dict(),
+                   "stopped": "rounds" if args.rounds is not None and job.rounds >= args.rounds else "stopped"}
+        files.write_summary(summary)
+        for sink in sinks:
+            sink.on_finish(summary, out)
     log.info("%s: %d probe rounds; results in %s", name, job.rounds, out)
     return 0
+
+
+def _check_same_job(out: Path, settings: dict[str, Any]) -> None:
+    """CommandError when `out` holds the probe job of another run or seed: its rounds and MLflow run would go on."""
+    path = out / CONFIG
+    if not path.is_file():
+        return
+    before = json.loads(path.read_text(encoding="utf-8"))
+    if (before.get("state"), before.get("seed")) != (settings["state"], settings["seed"]):
+        raise CommandError(f"{out} holds the probe job of {before.get('state')} with seed {before.get('seed')}; "
+                           f"give another --out to probe {settings['state']} with seed {settings['seed']}")

@@ -1,8 +1,9 @@
 """A run's model and editor restored from its checkpoint, probed one round at a time (`simulate probe`).
 
 Each round reloads the checkpoint when it changed (a `--follow` run keeps checkpointing) and
-runs monitor's probe round (the same one `simulate` runs) with a fixed seed, so every round asks
-the same questions of the same edits; rounds are written to the probe job's folder.
+runs monitor's probe round (the same one `simulate` runs) with a fixed seed, so rounds on an
+unchanged pool ask the same questions of the same edits (a pool that grew is sampled anew);
+rounds are written to the probe job's folder.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ class ProbeJob:
         self.progress = {"edits_applied": progress["applied"], "edits_read": progress["edits_read"],
                          "failed": progress["failed"]}
         self.results = {key: RunningMeans(data).means() for key, data in progress["results"].items()}
-        self.alarms = AlarmLog(**progress["alarms"])  # the run's own alarms, which this job's rounds extend
+        # The run's alarms, merged with this job's own: a round's alarm is not forgotten when the run checkpoints.
+        self.alarms = self.alarms.merged(AlarmLog(**progress["alarms"]))
         self.pool = read_pool(RunFiles(self.state).rows(POOL), progress["pool"])
         self.refset = restored_refset(checkpoint, self.images.open)
 

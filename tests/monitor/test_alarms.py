@@ -149,3 +149,17 @@ def test_thresholds_that_could_never_or_always_fire_are_refused(settings):
     """A ratio <= 1 would fire on a healthy model; agreement/retention live in [0, 1]; typos are errors."""
     with pytest.raises(ValidationError):
         CollapseThresholds(**settings)
+
+
+def test_merged_alarm_logs_keep_each_alarm_as_first_raised():
+    # A probe job's own alarm must survive the run's checkpoint, which holds the run's alarms only.
+    from monitor.round import AlarmLog
+
+    job = AlarmLog(collapse={"raised": True, "first_at": 40, "reasons": ["ref_agreement"]})
+    run = AlarmLog(collapse={"raised": True, "first_at": 60, "reasons": ["ref_ppl_ratio"]},
+                   forgetting={"detected": True, "first_at": 50})
+    merged = job.merged(run)
+    assert merged.collapse == {"raised": True, "first_at": 40, "reasons": ["ref_agreement"]}
+    assert merged.forgetting == {"detected": True, "first_at": 50}
+    assert run.merged(job).as_dict() == merged.as_dict()
+    assert AlarmLog().merged(AlarmLog()).as_dict() == AlarmLog().as_dict()

@@ -99,3 +99,32 @@ def test_a_restarted_probe_job_numbers_its_rounds_on(run_state, tmp_path):
     for _ in range(2):  # a job, then the same job restarted into the same folder
         ProbeJob(run_state, tmp_path / "probes", config, 0, []).round()
     assert [row["round"] for row in rows(tmp_path / "probes" / "rounds.jsonl")] == [1, 2]
+
+
+def test_a_failing_round_stops_the_job_with_its_reason(run_state, tmp_path, capsys, monkeypatch):
+    # APScheduler logs a job's exception and keeps the schedule: the job never ended and never said it failed.
+    from simulator.probing import ProbeJob
+
+    def broken(self):
+        raise FileNotFoundError("images/c1-0.png")
+
+    monkeypatch.setattr(ProbeJob, "round", broken)
+    out = tmp_path / "probes"
+    assert main(["probe", "--state", str(run_state), "--every", "1s", "--rounds", "2", "--out", str(out),
+                 "--no-mlflow"]) == 2
+    error = capsys.readouterr().err
+    assert "probe job stopped after 0 rounds: FileNotFoundError: images/c1-0.png" in error
+    assert not (out / "summary.json").exists()
+
+
+def test_a_second_job_in_the_folder_or_another_runs_job_there_is_refused(run_state, tmp_path, capsys):
+    from memory.files import locked
+
+    out = tmp_path / "probes"
+    with locked(out):  # a job of this folder is running
+        assert main(["probe", "--state", str(run_state), "--every", "1s", "--out", str(out), "--no-mlflow"]) == 2
+    assert f"{out} is in use by another process" in capsys.readouterr().err
+    (out / "config.json").write_text(json.dumps({"state": "/runs/other", "seed": 3}))
+    assert main(["probe", "--state", str(run_state), "--every", "1s", "--out", str(out), "--no-mlflow"]) == 2
+    assert (f"{out} holds the probe job of /runs/other with seed 3; give another --out to probe "
+            f"{run_state.resolve()} with seed 3") in capsys.readouterr().err

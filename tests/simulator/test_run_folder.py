@@ -44,8 +44,8 @@ def test_a_second_run_on_the_same_folder_is_refused_in_one_line(stream, small_wo
         argv = ["--stream", str(stream), "--images", str(small_world / "images"), "--model", str(small_model),
                 "--no-mlflow", "--out", str(out), "--resume"]
         assert main(argv) == 2
-    assert capsys.readouterr().err.strip() == f"simulate: error: {out} is in use by another process (a run or a " \
-                                              "--resume of it)"
+    assert capsys.readouterr().err.strip() == f"simulate: error: {out} is in use by another process (a run, a " \
+                                              "--resume of it, or a probe job)"
     assert not (out / "summary.json").exists()  # the refused run wrote nothing
 
 
