@@ -68,18 +68,24 @@ def timed_run(code: Path, stream: Path, world: Path, model: Path, method: str, o
     return json.loads(done.stdout.strip().splitlines()[-1])["cpu_seconds"]
 
 
-def largest_difference(a: Path, b: Path) -> float:
-    """The largest absolute difference between two summaries' per-setting and base metric values."""
+def largest_difference(a: Path, b: Path) -> tuple[float, list[str]]:
+    """The largest absolute difference between two summaries' per-setting and base metric values (infinite where a
+    number on one side is null, how the files hold NaN/Inf, on the other), and the values only one side has."""
     first, second = (json.loads((p / "summary.json").read_text()) for p in (a, b))
-    worst = 0.0
+    worst, one_sided = 0.0, []
     for part in ("results", "base"):
         left, right = first[part], second[part]
-        rows = [(left[k], right[k]) for k in left] if part == "results" else [(left, right)]
-        for x, y in rows:
+        pairs = {f"{part}.{k}": (left.get(k, {}), right.get(k, {})) for k in left.keys() | right.keys()} \
+            if part == "results" else {part: (left, right)}
+        for where, (x, y) in sorted(pairs.items()):
+            one_sided += [f"{where}.{key}" for key in sorted(x.keys() ^ y.keys())]
             for key in x.keys() & y.keys():
-                if isinstance(x[key], (int, float)) and not math.isnan(x[key]):
-                    worst = max(worst, abs(x[key] - y[key]))
-    return worst
+                u, v = x[key], y[key]
+                if (u is None) != (v is None):
+                    worst = math.inf
+                elif isinstance(u, (int, float)) and isinstance(v, (int, float)):
+                    worst = max(worst, abs(u - v))
+    return worst, one_sided
 
 
 def main() -> None:
@@ -108,8 +114,11 @@ def main() -> None:
                 timed_run(code, streams[short], world, model, method, work / f"{method}-warm-up-{code.name}")
             seconds = {(name, n): math.inf for name in codes for n in (short, long)}
             for turn in range(args.repeat):
-                for (name, n), best in seconds.items():
-                    code = codes[name]
+                # The two codes take turns going first: a machine that warms or slows over a turn favours neither.
+                names = list(codes) if turn % 2 == 0 else list(reversed(codes))
+                order = [(name, n) for name in names for n in (short, long)]
+                for name, n in order:
+                    best, code = seconds[name, n], codes[name]
                     out = work / f"{method}-{n}-{code.name}-{turn}"
                     seconds[name, n] = min(best, timed_run(code, streams[n], world, model, method, out))
             per_edit = {}
@@ -118,8 +127,10 @@ def main() -> None:
                 print(f"{method:8s} {name[:12]:>12s} {seconds[name, short]:12.1f} {seconds[name, long]:12.1f} "
                       f"{per_edit[name]:8.1f}", flush=True)
             this, before = (work / f"{method}-{long}-{code.name}-0" for code in codes.values())
+            worst, one_sided = largest_difference(this, before)
             print(f"{method:8s} {'speed-up':>12s} {per_edit[args.baseline] / per_edit['this code']:37.2f}x; "
-                  f"largest metric difference between the two {long}-edit summaries: {largest_difference(this, before):.2e}")
+                  f"largest metric difference between the two {long}-edit summaries: {worst:.2e}"
+                  + (f" (on one side only: {', '.join(one_sided)})" if one_sided else ""))
     finally:  # the run folders stay in `work` for a look; the worktree is unregistered from the repository
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(codes[args.baseline])],
                        check=False, capture_output=True)

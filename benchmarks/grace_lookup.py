@@ -1,9 +1,9 @@
 """GRACE codebook lookup latency at 10^3, 10^4, 10^5 entries (p50/p99 per lookup, recall@1 vs exact).
 
 A lookup is what GRACE's hook does once per forward: the keys of one scoring batch (16 rows,
-`LVLM.score`'s default batch) searched in the codebook's `VectorMemory` (L2; flat below 50,000
-entries, IVF above: `GraceConfig().memory`), then each nearest entry's radius checked
-(`Codebook.hits`). Keys have the dimension of the default model's GRACE layer (the input of
+`LVLM.score`'s default batch) searched in the codebook's `VectorMemory` (L2; flat below
+`exact_below` entries, 10,000 by default, IVF from there: `GraceConfig().memory`), then each
+nearest entry's radius checked (`Codebook.hits`). Keys have the dimension of the default model's GRACE layer (the input of
 decoder block 2's MLP down projection: 256) and the scale measured there on the default world:
 norms about 34, an edit's text rephrase about 13 away, other questions 35-60 away. They are
 synthetic, drawn around N/100 cluster centres (a question template asked of many creatures);

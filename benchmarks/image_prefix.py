@@ -115,18 +115,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="editwatch-prefix-"))
-    world = write_world(WorldConfig(), work / "w", progress=False)
-    images = [Image.open(p).convert("RGB") for p in sorted((world / "images").glob("*.png"))[: 4 * args.records]]
-    print(f"{'model':24s} {'image tokens':>12s} {'shared ms':>10s} {'whole ms':>10s} {'speed-up':>9s} "
-          f"{'shared tokens':>14s} {'whole tokens':>13s} {'max |dlogp|':>12s}")
-    for name, folder in (("default (shipped)", SHIPPED), ("576-token tower", llava15_shaped(work / "llava15"))):
-        lvlm = LVLM.load(folder)
-        result = measure(lvlm, records(images, args.records), args.repeats)
-        shared, whole = result["shared"], result["whole"]
-        print(f"{name:24s} {lvlm.model.config.image_seq_length:12d} {shared['ms']:10.1f} {whole['ms']:10.1f} "
-              f"{whole['ms'] / shared['ms']:8.2f}x {shared['tokens']:14.0f} {whole['tokens']:13.0f} "
-              f"{result['difference']['logprob']:12.1e}", flush=True)
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        world = write_world(WorldConfig(), work / "w", progress=False)
+        images = [Image.open(p).convert("RGB") for p in sorted((world / "images").glob("*.png"))[: 4 * args.records]]
+        print(f"{'model':24s} {'image tokens':>12s} {'shared ms':>10s} {'whole ms':>10s} {'speed-up':>9s} "
+              f"{'shared tokens':>14s} {'whole tokens':>13s} {'max |dlogp|':>12s}")
+        for name, folder in (("default (shipped)", SHIPPED), ("576-token tower", llava15_shaped(work / "llava15"))):
+            lvlm = LVLM.load(folder)
+            result = measure(lvlm, records(images, args.records), args.repeats)
+            shared, whole = result["shared"], result["whole"]
+            print(f"{name:24s} {lvlm.model.config.image_seq_length:12d} {shared['ms']:10.1f} {whole['ms']:10.1f} "
+                  f"{whole['ms'] / shared['ms']:8.2f}x {shared['tokens']:14.0f} {whole['tokens']:13.0f} "
+                  f"{result['difference']['logprob']:12.1e}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@ memory editor asked for (default: every registered editor that declares a memory
 with gap 10, a probe round every `--probe-every` edits and no MLflow. Each round reports, against
 the memory size at that point: retention (reliability of a random sample of the stored edits,
 re-asked), reference agreement (locality on the fixed reference set), retrieval recall@1 and
-false-hit rate, the memory search latency and edits/s since the previous round, and gap-10
-reliability / I-Gen / T-Loc / I-Loc over the edits measured since the previous round. It writes
-`memory_growth.png` (all of them but I-Gen against memory size) and prints the table at 10^3 /
-10^4 / 10^5 (the rounds nearest those sizes) with each run's peak RSS. The world is written once
+false-hit rate, the memory search p50 over the run so far (the upper bound of its latency
+histogram's bucket: steps of 2.5x, so a coarse and cumulative figure), edits/s since the previous
+round, and gap-10 reliability / I-Gen / T-Loc / I-Loc over the edits measured since the previous
+round. It writes `memory_growth.png` (all of them but I-Gen against memory size) and prints the
+table at 10^3 / 10^4 / 10^5 (the rounds nearest those sizes) with the process's peak RSS after
+each run (a maximum since the process started: the world's writing included, and with several
+methods, every run before; run one method a process for each its own). The world is written once
 into `OUT/world-N` and kept beside the runs. `--report RUN...` prints and plots finished run
 folders (e.g. `memory_growth/serac`) instead.
 """
@@ -41,13 +44,13 @@ SERIES = {  # rounds.jsonl key -> plot title
     "ref_agreement": "reference agreement (locality)",
     "retrieval_recall_at_1": "retrieval recall@1",
     "retrieval_false_hit_rate": "retrieval false-hit rate",
-    "memory_search_seconds_p50": "memory search p50, s",
+    "memory_search_seconds_p50": "memory search p50 so far (bucket bound), s",
     "edits_per_second": "edits/s",
 }
 
 
 def run(method: str, world: Path, edits: int, probe_every: int, out: Path) -> tuple[list[dict], float, float]:
-    """Rounds of one long run, its wall seconds and the process's peak RSS (GiB) after it."""
+    """Rounds of one long run, its wall seconds and the process's peak RSS (GiB) so far, after it."""
     config = RunConfig(stream=str(world / "eval.jsonl"), images=world / "images", method=method, gap=[10],
                        probe_every=probe_every, checkpoint_every=probe_every, out=out, train=world / "train.jsonl",
                        no_mlflow=True)
@@ -124,7 +127,8 @@ def main() -> None:
         for method in args.methods:
             rounds, seconds, rss = run(method, world, args.edits, args.probe_every, args.out / method)
             report(method, rounds, sizes, axes)
-            print(f"{method:6s} {len(rounds)} rounds, {seconds / 60:.1f} min, peak RSS {rss:.2f} GiB", flush=True)
+            print(f"{method:6s} {len(rounds)} rounds, {seconds / 60:.1f} min, process peak RSS so far "
+                  f"{rss:.2f} GiB", flush=True)
     axes.flat[0].legend()
     figure.tight_layout()
     figure.savefig(args.out / "memory_growth.png", dpi=110)

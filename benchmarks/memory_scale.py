@@ -1,8 +1,8 @@
 """Vector memory at scale: add throughput, single-query latency, recall@1 vs exact, RSS, brute force.
 
-For each N it builds a `VectorMemory` with its default config (flat below 50k entries, IVF past
-it, rebuilt in the background as it grows), adds N keys in batches (timing includes every index
-rebuild: the clock stops after `wait()`), then times single queries one at a time and compares
+For each N it builds a `VectorMemory` with its default config (flat below 10,000 entries, IVF
+from there, rebuilt in the background as it grows), adds N keys in batches (timing includes
+every index rebuild: the clock stops after `wait()`), then times single queries one at a time and compares
 their top-1 with exact search. The brute-force baseline is what the reference implementations
 do: one torch matmul of the query against every key, then top-k, timed in the same run.
 
