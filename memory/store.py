@@ -6,8 +6,8 @@ indexes are not safe under concurrent mutation). When the size crosses a plan bo
 searches keep using the old index meanwhile, changes made during the build are logged and
 replayed onto the new one, and only the last small batch of them holds the lock at the swap.
 A rebuild that fails (in the background or not) keeps the old index; its error is raised by
-`wait()` or by the next add or remove before that changes anything, never by the change that
-started it, which is done: so a caller's bookkeeping of what the memory holds stays true.
+`wait()` or by the next add before that changes anything, never by the change that started it,
+which is done, nor by a remove: so a caller's bookkeeping of what the memory holds stays true.
 """
 
 from __future__ import annotations
@@ -148,8 +148,12 @@ class VectorMemory:
         return new_ids
 
     def remove(self, ids: Iterable[int]) -> int:
-        """Delete entries by id; unknown ids are ignored. Returns how many were removed."""
-        self._raise_rebuild_error()
+        """Delete entries by id; unknown ids are ignored. Returns how many were removed.
+
+        A failed rebuild's error is left to the next add or `wait()`: removing from the index in use is sound, and
+        a caller that adds and then removes in one step (a fact edited again, an edit rolled back) must not be
+        stopped halfway.
+        """
         wanted = np.unique(np.asarray(list(ids), dtype=np.int64))
         with self._lock.write():
             present = np.array([i for i in wanted.tolist() if i in self._ids], dtype=np.int64)

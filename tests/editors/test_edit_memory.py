@@ -67,6 +67,29 @@ def test_score_counts_its_routing_and_retrieve_does_not(method):
     assert editor.retrieval_stats()["memory_hits"] == hits  # counters run across reset
 
 
+def test_a_fact_edited_again_as_a_rebuild_fails_leaves_every_stored_key_owned(monkeypatch):
+    # The new entry's add reaches exact_below: the rebuild fails in the caller's thread; the older entry's removal
+    # must still happen, or its key stays stored with no edit to return (a KeyError at the next search).
+    from memory import store
+
+    config = KeyConfig(memory=MemoryConfig(exact_below=12, background=False))
+    edits = EditMemory.for_model(tiny_llava(seed=1), config)
+    for i, (prompt, target) in enumerate(FACTS[:11]):
+        edits.add(EditRequest(prompt, target, key=str(i)))
+
+    def broken(*args, **kwargs):
+        raise MemoryError("no room for the new index")
+
+    monkeypatch.setattr(store, "build", broken)
+    entry, replaced = edits.add(EditRequest(FACTS[0][0], "Lyon", key="lyon"))
+    assert replaced.key == "0" and set(edits.memory.ids().tolist()) == set(edits.edits) and len(edits.edits) == 11
+    queries = [Query(prompt, target) for prompt, target in FACTS[:11]]
+    assert [found[0].key for found in edits.nearest(queries, k=1)[1]] == ["lyon", *map(str, range(1, 11))]
+    with pytest.raises(RuntimeError, match="rebuild of the memory index failed"):  # the next edit, before changing
+        edits.add(EditRequest(FACTS[11][0], FACTS[11][1], key="11"))
+    assert set(edits.memory.ids().tolist()) == set(edits.edits) and len(edits.edits) == 11
+
+
 @pytest.mark.parametrize("method", ["ike", "serac"])
 def test_an_edit_of_a_fact_held_replaces_it_and_retract_deletes_one(method):
     editor = create_editor(method, tiny_llava(seed=1), {"threshold": 0.99} if method == "serac" else {})
