@@ -264,7 +264,6 @@ def _simulate(config: RunConfig, out: Path, checkpoint: Checkpoint | None, sinks
     else:
         for file_name in files.sizes():
             files.path(file_name).unlink(missing_ok=True)
-    files.path(SUMMARY).unlink(missing_ok=True)  # an earlier end's: this run ends again, and writes its own then
     write_text_atomically(out / CONFIG, given.model_dump_json(indent=2) + "\n")  # as given: what --resume compares
     stop = threading.Event()
     reader = StreamReader(config.stream, config.record_format, images, files.path(QUARANTINE), start_line,
@@ -290,6 +289,9 @@ def _simulate(config: RunConfig, out: Path, checkpoint: Checkpoint | None, sinks
 
     bar = tqdm(total=_expected_edits(config, stream_file), initial=timeline.edits_read, unit="edit", desc=name,
                disable=not progress)
+    # The summary of an earlier end goes once the run is set up and starts on its records: it ends again, and
+    # writes its own then (a start refused before this point leaves it).
+    files.path(SUMMARY).unlink(missing_ok=True)
     try:
         with stopping_on_signals(stop, "stopping after the current edit (checkpoint and summary follow); "
                                  "Ctrl-C again stops at once"):

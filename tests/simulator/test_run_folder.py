@@ -72,6 +72,18 @@ def test_resume_of_a_finished_run_changes_nothing_and_says_so(stream, small_worl
     assert "--resume has nothing to do" in caplog.text
 
 
+def test_a_resume_that_fails_to_start_keeps_the_summary_of_the_runs_end(stream, small_world, small_model, tmp_path):
+    out = tmp_path / "run"
+    first = simulate(config(stream, small_world, small_model, out, limit=4), progress=False)
+    moved = stream.rename(tmp_path / "elsewhere.jsonl")  # the stream is gone when --resume goes on past the limit
+    with pytest.raises(FileNotFoundError):
+        simulate(config(stream, small_world, small_model, out, limit=6, resume=True), progress=False)
+    assert json.loads((out / "summary.json").read_text()) == first  # the run's end, still on record
+    moved.rename(stream)
+    simulate(config(stream, small_world, small_model, out, limit=6, resume=True), progress=False)
+    assert json.loads((out / "summary.json").read_text())["edits_applied"] == 6
+
+
 def test_stale_temporaries_of_a_killed_writer_are_removed(stream, small_world, small_model, tmp_path):
     out = tmp_path / "run"
     simulate(config(stream, small_world, small_model, out, limit=2), progress=False)
