@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
-from memory.files import locked
+from memory.files import locked, write_text_atomically
 from monitor.schedule import IntervalSchedule, ScheduleError, parse_interval
 from simulator.command import ArgumentParser, CommandError, add_model_options, exporters, options
 from simulator.config import RunConfig
@@ -113,7 +113,7 @@ def _run(args: ProbeOptions, state: Path, out: Path, config: RunConfig, seconds:
             raise CommandError(str(error)) from None
         name = args.run_name or f"{run_name(config)}-probe"
         files = RunFiles(out)
-        (out / CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        write_text_atomically(out / CONFIG, json.dumps(settings, indent=2) + "\n")
         params = {"method": config.method, "model": job.editor.lvlm.name, "mode": config.mode, "gaps": job.gaps,
                   "seed": seed, "state": settings["state"], "every": args.every, "every_seconds": seconds}
         for sink in sinks:
@@ -160,7 +160,11 @@ def _check_same_job(out: Path, settings: dict[str, Any]) -> None:
     path = out / CONFIG
     if not path.is_file():
         return
-    before = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CommandError(f"{path} cannot be read ({error}): give another --out, or remove it") from None
+    before = before if isinstance(before, dict) else {}
     if (before.get("state"), before.get("seed")) != (settings["state"], settings["seed"]):
         raise CommandError(f"{out} holds the probe job of {before.get('state')} with seed {before.get('seed')}; "
                            f"give another --out to probe {settings['state']} with seed {settings['seed']}")

@@ -1,5 +1,6 @@
 """`simulate probe`: the run's own probe rounds on a 2-second schedule, into Pushgateway and MLflow."""
 
+import contextlib
 import json
 import os
 import signal
@@ -101,6 +102,21 @@ def test_a_restarted_probe_job_numbers_its_rounds_on(run_state, tmp_path):
     assert [row["round"] for row in rows(tmp_path / "probes" / "rounds.jsonl")] == [1, 2]
 
 
+@contextlib.contextmanager
+def deadline(seconds):
+    """Fail, rather than hang, if the block runs longer than `seconds` (a job that never stops)."""
+    def expired(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_a_failing_round_stops_the_job_with_its_reason(run_state, tmp_path, capsys, monkeypatch):
     # APScheduler logs a job's exception and keeps the schedule: the job never ended and never said it failed.
     from simulator.probing import ProbeJob
@@ -110,8 +126,9 @@ def test_a_failing_round_stops_the_job_with_its_reason(run_state, tmp_path, caps
 
     monkeypatch.setattr(ProbeJob, "round", broken)
     out = tmp_path / "probes"
-    assert main(["probe", "--state", str(run_state), "--every", "1s", "--rounds", "2", "--out", str(out),
-                 "--no-mlflow"]) == 2
+    with deadline(120):
+        assert main(["probe", "--state", str(run_state), "--every", "1s", "--rounds", "2", "--out", str(out),
+                     "--no-mlflow"]) == 2
     error = capsys.readouterr().err
     assert "probe job stopped after 0 rounds: FileNotFoundError: images/c1-0.png" in error
     assert not (out / "summary.json").exists()
@@ -121,10 +138,14 @@ def test_a_second_job_in_the_folder_or_another_runs_job_there_is_refused(run_sta
     from memory.files import locked
 
     out = tmp_path / "probes"
-    with locked(out):  # a job of this folder is running
+    with locked(out), deadline(120):  # a job of this folder is running
         assert main(["probe", "--state", str(run_state), "--every", "1s", "--out", str(out), "--no-mlflow"]) == 2
     assert f"{out} is in use by another process" in capsys.readouterr().err
-    (out / "config.json").write_text(json.dumps({"state": "/runs/other", "seed": 3}))
+    (out / "config.json").write_text("{")  # a job killed while writing it, before writes were atomic
     assert main(["probe", "--state", str(run_state), "--every", "1s", "--out", str(out), "--no-mlflow"]) == 2
+    assert f"{out / 'config.json'} cannot be read" in capsys.readouterr().err
+    (out / "config.json").write_text(json.dumps({"state": "/runs/other", "seed": 3}))
+    with deadline(120):
+        assert main(["probe", "--state", str(run_state), "--every", "1s", "--out", str(out), "--no-mlflow"]) == 2
     assert (f"{out} holds the probe job of /runs/other with seed 3; give another --out to probe "
             f"{run_state.resolve()} with seed 3") in capsys.readouterr().err
