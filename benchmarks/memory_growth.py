@@ -8,10 +8,10 @@ memory editor asked for (default: every registered editor that declares a memory
 with gap 10, a probe round every `--probe-every` edits and no MLflow. Each round reports, against
 the memory size at that point: retention (reliability of a random sample of the stored edits,
 re-asked), reference agreement (locality on the fixed reference set), retrieval recall@1 and
-false-hit rate, the memory search p50 over the run so far (the upper bound of its latency
-histogram's bucket: steps of 2.5x, so a coarse and cumulative figure), edits/s since the previous
-round, and gap-10 reliability / I-Gen / T-Loc / I-Loc over the edits measured since the previous
-round. It writes `memory_growth.png` (all of them but I-Gen against memory size) and prints the
+false-hit rate, the round's retrieval latency per query (`retrieval_latency_seconds`: keys and
+search of the round's retrieval probe; the summary's `memory_search_seconds_p50` is a coarser
+figure, the bucket bound of a histogram over the whole run), edits/s since the previous round,
+and gap-10 reliability / I-Gen / T-Loc / I-Loc over the edits measured since the previous round. It writes `memory_growth.png` (all of them but I-Gen against memory size) and prints the
 table at 10^3 / 10^4 / 10^5 (the rounds nearest those sizes) with the process's peak RSS after
 each run (a maximum since the process started: the world's writing included, and with several
 methods, every run before; run one method a process for each its own). The world is written once
@@ -44,7 +44,7 @@ SERIES = {  # rounds.jsonl key -> plot title
     "ref_agreement": "reference agreement (locality)",
     "retrieval_recall_at_1": "retrieval recall@1",
     "retrieval_false_hit_rate": "retrieval false-hit rate",
-    "memory_search_seconds_p50": "memory search p50 so far (bucket bound), s",
+    "retrieval_latency_seconds": "retrieval latency per query (the round's probe), s",
     "edits_per_second": "edits/s",
 }
 
