@@ -64,7 +64,7 @@ def test_two_scheduled_rounds_reach_both_exporters_and_sigterm_stops_cleanly(run
     with sqlite3.connect(out / "jobs.sqlite") as db:
         assert db.execute("select id from apscheduler_jobs").fetchall() == [("probe",)]
 
-    labels = {"job": "editwatch-probe", "instance": "", "run": "run-probe", "method": "ft-llm",
+    labels = {"job": "editwatch-probe", "instance": str(out.resolve()), "run": "run-probe", "method": "ft-llm",
               "model": Path(json.loads((run_state / "config.json").read_text())["model"]).name}  # short label
     pushed = {(s.name, s.labels.get("metric")): s for f in text_string_to_metric_families(
         get(f"{pushgateway}/metrics").decode()) for s in f.samples if s.labels.get("job") == "editwatch-probe"}
