@@ -96,7 +96,7 @@ def _run(args: ProbeOptions, state: Path, out: Path, config: RunConfig, seconds:
     """Restore the run, announce the probe job to the exporters, probe on schedule, then summarise.
 
     The job holds its folder's lock: a second job there would take over the first one's schedule and interleave
-    their rounds. A round that fails stops the job with the reason (the exporters mark it failed); a checkpoint
+    their rounds. A round that fails stops the job with the reason (Prometheus marks it failed); a checkpoint
     that cannot be read (the run replacing it) only skips the round, up to `SKIPPED_ROUNDS` in a row.
     """
     from simulator.checkpoint import CheckpointError
