@@ -168,8 +168,8 @@ class AlarmLog:
     def merged(self, other: AlarmLog) -> AlarmLog:
         """Each alarm as first raised by either log (the earlier one when both raised it)."""
         def first(mine: dict[str, Any], theirs: dict[str, Any], flag: str) -> dict[str, Any]:
-            raised = [log for log in (mine, theirs) if log[flag]]
-            return dict(min(raised, key=lambda log: log["first_at"]) if raised else mine)
+            raised = [alarm for alarm in (mine, theirs) if alarm[flag]]
+            return dict(min(raised, key=lambda alarm: alarm["first_at"]) if raised else mine)
 
         return AlarmLog(first(self.collapse, other.collapse, "raised"),
                         first(self.forgetting, other.forgetting, "detected"))
