@@ -44,6 +44,12 @@ class ProbeJob:
         if not (current_folder(state / FOLDER) / META).is_file():
             raise ProbeError(f"{state} has no checkpoint yet: a run writes one every --checkpoint-every edits and "
                              "at its end")
+        # The run's paths are as it was given them: relative ones name files from the folder it ran in.
+        missing = [f"--{name} {value}" for name, value in (("stream", config.stream), ("images", config.images))
+                   if value not in (None, "-") and not Path(value).is_absolute() and not Path(value).exists()]
+        if missing:
+            raise ProbeError(f"the run's {' and '.join(missing)} cannot be found from {Path.cwd()}: they are relative "
+                             "to the folder the run ran in; start `simulate probe` from there")
         self.state = state
         self.seed = seed
         self.sinks = sinks

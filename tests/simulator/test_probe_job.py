@@ -149,3 +149,19 @@ def test_a_second_job_in_the_folder_or_another_runs_job_there_is_refused(run_sta
         assert main(["probe", "--state", str(run_state), "--every", "1s", "--out", str(out), "--no-mlflow"]) == 2
     assert (f"{out} holds the probe job of /runs/other with seed 3; give another --out to probe "
             f"{run_state.resolve()} with seed 3") in capsys.readouterr().err
+
+
+def test_a_run_given_relative_paths_is_probed_from_its_folder_or_refused_in_one_line(run_state, tmp_path,
+                                                                                   monkeypatch):
+    # Resolved from another folder, the stream was not found: the images hint named a flag probe does not have,
+    # and the default model fell back to the embedded one without the world's manifest.
+    from simulator.probing import ProbeError, ProbeJob
+
+    config = RunConfig.model_validate_json((run_state / "config.json").read_text())
+    stream = Path(config.stream)
+    relative = config.model_copy(update={"stream": f"{stream.parent.name}/{stream.name}", "images": None})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ProbeError, match=f"the run's --stream {relative.stream} cannot be found from {tmp_path}"):
+        ProbeJob(run_state, tmp_path / "probes", relative, 0, [])
+    monkeypatch.chdir(stream.parent.parent)  # where the run ran
+    assert ProbeJob(run_state, tmp_path / "probes", relative, 0, []).round()["edits_applied"] == 12
