@@ -31,7 +31,7 @@ from transformers import AutoConfig, LlavaForConditionalGeneration
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from editors import LVLM, Query  # noqa: E402
+from editors import LVLM, Query, adapter  # noqa: E402
 from simulator.world.default import SHIPPED  # noqa: E402
 from simulator.world.export import write_world  # noqa: E402
 from simulator.world.graph import WorldConfig  # noqa: E402
@@ -75,18 +75,19 @@ def measure(lvlm: LVLM, batches: list[list[Query]], repeats: int) -> dict[str, d
     family = type(lvlm.family)
     declared = family.shares_image_prefix
     tokens = {"shared": 0, "whole": 0}
-    forward, compute = lvlm._forward, lvlm._compute_prefixes
+    score_batch, layout = lvlm._score_batch, adapter.pack_layout
     mode, counting = "shared", False
 
-    def counted_forward(batch, *args, **kwargs):
+    def counted_batch(batch, *args, **kwargs):  # rows run whole, right-padded
         tokens[mode] += counting * batch.inputs["input_ids"].numel()
-        return forward(batch, *args, **kwargs)
+        return score_batch(batch, *args, **kwargs)
 
-    def counted_prefixes(keys, *args, **kwargs):
-        tokens[mode] += counting * sum(len(ids) for _, ids in keys)
-        return compute(keys, *args, **kwargs)
+    def counted_layout(*args, **kwargs):  # packs, new prefixes inline
+        out = layout(*args, **kwargs)
+        tokens[mode] += counting * out.input_ids.numel()
+        return out
 
-    lvlm._forward, lvlm._compute_prefixes = counted_forward, counted_prefixes
+    lvlm._score_batch, adapter.pack_layout = counted_batch, counted_layout
     best = {"shared": [float("inf")] * len(batches), "whole": [float("inf")] * len(batches)}
     scores = {}
     try:
@@ -101,7 +102,7 @@ def measure(lvlm: LVLM, batches: list[list[Query]], repeats: int) -> dict[str, d
                         best[mode][i] = min(best[mode][i], time.process_time() - start)
     finally:
         family.shares_image_prefix = declared
-        lvlm._forward, lvlm._compute_prefixes = forward, compute
+        lvlm._score_batch, adapter.pack_layout = score_batch, layout
     worst = max(float((a.target_logprobs - b.target_logprobs).abs().max())
                 for i in range(len(batches)) for a, b in zip(scores["shared", i], scores["whole", i]))
     return {mode: {"ms": 1000 * sum(best[mode]) / len(batches), "tokens": tokens[mode] / len(batches)}

@@ -23,11 +23,11 @@ from editors.prefixes import (
     PREFIX_CACHE_BYTES,
     KeysValues,
     PrefixKey,
-    Prefixes,
     bytes_per_token,
+    pack_layout,
+    plan_packs,
     prefix_cache,
     shared_prefixes,
-    stack,
     suffix,
     within_window,
 )
@@ -298,11 +298,11 @@ class LVLM:
         queries it already holds are not run again (see `ScoreMemo` for when that is sound).
 
         On families that `shares_image_prefix`, rows showing the same image after the same tokens
-        (or whose prefix the memo holds) share a forward of that prefix: its keys and values are
-        computed (again only if the cache had to drop them) and each row runs only its own tokens
-        after the image. A call runs every row whole on a hooked model, for `sequence_top_k`, when
-        a row reaches the decoder's sliding window, or when the cache's bound fits fewer than two
-        rows' prefixes a batch.
+        (or whose prefix the memo holds) share that prefix and run only their own tokens after
+        it, packed side by side without padding (`editors.prefixes`); a prefix is computed once,
+        in the pack ahead of its rows, unless the cache holds it. A call runs every row whole,
+        right-padded, on a hooked model, for `sequence_top_k`, when a row reaches the decoder's
+        sliding window, or when the cache's bound fits fewer than two prefixes a forward.
         """
         if gather is not None and len(gather) != len(queries):
             raise ValueError(f"gather has {len(gather)} entries for {len(queries)} queries")
@@ -329,42 +329,84 @@ class LVLM:
         else:
             groups = image_index_groups([queries[i] for i in todo])
         cache = prefix_cache() if memo is None else memo.prefixes
-        shared, batch_size = self._plan_prefixes(encoded, cache, batch_size, sequence_top_k)
+        shared, column_budget = self._plan_prefixes(encoded, cache, sequence_top_k)
+        scored: Iterable[tuple[list[int], list[SpanScore]]]
         if shared:
-            self._compute_prefixes([k for k in dict.fromkeys(shared.values()) if k not in cache], encoded, cache,
-                                   batch_size, hold=False)
-        # A row whose prefix is shared runs from where its prefix ends.
-        items = {i: suffix(e, len(shared[i][1])) if i in shared else e for i, e in encoded.items()}
-        for group in groups:
-            rows = sorted((todo[j] for j in group), key=lambda i: len(items[i].input_ids))
-            for chunk in padded_batches(rows, [len(items[i].input_ids) for i in rows], batch_size):
-                batch = self.inputs.collate([items[i] for i in chunk], self.dtype, self.device)
-                prefixes = None
-                if any(i in shared for i in chunk):
-                    prefixes = self._prefix_batch([shared.get(i) for i in chunk], encoded, cache, batch_size)
-                gathered = None if gather is None else [gather[i] for i in chunk]
-                for i, score in zip(chunk, self._score_batch(batch, top_k, gathered, sequence_top_k, prefixes)):
-                    results[i] = score
-                    if memo is not None:
-                        memo.put(keys[i], score, top_k, wanted[i])
+            scored = self._score_packed(todo, encoded, shared, cache, batch_size, column_budget, top_k, wanted)
+        else:
+            scored = self._score_padded(groups, todo, encoded, batch_size, top_k, wanted, sequence_top_k)
+        for chunk, scores in scored:
+            for i, score in zip(chunk, scores):
+                results[i] = score
+                if memo is not None:
+                    memo.put(keys[i], score, top_k, wanted[i])
         return results  # type: ignore[return-value]
 
-    def _plan_prefixes(self, encoded: dict[int, Encoded], cache: LRUCache[KeysValues], batch_size: int,
-                       sequence_top_k: int) -> tuple[dict[int, PrefixKey], int]:
-        """The rows of a call that continue a shared prefix (row -> its key), and the batch size that leaves them."""
+    def _score_padded(self, groups: list[list[int]], todo: list[int], encoded: dict[int, Encoded], batch_size: int,
+                      top_k: int, gather: list[torch.Tensor | None], sequence_top_k: int
+                      ) -> Iterator[tuple[list[int], list[SpanScore]]]:
+        """Each group's rows whole, right-padded in batches cut where padding would cost more than a forward."""
+        for group in groups:
+            rows = sorted((todo[j] for j in group), key=lambda i: len(encoded[i].input_ids))
+            for chunk in padded_batches(rows, [len(encoded[i].input_ids) for i in rows], batch_size):
+                batch = self.inputs.collate([encoded[i] for i in chunk], self.dtype, self.device)
+                yield chunk, self._score_batch(batch, top_k, [gather[i] for i in chunk], sequence_top_k)
+
+    def _score_packed(self, rows: list[int], encoded: dict[int, Encoded], shared: dict[int, PrefixKey],
+                      cache: LRUCache[KeysValues], batch_size: int, column_budget: int, top_k: int,
+                      gather: list[torch.Tensor | None]) -> Iterator[tuple[list[int], list[SpanScore]]]:
+        """The rows in packs (`editors.prefixes`): a shared prefix the cache holds is handed on as keys and values, a
+        new one computed in the pack ahead of its rows and put in the cache."""
+        # A row whose prefix is shared runs from where its prefix ends.
+        items = {i: suffix(e, len(shared[i][1])) if i in shared else e for i, e in encoded.items()}
+        pixels = {e.image: e.pixels for e in encoded.values() if e.image is not None}
+        # Held for the whole call: a forward's new prefixes may push out of the cache those a later forward needs.
+        values = {key: value for key in dict.fromkeys(shared.values()) if (value := cache.get(key)) is not None}
+        for packs in plan_packs(rows, items, shared, set(values), batch_size, column_budget):
+            layout = pack_layout(packs, items, values, self.inputs.pad_id, self.device)
+            with torch.inference_mode():
+                inputs: dict[str, Any] = {
+                    "input_ids": layout.input_ids, "position_ids": layout.position_ids,
+                    "attention_mask": torch.zeros(layout.allowed.shape, dtype=self.dtype, device=self.device)
+                    .masked_fill_(~layout.allowed, torch.finfo(self.dtype).min)}
+                if layout.images:
+                    features = self._image_features([(digest, pixels[digest]) for digest in layout.images])
+                    inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+                if layout.layers is not None or layout.computed:
+                    # Every key kept, also where a layer's sliding window would not: the mask says what is seen.
+                    inputs["cache"] = DynamicCache(layout.layers) if layout.layers is not None else DynamicCache()
+                out = self.model(**inputs, logits_to_keep=layout.keep, use_cache="cache" in inputs)
+                columns = 0 if layout.layers is None else layout.layers[0][0].shape[2]
+                for key, pack, offset in layout.computed:
+                    at = slice(columns + offset, columns + offset + len(key[1]))
+                    cache.put(key, [(layer.keys[pack : pack + 1, :, at].clone(),
+                                     layer.values[pack : pack + 1, :, at].clone()) for layer in out.cache.layers])
+                span = out.logits[layout.pack[:, None], layout.slots]
+            yield layout.rows, self._span_scores(span, layout.targets, layout.mask, top_k,
+                                                 [gather[i] for i in layout.rows])
+
+    def _plan_prefixes(self, encoded: dict[int, Encoded], cache: LRUCache[KeysValues], sequence_top_k: int
+                       ) -> tuple[dict[int, PrefixKey], int]:
+        """The rows of a call that continue a shared prefix (row -> its key), and how many cached prefix tokens a
+        forward may hold."""
         if not (self.family.shares_image_features and self.family.shares_image_prefix and not sequence_top_k
                 and encoded and within_window(self.model.config, max(len(e.input_ids) for e in encoded.values()))
-                and not self._hooked()):
-            return {}, batch_size
+                and self._takes_dense_masks() and not self._hooked()):
+            return {}, 0
         shared = shared_prefixes(encoded, self.inputs.image_token_id, cache)
         if not shared:
-            return {}, batch_size
-        # A batch holds its rows' prefixes side by side, every layer at once, and the decoder's cache copies them once
-        # more: half the cache's bound for them keeps a batch's prefixes within it. Where that leaves fewer than two
-        # rows a batch, many small forwards would cost more than running rows whole.
+            return {}, 0
+        # A forward holds its packs' cached prefixes side by side, every layer at once, and the decoder's cache copies
+        # them once more: half the cache's bound for them keeps a forward's prefixes within it. Where that leaves
+        # fewer than two prefixes a forward, many small forwards would cost more than running rows whole.
         longest = max(len(ids) for _, ids in shared.values())
-        per_batch = cache.max_cost // 2 // (longest * bytes_per_token(self.model.config, self.dtype))
-        return (shared, min(batch_size, per_batch)) if per_batch >= 2 else ({}, batch_size)
+        budget = cache.max_cost // 2 // bytes_per_token(self.model.config, self.dtype)
+        return (shared, budget) if budget >= 2 * longest else ({}, 0)
+
+    def _takes_dense_masks(self) -> bool:
+        """Whether the decoder's attention takes an arbitrary mask, as packs need (flash attention takes none)."""
+        text = self.model.config.get_text_config(decoder=True)
+        return getattr(text, "_attn_implementation", None) in (None, "sdpa", "eager")
 
     def _hooked(self) -> bool:
         """Whether a module of the model has a forward hook that may change what it computes: an editor that rewrites
@@ -373,46 +415,8 @@ class LVLM:
         return any(hook.__module__ != RECORDING_HOOKS for m in self.model.modules()
                    for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
 
-    def _compute_prefixes(self, keys: list[PrefixKey], encoded: dict[int, Encoded], cache: LRUCache[KeysValues],
-                          batch_size: int, hold: bool) -> dict[PrefixKey, KeysValues]:
-        """Decoder keys and values of each prefix in `keys`, batched among prefixes of one length, put in `cache`;
-        returned too when `hold` (else only the cache keeps them, within its bound)."""
-        pixels = {e.image: e.pixels for e in encoded.values() if e.image is not None}
-        by_length: dict[int, list[PrefixKey]] = {}
-        for key in keys:
-            by_length.setdefault(len(key[1]), []).append(key)
-        computed = {}
-        with torch.inference_mode():
-            for same in by_length.values():
-                for start in range(0, len(same), batch_size):
-                    chunk = same[start : start + batch_size]
-                    features = self._image_features([(digest, pixels[digest]) for digest, _ in chunk])
-                    ids = torch.tensor([ids for _, ids in chunk], device=self.device)
-                    # A cache without the config keeps every key, also where a layer's sliding window would not.
-                    out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), cache=DynamicCache(),
-                                     use_cache=True, logits_to_keep=1, mm_encoder_outputs={
-                                         "image": BaseModelOutputWithPooling(pooler_output=features)})
-                    layers = [(layer.keys, layer.values) for layer in out.cache.layers]
-                    for row, key in enumerate(chunk):
-                        value = [(k[row : row + 1].clone(), v[row : row + 1].clone()) for k, v in layers]
-                        cache.put(key, value)
-                        if hold:
-                            computed[key] = value
-        return computed
-
-    def _prefix_batch(self, keys: list[PrefixKey | None], encoded: dict[int, Encoded], cache: LRUCache[KeysValues],
-                      batch_size: int) -> Prefixes:
-        """The prefixes of a batch's rows (None: the row has none) as one decoder cache; any the cache no longer
-        holds are computed again."""
-        held = {key: cache.get(key) for key in keys if key is not None}
-        missing = [key for key, value in held.items() if value is None]
-        if missing:
-            held.update(self._compute_prefixes(missing, encoded, cache, batch_size, hold=True))
-        return stack(keys, held, self.device)
-
     def _score_batch(
-        self, batch: Batch, top_k: int, gather: list[torch.Tensor | None] | None, sequence_top_k: int,
-        prefixes: Prefixes | None = None,
+        self, batch: Batch, top_k: int, gather: list[torch.Tensor | None] | None, sequence_top_k: int
     ) -> list[SpanScore]:
         # Inference mode skips autograd's bookkeeping (a sixth of a small model's forward). The scores below are
         # computed from its logits outside it, so they are ordinary tensors that a training loss may use.
@@ -422,17 +426,27 @@ class LVLM:
                 full = self._forward(batch, None, features)  # (B, L, V)
                 span = torch.take_along_dim(full, batch.positions[..., None], dim=1)
             else:
-                span = self._forward(batch, batch.positions, features, prefixes)  # (B, T, V)
+                span = self._forward(batch, batch.positions, features)  # (B, T, V)
+        scores = self._span_scores(span, batch.targets, batch.mask, top_k, gather)
+        if sequence_top_k:
+            for row, score in enumerate(scores):
+                n, k = batch.lengths[row], min(sequence_top_k, full.shape[-1])
+                score.sequence_topk_ids = full[row, :n].topk(k, dim=-1).indices.cpu()
+        return scores
+
+    def _span_scores(self, span: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, top_k: int,
+                     gather: list[torch.Tensor | None] | None) -> list[SpanScore]:
+        """Scores of answer-span logits `span` (B, T, V) against `targets` (B, T), where `mask` holds a row's tokens."""
         logprobs = torch.log_softmax(span.float(), dim=-1)
         top = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
-        target_lp = logprobs.gather(-1, batch.targets[..., None]).squeeze(-1)
+        target_lp = logprobs.gather(-1, targets[..., None]).squeeze(-1)
         argmax = logprobs.argmax(-1)
         entropy = -(logprobs.exp() * logprobs).sum(-1)  # (B, T)
         # One copy to the host per tensor, not per row and tensor.
         targets, argmax, target_lp, top_ids, top_lp, entropy = (
-            x.cpu() for x in (batch.targets, argmax, target_lp, top.indices, top.values, entropy))
+            x.cpu() for x in (targets, argmax, target_lp, top.indices, top.values, entropy))
         out = []
-        for row, t in enumerate(batch.mask.sum(1).tolist()):
+        for row, t in enumerate(mask.sum(1).tolist()):
             score = SpanScore(
                 target_ids=targets[row, :t],
                 argmax_ids=argmax[row, :t],
@@ -444,21 +458,17 @@ class LVLM:
             if gather is not None and gather[row] is not None:
                 ids = gather[row].to(logprobs.device)
                 score.gathered_logprobs = logprobs[row, : ids.shape[0]].gather(-1, ids).cpu()
-            if sequence_top_k:
-                n, k = batch.lengths[row], min(sequence_top_k, full.shape[-1])
-                score.sequence_topk_ids = full[row, :n].topk(k, dim=-1).indices.cpu()
             out.append(score)
         return out
 
     def _batch(self, queries: Sequence[Query]) -> Batch:
         return self.inputs.collate(self.inputs.encode_many(queries), self.dtype, self.device)
 
-    def _forward(self, batch: Batch, keep: torch.Tensor | None, features: list[torch.Tensor] | None = None,
-                 prefixes: Prefixes | None = None) -> torch.Tensor:
+    def _forward(self, batch: Batch, keep: torch.Tensor | None, features: list[torch.Tensor] | None = None
+                 ) -> torch.Tensor:
         """Logits at the `keep` positions (B, T, V), or at all positions when `keep` is None.
 
         With `features` (one per image row, from `image_features`) the model gets them in place of the pixels.
-        With `prefixes` the batch's rows continue them: positions count on from each row's prefix.
         """
         module = self._text_module() if "pixel_values" not in batch.inputs else self.model
         logits_to_keep = 0 if keep is None else keep
@@ -467,12 +477,7 @@ class LVLM:
             pixels = batch.images[0][1].keys()
             inputs = {key: value for key, value in inputs.items() if key not in pixels}
             inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
-        if prefixes is not None:
-            width = inputs["input_ids"].shape[1]
-            inputs["attention_mask"] = torch.cat([prefixes.attention, inputs["attention_mask"]], dim=1)
-            inputs["position_ids"] = prefixes.lengths[:, None] + torch.arange(width, device=self.device)[None, :]
-            inputs["cache"] = DynamicCache(prefixes.layers)  # every key kept: the masks follow the config
-        return module(**inputs, logits_to_keep=logits_to_keep, use_cache=prefixes is not None).logits
+        return module(**inputs, logits_to_keep=logits_to_keep, use_cache=False).logits
 
     def image_features(self, images: Sequence[tuple[str, dict[str, torch.Tensor]]]) -> list[torch.Tensor]:
         """The family's `image_features` (N, D) of each (digest, pixels), computed one image per forward (so they

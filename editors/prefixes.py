@@ -2,13 +2,21 @@
 up to the image's last slot and run only their own tokens after it (`Family.shares_image_prefix`, `LVLM.score`).
 
 On LLaVA-1.5 the prefix is ~580 of a query's ~600 tokens, and a record asks ~16 questions about ~4 images.
+
+Such rows are scored packed: a forward holds a few packs, each one sequence of several *units* side by side, a
+unit being a prefix and the rows that continue it (or one row run whole). A prefix another call computed is
+handed to the decoder as cached keys and values; a new one is a segment of the pack, ahead of its rows, and its
+keys and values are kept for later calls. A mask lets each token see only its own row and its row's prefix, and
+position ids count on from the prefix, so a row's logits are those of the row run whole (to float rounding), with
+no padding between rows and no forward of its own for a new prefix.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from transformers import PreTrainedConfig
 
@@ -26,15 +34,6 @@ KeysValues = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: keys 
 def prefix_cache(max_bytes: int = PREFIX_CACHE_BYTES) -> LRUCache[KeysValues]:
     """An LRU cache of one prefix's keys and values per key, bounded in bytes."""
     return LRUCache(max_bytes, lambda layers: sum(t.numel() * t.element_size() for pair in layers for t in pair))
-
-
-@dataclass
-class Prefixes:
-    """The prefixes of a batch's rows as the decoder's cache: left-padded to the longest, masked where empty."""
-
-    layers: KeysValues  # per layer: keys and values (B, heads, P, head_dim)
-    attention: torch.Tensor  # (B, P) 1 on a row's own prefix slots
-    lengths: torch.Tensor  # (B,) tokens of each row's prefix (0: the row runs whole)
 
 
 def suffix(item: Encoded, start: int) -> Encoded:
@@ -73,19 +72,197 @@ def within_window(config: PreTrainedConfig, longest: int) -> bool:
     return window is None or longest < window
 
 
-def stack(keys: list[PrefixKey | None], held: dict[PrefixKey, KeysValues], device: torch.device) -> Prefixes:
-    """The prefixes of a batch's rows (None: the row has none) side by side, each ending where the row's tokens begin."""
-    lengths = [0 if key is None else len(key[1]) for key in keys]
-    width = max(lengths)
-    layers = []
-    for layer, (k, v) in enumerate(next(iter(held.values()))):
-        stacked = (k.new_zeros(len(keys), k.shape[1], width, k.shape[3]),
-                   v.new_zeros(len(keys), v.shape[1], width, v.shape[3]))
-        for row, key in enumerate(keys):
-            if key is not None:
-                for into, part in zip(stacked, held[key][layer]):
-                    into[row, :, width - lengths[row] :] = part[0]
-        layers.append(stacked)
-    counts = torch.tensor(lengths, device=device)
-    attention = (torch.arange(width, device=device)[None, :] >= width - counts[:, None]).long()
-    return Prefixes(layers, attention, counts)
+# Width a pack may reach beyond its longest unit: several short units share one sequence rather than each padded to
+# the longest. Wider packs pad less but attend over more masked columns (the mask is dense).
+PACK_TOKENS = 128
+
+
+@dataclass
+class Unit:
+    """A prefix and the rows that continue it (`key` None: one row run whole); `held` when the cache has the prefix."""
+
+    key: PrefixKey | None
+    rows: list[int]
+    held: bool
+
+    def tokens(self, items: dict[int, Encoded]) -> int:
+        """Sequence tokens the unit takes in a pack: its rows, and its prefix unless held."""
+        inline = 0 if self.key is None or self.held else len(self.key[1])
+        return inline + sum(len(items[i].input_ids) for i in self.rows)
+
+    def columns(self) -> int:
+        """Cached key columns the unit needs: its held prefix."""
+        return len(self.key[1]) if self.key is not None and self.held else 0
+
+
+def plan_packs(rows: list[int], items: dict[int, Encoded], shared: dict[int, PrefixKey], held: set[PrefixKey],
+               batch_size: int, column_budget: int) -> list[list[list[Unit]]]:
+    """`rows` as forwards of packs of units: first fit by decreasing size, packs as wide as the larger of the
+    biggest unit and `PACK_TOKENS`. A forward holds at most as many tokens as `batch_size` rows of the longest one
+    padded would, and at most `column_budget` cached prefix columns over its packs (packs are padded to the most)."""
+    by_key: dict[PrefixKey, list[int]] = {}
+    units = []
+    for i in rows:
+        if i in shared:
+            by_key.setdefault(shared[i], []).append(i)
+        else:
+            units.append(Unit(None, [i], False))
+    units += [Unit(key, members, key in held) for key, members in by_key.items()]
+    units.sort(key=lambda u: (-u.tokens(items), -u.columns()))
+    width = max(PACK_TOKENS, units[0].tokens(items))
+    packs: list[tuple[list[int], list[Unit]]] = []  # ([tokens, columns], units)
+    for unit in units:
+        size, columns = unit.tokens(items), unit.columns()
+        for used, members in packs:
+            if used[0] + size <= width and used[1] + columns <= column_budget:
+                used[0] += size
+                used[1] += columns
+                members.append(unit)
+                break
+        else:
+            packs.append(([size, columns], [unit]))
+    longest = max(len(items[i].input_ids) for i in rows)
+    per_forward = max(1, batch_size * longest // width)
+    forwards: list[list[list[Unit]]] = []
+    widest = 0
+    for (_, columns), members in packs:
+        if forwards and len(forwards[-1]) < per_forward and \
+                (len(forwards[-1]) + 1) * max(widest, columns) <= column_budget:
+            forwards[-1].append(members)
+            widest = max(widest, columns)
+        else:
+            forwards.append([members])
+            widest = columns
+    return forwards
+
+
+@dataclass
+class Layout:
+    """One forward of packs as the decoder's inputs, and where each row's answer logits come out."""
+
+    input_ids: torch.Tensor  # (P, W)
+    position_ids: torch.Tensor  # (P, W) each row counting on from its prefix
+    allowed: torch.Tensor  # (P, 1, W, C + W) True where a token may attend: cached columns, then the packs' tokens
+    layers: KeysValues | None  # per layer: cached prefix keys and values (P, heads, C, head_dim); None when C = 0
+    keep: torch.Tensor  # (P, K) positions whose logits are computed
+    rows: list[int]  # the forward's rows, in the order of the tensors below
+    pack: torch.Tensor  # (B,) each row's pack
+    slots: torch.Tensor  # (B, T) each row's answer-span logits among its pack's `keep`
+    targets: torch.Tensor  # (B, T) answer token ids (padding past a row's span)
+    mask: torch.Tensor  # (B, T) True on a row's answer tokens
+    images: list[str] = field(default_factory=list)  # digests of the images in the packs, in token order
+    computed: list[tuple[PrefixKey, int, int]] = field(default_factory=list)  # new prefixes: (key, pack, offset)
+
+
+def pack_layout(packs: list[list[Unit]], items: dict[int, Encoded], held: dict[PrefixKey, KeysValues],
+                pad_id: int, device: torch.device) -> Layout:
+    """The tensors of one forward of `packs` (from `plan_packs`); `held` has the keys and values of held prefixes."""
+    span = max(1, max(items[i].answer_len for units in packs for unit in units for i in unit.rows))
+    # Per pack, token by token (Python lists: one tensor each at the end costs far less than a write per row).
+    ids: list[list[int]] = []
+    positions: list[list[int]] = []
+    segment: list[list[int]] = []  # the token's segment (a prefix, or a row)
+    sees_segment: list[list[int]] = []  # the segment of the token's new prefix (-1: none)
+    sees_column: list[list[int]] = []  # the unit whose held prefix the token sees (-1: none)
+    column_unit: list[list[int]] = []  # per cached column, the unit whose prefix it holds
+    held_keys: list[list[PrefixKey]] = []  # per pack, its held prefixes in column order
+    rows, pack_of, slots, targets, mask, keep, images, computed = [], [], [], [], [], [], [], []
+    for p, units in enumerate(packs):
+        pack_ids, pack_positions, pack_segment, pack_sees, pack_column, pack_units = [], [], [], [], [], []
+        held_keys.append([])
+        kept: list[int] = []
+        seg = 0
+        for u, unit in enumerate(units):
+            start = 0  # where the unit's rows count on from
+            prefix_segment = column = -1
+            if unit.key is not None:
+                start = len(unit.key[1])
+                if unit.held:
+                    pack_units += [u] * start
+                    held_keys[p].append(unit.key)
+                    column = u
+                else:
+                    prefix_segment, seg = seg, seg + 1
+                    computed.append((unit.key, p, len(pack_ids)))
+                    images.append(unit.key[0])
+                    pack_ids += unit.key[1]
+                    pack_positions += range(start)
+                    pack_segment += [prefix_segment] * start
+                    pack_sees += [-1] * start
+                    pack_column += [-1] * start
+            for i in unit.rows:
+                item = items[i]
+                length, offset = len(item.input_ids), len(pack_ids)
+                pack_ids += item.input_ids
+                pack_positions += range(start, start + length)
+                pack_segment += [seg] * length
+                seg += 1
+                pack_sees += [prefix_segment] * length
+                pack_column += [column] * length
+                if item.image is not None and item.pixels is not None:
+                    images.append(item.image)
+                # The logit at position q predicts token q + 1; unused slots repeat the span's last position.
+                first = len(kept)
+                kept += [offset + item.answer_start - 1 + min(t, max(item.answer_len - 1, 0)) for t in range(span)]
+                answer = [item.input_ids[min(item.answer_start + t, length - 1)] for t in range(span)]
+                rows.append(i)
+                pack_of.append(p)
+                slots.append(list(range(first, first + span)))
+                targets.append([token if t < item.answer_len else pad_id for t, token in enumerate(answer)])
+                mask.append([t < item.answer_len for t in range(span)])
+        ids.append(pack_ids)
+        positions.append(pack_positions)
+        segment.append(pack_segment)
+        sees_segment.append(pack_sees)
+        sees_column.append(pack_column)
+        column_unit.append(pack_units)
+        keep.append(kept)
+    width = max(map(len, ids))
+    columns = max(map(len, column_unit))
+    for p in range(len(packs)):
+        pad = width - len(ids[p])
+        ids[p] += [pad_id] * pad
+        positions[p] += [0] * pad
+        segment[p] += range(width + len(segment[p]), 2 * width)  # padding: each token a segment of its own
+        sees_segment[p] += [-1] * pad
+        sees_column[p] += [-1] * pad
+        column_unit[p] += [-2] * (columns - len(column_unit[p]))
+    segments, sees_segments, sees_columns = _ints(segment), _ints(sees_segment), _ints(sees_column)
+    index = torch.arange(width)
+    own = (segments[:, :, None] == segments[:, None, :]) & (index[None, :, None] >= index[None, None, :])
+    prefix = sees_segments[:, :, None] == segments[:, None, :]
+    cached = sees_columns[:, :, None] == _ints(column_unit)[:, None, :]
+    allowed = torch.cat([cached, own | prefix], dim=2)[:, None]
+    longest = max(map(len, keep))
+    keep_ids = _ints([k + [0] * (longest - len(k)) for k in keep])
+    layers = _held_columns(held_keys, held, columns) if columns else None
+    return Layout(_ints(ids).to(device), _ints(positions).to(device), allowed.to(device), layers, keep_ids.to(device),
+                  rows, _ints(pack_of).to(device), _ints(slots).to(device), _ints(targets).to(device),
+                  torch.from_numpy(np.array(mask, dtype=bool)).to(device), images, computed)
+
+
+def _ints(rows: list) -> torch.Tensor:
+    """A long tensor of nested lists of ints: numpy reads Python lists several times faster than torch.tensor."""
+    return torch.from_numpy(np.array(rows, dtype=np.int64))
+
+
+def _held_columns(held_keys: list[list[PrefixKey]], held: dict[PrefixKey, KeysValues], columns: int) -> KeysValues:
+    """Per layer, the keys and values of each pack's held prefixes side by side (P, heads, `columns`, head_dim),
+    zero past a pack's own: every pack's prefixes and a zero column in one sequence, picked out by one index."""
+    order = [key for keys in held_keys for key in keys]
+    at, picks = 0, []
+    for keys in held_keys:
+        width = sum(len(key[1]) for key in keys)
+        picks += [*range(at, at + width), *[-1] * (columns - width)]  # -1: the zero column at the end
+        at += width
+    first = held[order[0]]
+    pick = torch.tensor(picks, device=first[0][0].device)
+    out = []
+    for layer in range(len(first)):
+        pair = []
+        for part in (0, 1):
+            parts = [held[key][layer][part] for key in order]
+            flat = torch.cat([*parts, parts[0].new_zeros(*parts[0].shape[:2], 1, parts[0].shape[3])], dim=2)[0]
+            pair.append(flat[:, pick].unflatten(1, (len(held_keys), columns)).transpose(0, 1))
+        out.append((pair[0], pair[1]))
+    return out

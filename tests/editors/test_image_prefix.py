@@ -5,11 +5,11 @@ only while the weights stand."""
 import pytest
 import torch
 
-from editors import LVLM, Query
+from editors import LVLM, Query, adapter
 from editors.adapter import SpanScore
 from editors.adapter import ScoreMemo
 from editors.inputs import Encoded
-from editors.prefixes import bytes_per_token, prefix_cache, shared_prefixes
+from editors.prefixes import Unit, bytes_per_token, pack_layout, prefix_cache, shared_prefixes
 from tests.tiny_models import BUILDERS, random_image, tiny
 
 
@@ -42,13 +42,19 @@ def _assert_same(mine: list[SpanScore], theirs: list[SpanScore]) -> None:
 
 
 def _counting(lvlm: LVLM, monkeypatch: pytest.MonkeyPatch) -> tuple[list, list]:
-    """Prefixes computed, and decoder tokens of the scoring forwards (prefixes excluded)."""
+    """Prefixes computed, and decoder tokens of each scoring forward (new prefixes in a pack included)."""
     prefixes, tokens = [], []
-    compute, forward = lvlm._compute_prefixes, lvlm._forward
-    monkeypatch.setattr(lvlm, "_compute_prefixes",
-                        lambda keys, *a, **kw: prefixes.extend(keys) or compute(keys, *a, **kw))
-    monkeypatch.setattr(lvlm, "_forward",
-                        lambda batch, *a, **kw: tokens.append(batch.inputs["input_ids"].numel()) or forward(batch, *a, **kw))
+    layout, score_batch = adapter.pack_layout, lvlm._score_batch
+
+    def packed(*args, **kwargs):
+        out = layout(*args, **kwargs)
+        prefixes.extend(key for key, _, _ in out.computed)
+        tokens.append(out.input_ids.numel())
+        return out
+
+    monkeypatch.setattr(adapter, "pack_layout", packed)
+    monkeypatch.setattr(lvlm, "_score_batch", lambda batch, *a, **kw:
+                        tokens.append(batch.inputs["input_ids"].numel()) or score_batch(batch, *a, **kw))
     return prefixes, tokens
 
 
@@ -113,17 +119,32 @@ def _prefix_bytes(lvlm: LVLM, query: Query) -> int:
     return end * bytes_per_token(lvlm.model.config, lvlm.dtype)
 
 
-def test_prefixes_the_cache_dropped_are_computed_again_for_the_batch_that_needs_them(monkeypatch):
+def test_a_prefix_the_cache_dropped_is_computed_again_in_the_pack_of_its_rows(monkeypatch):
     lvlm = tiny("llava")
     images = [random_image(50 + i) for i in range(6)]
-    queries = [Query(q, "yes", image) for image in images for q in ("is it here?", "is it there now?")]
-    memo = ScoreMemo(prefix_bytes=4 * _prefix_bytes(lvlm, queries[0]))  # four prefixes; batches of two rows
+
+    def ask(*questions: str) -> list[Query]:
+        return [Query(q, "yes", image) for image in images for q in questions]
+
+    memo = ScoreMemo(prefix_bytes=4 * _prefix_bytes(lvlm, ask("is it here?")[0]))  # four prefixes
     prefixes, tokens = _counting(lvlm, monkeypatch)
-    scores = lvlm.score(queries, memo=memo)
+    columns = []
+    layout = adapter.pack_layout
+    monkeypatch.setattr(adapter, "pack_layout", lambda packs, *a: columns.append(
+        [unit.key for units in packs for unit in units if unit.held]) or layout(packs, *a))
+    first = lvlm.score(ask("is it here?", "is it there now?"), memo=memo)
+    assert len(prefixes) == 6 and len(memo.prefixes) == 4  # each computed once, in its rows' pack
+    # The two pushed out are computed again; the four held are handed on, at most two a forward (half the cache's
+    # bound), even where an earlier forward's new prefixes push them out of the cache meanwhile.
+    later = ask("is it near?", "is it far away now?")
+    columns.clear()
+    scores = lvlm.score(later, memo=memo)
+    assert len(prefixes) == 8 and set(prefixes[6:]) < set(prefixes[:6])
+    held = [key for forward in columns for key in forward]
+    assert len(held) == 4 and set(held).isdisjoint(prefixes[6:]) and max(map(len, columns)) <= 2
     assert len(memo.prefixes) == 4
-    assert len(prefixes) > 6 and len(set(prefixes)) == 6  # up front, then again where the cache had dropped them
-    assert max(tokens) <= 2 * max(len(lvlm.inputs.encode(q).input_ids) for q in queries)  # two rows a batch
-    _assert_same(scores, _whole(lvlm, queries, monkeypatch))
+    _assert_same(first, _whole(lvlm, ask("is it here?", "is it there now?"), monkeypatch))
+    _assert_same(scores, _whole(lvlm, later, monkeypatch))
 
 
 def test_rows_run_whole_where_the_cache_fits_fewer_than_two_rows_prefixes(monkeypatch):
@@ -200,3 +221,43 @@ def test_prefix_bytes_per_token_at_published_sizes(name):
     lvlm = meta_lvlm(name)
     assert lvlm.family.shares_image_prefix
     assert bytes_per_token(lvlm.model.config, lvlm.dtype) == PUBLISHED_CACHE_BYTES[name]
+
+
+def test_a_pack_lets_each_row_see_only_itself_and_its_prefix():
+    """Two packs by hand: a new prefix inline ahead of its two rows, a row run whole, and a held prefix as columns."""
+    new, held = ("a", (1, 4, 4)), ("b", (1, 4))
+    items = {0: Encoded([7, 8, 9], 1, 2, None, None), 1: Encoded([10, 11], 1, 1, None, None),
+             2: Encoded([1, 12, 13, 14], 2, 2, None, None), 3: Encoded([15, 16], 1, 1, None, None)}
+    keys = torch.arange(4.0).reshape(1, 1, 2, 2)
+    packs = [[Unit(new, [0, 1], False), Unit(None, [2], False)], [Unit(held, [3], True)]]
+    layout = pack_layout(packs, items, {held: [(keys, -keys)]}, pad_id=0, device=torch.device("cpu"))
+    assert layout.input_ids.tolist() == [[1, 4, 4, 7, 8, 9, 10, 11, 1, 12, 13, 14], [15, 16] + [0] * 10]
+    assert layout.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 3, 4, 0, 1, 2, 3], [2, 3] + [0] * 10]
+    assert layout.computed == [(new, 0, 0)]
+    (k, v), = layout.layers
+    assert k.shape == (2, 1, 2, 2) and k[1].tolist() == keys[0].tolist() and v[1].tolist() == (-keys[0]).tolist()
+    assert not k[0].any()
+    allowed = layout.allowed[:, 0]  # (packs, W, 2 columns + W)
+    seen = {(p, q): [c for c in range(allowed.shape[2]) if allowed[p, q, c]] for p, q in
+            [(0, 0), (0, 2), (0, 3), (0, 5), (0, 6), (0, 7), (0, 8), (0, 11), (1, 0), (1, 1), (1, 5)]}
+    own = lambda *tokens: [2 + t for t in tokens]  # noqa: E731 - the pack's tokens come after the 2 columns
+    assert seen == {(0, 0): own(0), (0, 2): own(0, 1, 2), (0, 3): own(0, 1, 2, 3), (0, 5): own(0, 1, 2, 3, 4, 5),
+                    (0, 6): own(0, 1, 2, 6), (0, 7): own(0, 1, 2, 6, 7), (0, 8): own(8), (0, 11): own(8, 9, 10, 11),
+                    (1, 0): [0, 1, *own(0)], (1, 1): [0, 1, *own(0, 1)], (1, 5): own(5)}
+    # Each row's answer logits: at the position before each answer token, the last repeated past a shorter span.
+    kept = layout.keep[layout.pack[:, None], layout.slots]
+    assert layout.rows == [0, 1, 2, 3]
+    assert kept.tolist() == [[3, 4], [6, 6], [9, 10], [0, 0]]
+    assert layout.targets.tolist() == [[8, 9], [11, 0], [13, 14], [16, 0]]
+    assert layout.mask.tolist() == [[True, True], [True, False], [True, True], [True, False]]
+
+
+def test_a_decoder_on_a_flash_attention_kernel_runs_rows_whole(monkeypatch):
+    """Packs need an arbitrary attention mask, which flash-attention kernels do not take."""
+    lvlm = tiny("llava")
+    encoded = dict(enumerate(lvlm.inputs.encode_many(_queries())))
+    assert len(lvlm._plan_prefixes(encoded, prefix_cache(), 0)[0]) == 5
+    text = lvlm.model.config.get_text_config(decoder=True)
+    monkeypatch.setattr(text, "_attn_implementation_internal", "flash_attention_2")
+    assert text._attn_implementation == "flash_attention_2"
+    assert lvlm._plan_prefixes(encoded, prefix_cache(), 0) == ({}, 0)
