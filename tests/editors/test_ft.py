@@ -114,7 +114,8 @@ def test_sequential_edits_accumulate_and_a_state_adopts_its_config(tmp_path):
 @pytest.mark.slow
 def test_sequential_ft_llm_forgets_its_earliest_edits(default_world):
     """Measured on the model retrained for equal hop pools: over 100 sequential edits the first 20 fall
-    from 1.0 (single editing) to 0.725 (0.45 on the previous model). A margin of 0.2 leaves room for other seeds."""
+    from 1.0 (single editing) to 0.725 on one CPU and 0.8 on another (float rounding differs between them, and
+    training follows it; 0.45 on the previous model). At least 4 of the 20 forgotten leaves room for both."""
     lvlm, root, _, evals = default_world
     editor = create_editor("ft-llm", lvlm)
     records, early = evals[:100], 20
@@ -134,4 +135,4 @@ def test_sequential_ft_llm_forgets_its_earliest_edits(default_world):
     latest = reliability(range(len(records) - early, len(records)))
     editor.reset()
     assert sum(single) / early >= 0.95 and latest >= 0.9  # each edit takes; the last ones are still there
-    assert sum(single) / early - retained >= 0.2  # the earliest ones were forgotten
+    assert round((sum(single) / early - retained) * early) >= 4  # the earliest ones were forgotten
