@@ -75,7 +75,7 @@ def measure(lvlm: LVLM, batches: list[list[Query]], repeats: int) -> dict[str, d
     family = type(lvlm.family)
     declared = family.shares_image_prefix
     tokens = {"shared": 0, "whole": 0}
-    score_batch, layout = lvlm._score_batch, adapter.pack_layout
+    score_batch, layout, compute = lvlm._score_batch, adapter.pack_layout, lvlm._compute_prefixes
     mode, counting = "shared", False
 
     def counted_batch(batch, *args, **kwargs):  # rows run whole, right-padded
@@ -87,7 +87,11 @@ def measure(lvlm: LVLM, batches: list[list[Query]], repeats: int) -> dict[str, d
         tokens[mode] += counting * out.input_ids.numel()
         return out
 
-    lvlm._score_batch, adapter.pack_layout = counted_batch, counted_layout
+    def counted_prefixes(keys, *args, **kwargs):  # wide new prefixes, in forwards of their own
+        tokens[mode] += counting * sum(len(ids) for _, ids in keys)
+        return compute(keys, *args, **kwargs)
+
+    lvlm._score_batch, adapter.pack_layout, lvlm._compute_prefixes = counted_batch, counted_layout, counted_prefixes
     best = {"shared": [float("inf")] * len(batches), "whole": [float("inf")] * len(batches)}
     scores = {}
     try:
@@ -102,7 +106,7 @@ def measure(lvlm: LVLM, batches: list[list[Query]], repeats: int) -> dict[str, d
                         best[mode][i] = min(best[mode][i], time.process_time() - start)
     finally:
         family.shares_image_prefix = declared
-        lvlm._score_batch, adapter.pack_layout = score_batch, layout
+        lvlm._score_batch, adapter.pack_layout, lvlm._compute_prefixes = score_batch, layout, compute
     worst = max(float((a.target_logprobs - b.target_logprobs).abs().max())
                 for i in range(len(batches)) for a, b in zip(scores["shared", i], scores["whole", i]))
     return {mode: {"ms": 1000 * sum(best[mode]) / len(batches), "tokens": tokens[mode] / len(batches)}

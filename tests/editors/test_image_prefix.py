@@ -42,7 +42,7 @@ def _assert_same(mine: list[SpanScore], theirs: list[SpanScore]) -> None:
 
 
 def _counting(lvlm: LVLM, monkeypatch: pytest.MonkeyPatch) -> tuple[list, list]:
-    """Prefixes computed, and decoder tokens of each scoring forward (new prefixes in a pack included)."""
+    """Prefixes computed, and decoder tokens of each forward (new prefixes in a pack or in forwards of their own)."""
     prefixes, tokens = [], []
     layout, score_batch = adapter.pack_layout, lvlm._score_batch
 
@@ -53,6 +53,9 @@ def _counting(lvlm: LVLM, monkeypatch: pytest.MonkeyPatch) -> tuple[list, list]:
         return out
 
     monkeypatch.setattr(adapter, "pack_layout", packed)
+    compute = lvlm._compute_prefixes
+    monkeypatch.setattr(lvlm, "_compute_prefixes", lambda keys, *a: prefixes.extend(keys) or tokens.append(
+        sum(len(ids) for _, ids in keys)) or compute(keys, *a))
     monkeypatch.setattr(lvlm, "_score_batch", lambda batch, *a, **kw:
                         tokens.append(batch.inputs["input_ids"].numel()) or score_batch(batch, *a, **kw))
     return prefixes, tokens
@@ -261,3 +264,20 @@ def test_a_decoder_on_a_flash_attention_kernel_runs_rows_whole(monkeypatch):
     monkeypatch.setattr(text, "_attn_implementation_internal", "flash_attention_2")
     assert text._attn_implementation == "flash_attention_2"
     assert lvlm._plan_prefixes(encoded, prefix_cache(), 0) == ({}, 0)
+
+
+def test_a_prefix_wider_than_a_pack_runs_in_a_forward_of_its_own(monkeypatch):
+    """LLaVA-1.5's 577-token prefixes: inline, the dense mask over them would cost more than the forward."""
+    lvlm = tiny("llava")
+    queries = _queries()
+    memo = ScoreMemo()
+    layouts = []
+    layout = adapter.pack_layout
+    monkeypatch.setattr(adapter, "pack_layout", lambda *a: layouts.append(layout(*a)) or layouts[-1])
+    monkeypatch.setattr(adapter, "PACK_TOKENS", 4)  # narrower than the tiny model's prefixes
+    prefixes, _ = _counting(lvlm, monkeypatch)
+    scores = lvlm.score(queries, memo=memo)
+    assert len(prefixes) == 2 and len(memo.prefixes) == 2
+    assert [computed for out in layouts for computed in out.computed] == []  # none inline
+    assert sum(out.layers[0][0].shape[0] for out in layouts if out.layers is not None) >= 1  # handed on as columns
+    _assert_same(scores, _whole(lvlm, queries, monkeypatch))
