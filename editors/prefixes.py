@@ -6,9 +6,10 @@ On LLaVA-1.5 the prefix is ~580 of a query's ~600 tokens, and a record asks ~16 
 Such rows are scored packed: a forward holds a few packs, each one sequence of several *units* side by side, a
 unit being a prefix and the rows that continue it (or one row run whole). A prefix another call computed is
 handed to the decoder as cached keys and values; a new one is a segment of the pack, ahead of its rows, and its
-keys and values are kept for later calls. A mask lets each token see only its own row and its row's prefix, and
+keys and values are kept for later calls (one wider than `PACK_TOKENS` is computed first in a forward of its own:
+the dense mask over it would cost more). A mask lets each token see only its own row and its row's prefix, and
 position ids count on from the prefix, so a row's logits are those of the row run whole (to float rounding), with
-no padding between rows and no forward of its own for a new prefix.
+no padding between rows.
 """
 
 from __future__ import annotations
