@@ -76,6 +76,9 @@ def main(args: argparse.Namespace) -> int:
     _write(out / CELL_SETTINGS, {cell.name: {"values": cell.values,
                                              "config": configs[cell.name].model_dump(mode="json")}
                                  for cell in sweep.cells})
+    for name, config in configs.items():  # said here: a worker's log reaches the driver late, or not at all
+        if finished_summary(config) is not None:
+            log.info("cell %s finished before: kept as it is", name)
     outcomes = _outcomes(_run(sweep, configs, out, settings), configs)
     unfinished, failed, finished = ([name for name, outcome in outcomes.items() if outcome["status"] == status]
                                     for status in ("unfinished", "failed", "finished"))
@@ -289,8 +292,7 @@ def run_cell(params: dict[str, Any], cells: dict[str, str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = RunConfig.model_validate_json(cells[params["cell"]])
     done = finished_summary(config)
-    if done is not None:
-        log.info("cell %s finished before: kept as it is", config.run_name)
+    if done is not None:  # the driver says so
         TuneReport().on_finish(done, cell_folder(config))
         return
     config = config.model_copy(update={"resume": current_folder(cell_folder(config) / FOLDER).exists()})
