@@ -301,7 +301,8 @@ class LVLM:
         On families that `shares_image_prefix`, rows showing the same image after the same tokens
         (or whose prefix the memo holds) share that prefix and run only their own tokens after
         it, packed side by side without padding (`editors.prefixes`); a prefix is computed once,
-        in the pack ahead of its rows, unless the cache holds it. A call runs every row whole,
+        in the pack ahead of its rows (one wider than a pack: first, in a forward of its own),
+        unless the cache holds it. A call runs every row whole,
         right-padded, on a hooked model, for `sequence_top_k`, when a row reaches the decoder's
         sliding window, or when the cache's bound fits fewer than two prefixes a forward.
         """
