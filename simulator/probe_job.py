@@ -43,7 +43,8 @@ class ProbeOptions(BaseModel):
     every: str = Field("10m", description="interval, e.g. 30s, 10m, 1h")
     out: Path | None = Field(None, description="folder for rounds.jsonl, summary.json and the job store "
                              "(default: STATE/probes)")
-    rounds: PositiveInt | None = Field(None, description="stop after this many rounds (default: run until stopped)")
+    rounds: PositiveInt | None = Field(None, description="stop after this many rounds of this process (a restarted "
+                                       "job numbers its rounds on from the last; default: run until stopped)")
     seed: int | None = Field(None, description="seed of the fixed retention sample (default: the run's)")
     run_name: str | None = Field(None, description="name in the exporters (default: the run's name + '-probe')")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: the run's)")
@@ -121,6 +122,10 @@ def _run(args: ProbeOptions, state: Path, out: Path, config: RunConfig, seconds:
         stop = threading.Event()
         failure: list[str] = []
         skipped = 0
+        first = job.rounds  # a restarted job numbers its rounds on; --rounds counts this process's
+
+        def done() -> bool:
+            return args.rounds is not None and job.rounds - first >= args.rounds
 
         def scheduled() -> None:
             nonlocal skipped
@@ -138,7 +143,7 @@ def _run(args: ProbeOptions, state: Path, out: Path, config: RunConfig, seconds:
                 stop.set()
                 return
             skipped = 0
-            if args.rounds is not None and job.rounds >= args.rounds:
+            if done():
                 stop.set()
 
         with stopping_on_signals(stop):
@@ -147,7 +152,7 @@ def _run(args: ProbeOptions, state: Path, out: Path, config: RunConfig, seconds:
             raise RunError(f"probe job stopped after {job.rounds} rounds: {failure[0]}")
         summary = {"run": name, "state": settings["state"], "rounds": job.rounds, "edits_applied": job.applied,
                    "last_round": job.last, "alarms": job.alarms.as_dict(),
-                   "stopped": "rounds" if args.rounds is not None and job.rounds >= args.rounds else "stopped"}
+                   "stopped": "rounds" if done() else "stopped"}
         files.write_summary(summary)
         for sink in sinks:
             sink.on_finish(summary, out)

@@ -117,6 +117,18 @@ def deadline(seconds):
         signal.signal(signal.SIGALRM, previous)
 
 
+def test_rounds_counts_the_rounds_of_this_process_when_a_job_is_restarted(run_state, tmp_path):
+    # A restarted job numbers its rounds on from the last; --rounds 2 stopped it after one round when two came before.
+    out = tmp_path / "probes"
+    for rounds in ("2", "2"):
+        with deadline(120):
+            assert main(["probe", "--state", str(run_state), "--every", "1s", "--rounds", rounds, "--out", str(out),
+                         "--no-mlflow"]) == 0
+    assert [row["round"] for row in rows(out / "rounds.jsonl")] == [1, 2, 3, 4]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 4 and summary["stopped"] == "rounds"
+
+
 def test_a_failing_round_stops_the_job_with_its_reason(run_state, tmp_path, capsys, monkeypatch):
     # APScheduler logs a job's exception and keeps the schedule: the job never ended and never said it failed.
     from simulator.probing import ProbeJob
