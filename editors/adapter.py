@@ -174,6 +174,11 @@ class ScoreMemo:
         self.prefixes.clear()
 
 
+def _encoder_outputs(features: list[torch.Tensor]) -> dict[str, BaseModelOutputWithPooling]:
+    """Image features (one (N, D) per image row) as the model's `mm_encoder_outputs`, in place of its pixels."""
+    return {"image": BaseModelOutputWithPooling(pooler_output=features)}
+
+
 def _versions(parameters: Iterable[nn.Parameter]) -> tuple:
     """Which tensors hold `parameters`, and how often each was changed in place: what a cache of results checks."""
     return tuple((id(p), p._version) for p in parameters)
@@ -379,7 +384,7 @@ class LVLM:
                     .masked_fill_(~layout.allowed, torch.finfo(self.dtype).min)}
                 if layout.images:
                     features = self._image_features([(digest, pixels[digest]) for digest in layout.images])
-                    inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+                    inputs["mm_encoder_outputs"] = _encoder_outputs(features)
                 if layout.layers is not None or layout.computed:
                     # Every key kept, also where a layer's sliding window would not: the mask says what is seen.
                     inputs["cache"] = DynamicCache(layout.layers) if layout.layers is not None else DynamicCache()
@@ -409,8 +414,7 @@ class LVLM:
                     ids = torch.tensor([ids for _, ids in chunk], device=self.device)
                     # A cache without the config keeps every key, also where a layer's sliding window would not.
                     out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), cache=DynamicCache(),
-                                     use_cache=True, logits_to_keep=1, mm_encoder_outputs={
-                                         "image": BaseModelOutputWithPooling(pooler_output=features)})
+                                     use_cache=True, logits_to_keep=1, mm_encoder_outputs=_encoder_outputs(features))
                     for row, key in enumerate(chunk):
                         cache.put(key, [(layer.keys[row : row + 1].clone(), layer.values[row : row + 1].clone())
                                         for layer in out.cache.layers])
@@ -506,7 +510,7 @@ class LVLM:
         if features:
             pixels = batch.images[0][1].keys()
             inputs = {key: value for key, value in inputs.items() if key not in pixels}
-            inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+            inputs["mm_encoder_outputs"] = _encoder_outputs(features)
         return module(**inputs, logits_to_keep=logits_to_keep, use_cache=False).logits
 
     def image_features(self, images: Sequence[tuple[str, dict[str, torch.Tensor]]]) -> list[torch.Tensor]:
