@@ -59,6 +59,9 @@ def _gathered_from_top(score: SpanScore, gather: torch.Tensor) -> torch.Tensor |
     """Log-probs at `gather` (T', j) read from `score`'s top-k, or None when an id is not among them."""
     if gather.shape[0] > len(score.topk_ids):
         return None
+    rows, ids = gather.shape
+    if ids <= score.topk_ids.shape[1] and torch.equal(gather, score.topk_ids[:rows, :ids]):
+        return score.topk_logprobs[:rows, :ids]  # the usual ask: a locality probe at its own pre-edit top-k
     match = gather[:, :, None] == score.topk_ids[: gather.shape[0], None, :]  # (T', j, k)
     if not bool(match.any(-1).all()):
         return None
@@ -156,7 +159,7 @@ class ScoreMemo:
     def check(self, model: nn.Module, form: tuple) -> None:
         """Empty the memo (scores and prefixes) if `model`'s parameters or the input `form` changed since it was
         filled."""
-        under = (_versions(model.parameters()), form)
+        under = (_versions(_submodules(model)), form)
         if under != self._under:
             self.clear()
             self._under = under
@@ -166,7 +169,7 @@ class ScoreMemo:
         """Hold saved scores of `model` as it is now, under the input `form` (see `GenerationCache.restore`)."""
         self.clear()
         self.scores.restore(sealed, opened, values)
-        self._under = (_versions(model.parameters()), form)
+        self._under = (_versions(_submodules(model)), form)
 
     def clear(self) -> None:
         """Forget every score and prefix."""
@@ -179,9 +182,21 @@ def _encoder_outputs(features: list[torch.Tensor]) -> dict[str, BaseModelOutputW
     return {"image": BaseModelOutputWithPooling(pooler_output=features)}
 
 
-def _versions(parameters: Iterable[nn.Parameter]) -> tuple:
-    """Which tensors hold `parameters`, and how often each was changed in place: what a cache of results checks."""
-    return tuple((id(p), p._version) for p in parameters)
+def _submodules(root: nn.Module, skip: nn.Module | None = None) -> Iterator[nn.Module]:
+    """`root` and the modules under it, less `skip` and those under that. It reads `_modules` directly: a call of
+    `LVLM.score` walks the model three times, and `nn.Module.modules()` builds every module's name on the way."""
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        if module is not skip:
+            yield module
+            stack.extend(child for child in module._modules.values() if child is not None)
+
+
+def _versions(modules: Iterable[nn.Module]) -> tuple:
+    """Which tensors hold the parameters of `modules`, and how often each was changed in place: what a cache of
+    results checks."""
+    return tuple((id(p), p._version) for m in modules for p in m._parameters.values() if p is not None)
 
 
 class LVLM:
@@ -446,7 +461,7 @@ class LVLM:
         """Whether a module of the model has a forward hook that may change what it computes: an editor that rewrites
         activations where a row's prompt ends (GRACE, WISE) must see every row whole, so rows then share no prefix.
         transformers' own hooks, which only record outputs (`output_hidden_states`), do not count."""
-        return any(hook.__module__ != RECORDING_HOOKS for m in self.model.modules()
+        return any(hook.__module__ != RECORDING_HOOKS for m in _submodules(self.model)
                    for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
 
     def _score_batch(
@@ -476,23 +491,17 @@ class LVLM:
         target_lp = logprobs.gather(-1, targets[..., None]).squeeze(-1)
         argmax = logprobs.argmax(-1)
         entropy = -(logprobs.exp() * logprobs).sum(-1)  # (B, T)
-        # One copy to the host per tensor, not per row and tensor.
-        targets, argmax, target_lp, top_ids, top_lp, entropy = (
-            x.cpu() for x in (targets, argmax, target_lp, top.indices, top.values, entropy))
-        out = []
-        for row, t in enumerate(mask.sum(1).tolist()):
-            score = SpanScore(
-                target_ids=targets[row, :t],
-                argmax_ids=argmax[row, :t],
-                target_logprobs=target_lp[row, :t],
-                topk_ids=top_ids[row, :t],
-                topk_logprobs=top_lp[row, :t],
-                entropy=entropy[row, :t],
-            )
+        # One copy to the host per tensor, and each cut into its rows' answer tokens by one split, not a slice per
+        # row and tensor (a row's mask is True on its first tokens, so the masked tokens come row by row).
+        lengths = mask.sum(1).tolist()
+        on_host = mask.cpu()
+        fields = [x.cpu()[on_host].split(lengths) for x in (targets, argmax, target_lp, top.indices, top.values, entropy)]
+        out = [SpanScore(target_ids=t, argmax_ids=a, target_logprobs=lp, topk_ids=ids, topk_logprobs=top_lp, entropy=e)
+               for t, a, lp, ids, top_lp, e in zip(*fields)]
+        for row, score in enumerate(out):
             if gather is not None and gather[row] is not None:
                 ids = gather[row].to(logprobs.device)
                 score.gathered_logprobs = logprobs[row, : ids.shape[0]].gather(-1, ids).cpu()
-            out.append(score)
         return out
 
     def _batch(self, queries: Sequence[Query]) -> Batch:
@@ -521,22 +530,10 @@ class LVLM:
 
     def _check_features(self) -> None:
         """Empty the feature cache if a weight outside the text decoder was added, replaced or changed in place."""
-        weights = _versions(self._outside_decoder())
+        weights = _versions(_submodules(self.model, skip=self.model.get_submodule(self.family.decoder_path)))
         if weights != self._vision_weights:
             self.features.clear()
             self._vision_weights = weights
-
-    def _outside_decoder(self) -> Iterator[nn.Parameter]:
-        """Every parameter of the model outside its text decoder (whose modules are not even walked: this runs per
-        call of `score`)."""
-        stack = [("", self.model)]
-        while stack:
-            path, module = stack.pop()
-            if path == self.family.decoder_path:
-                continue
-            yield from (p for p in module._parameters.values() if p is not None)
-            stack.extend((f"{path}.{name}" if path else name, child) for name, child in module._modules.items()
-                         if child is not None)
 
     def _image_features(self, images: Sequence[tuple[str, dict[str, torch.Tensor]]]) -> list[torch.Tensor]:
         """`image_features` without the weight check (done once per call of `score`)."""
