@@ -57,15 +57,15 @@ class SpanScore:
 
 def _gathered_from_top(score: SpanScore, gather: torch.Tensor) -> torch.Tensor | None:
     """Log-probs at `gather` (T', j) read from `score`'s top-k, or None when an id is not among them."""
-    if gather.shape[0] > len(score.topk_ids):
-        return None
     rows, ids = gather.shape
+    if rows > len(score.topk_ids):
+        return None
     if ids <= score.topk_ids.shape[1] and torch.equal(gather, score.topk_ids[:rows, :ids]):
         return score.topk_logprobs[:rows, :ids]  # the usual ask: a locality probe at its own pre-edit top-k
-    match = gather[:, :, None] == score.topk_ids[: gather.shape[0], None, :]  # (T', j, k)
+    match = gather[:, :, None] == score.topk_ids[:rows, None, :]  # (T', j, k)
     if not bool(match.any(-1).all()):
         return None
-    return score.topk_logprobs[: gather.shape[0]].gather(-1, match.int().argmax(-1))
+    return score.topk_logprobs[:rows].gather(-1, match.int().argmax(-1))
 
 
 Memoised = tuple[SpanScore, int, torch.Tensor | None]  # a score, the top-k it was computed with, the ids gathered at
@@ -496,8 +496,8 @@ class LVLM:
         lengths = mask.sum(1).tolist()
         on_host = mask.cpu()
         fields = [x.cpu()[on_host].split(lengths) for x in (targets, argmax, target_lp, top.indices, top.values, entropy)]
-        out = [SpanScore(target_ids=t, argmax_ids=a, target_logprobs=lp, topk_ids=ids, topk_logprobs=top_lp, entropy=e)
-               for t, a, lp, ids, top_lp, e in zip(*fields)]
+        out = [SpanScore(target_ids=t, argmax_ids=a, target_logprobs=lp, topk_ids=top_ids, topk_logprobs=top_lp,
+                         entropy=e) for t, a, lp, top_ids, top_lp, e in zip(*fields)]
         for row, score in enumerate(out):
             if gather is not None and gather[row] is not None:
                 ids = gather[row].to(logprobs.device)

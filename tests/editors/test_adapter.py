@@ -435,10 +435,16 @@ def test_a_score_memo_answers_fewer_top_k_and_ids_inside_its_top_k_with_the_numb
     assert derived.topk_ids.tolist() == fresh.topk_ids.tolist() and derived.topk_ids.shape[-1] == 1
     torch.testing.assert_close(derived.gathered_logprobs, fresh.gathered_logprobs, rtol=0, atol=1e-6)
     assert derived.gathered_logprobs[:, 1].tolist() == stored.topk_logprobs[:, 0].tolist()
+    # Its own first three ids, in their order (a locality probe at its pre-edit top-k): read whole, no forward.
+    own = lvlm.score([query], top_k=1, gather=[stored.topk_ids[:, :3]], memo=memo)[0]
+    assert len(forwards) == 2
+    assert own.gathered_logprobs.tolist() == stored.topk_logprobs[:, :3].tolist()
+    again = lvlm.score([query], top_k=1, gather=[stored.topk_ids[:, :3]])[0]
+    torch.testing.assert_close(own.gathered_logprobs, again.gathered_logprobs, rtol=0, atol=1e-6)
     # An id outside the stored top-5 (the least likely token) needs a forward.
     outside = torch.cat([stored.topk_ids[:, :2], fresh.topk_ids[:, :1] * 0 + _least_likely(lvlm, query)], dim=1)
     lvlm.score([query], top_k=1, gather=[outside], memo=memo)
-    assert len(forwards) == 3  # `fresh` above was one, this the other
+    assert len(forwards) == 4  # `fresh` and `again` above were two, this the other
 
 
 def test_a_score_memo_is_emptied_when_the_prompt_format_or_a_template_changes():
