@@ -1,5 +1,7 @@
 """Shared fixtures: tiny models live in tests/tiny_models.py."""
 
+import os
+
 import pytest
 
 from tests.tiny_models import random_image
@@ -14,6 +16,16 @@ def _private_cache(tmp_path_factory):
     patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
     yield
     patch.undo()
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`-n 2`) each worker, and what it starts, computes on one thread: two workers with a
+    thread per core each would fight over the cores. A test that asks for threads still sets them itself."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -236,25 +236,36 @@ def mixed_stream(world, folder):
     return stream
 
 
+def mixed_args(world, model, stream, out):
+    """The serac run of the mixed stream into `out`."""
+    listed = run_args(world, model, out)
+    listed[listed.index("--stream") + 1] = str(stream)
+    listed[listed.index("--method") + 1] = "serac"
+    return [*listed, "--images", str(world / "images"), "--train", str(world / "train.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def mixed_whole(small_world, small_model, tmp_path_factory):
+    """The mixed stream and its uninterrupted serac run (the kill points below share it)."""
+    folder = tmp_path_factory.mktemp("mixed")
+    stream = mixed_stream(small_world, folder)
+    done = subprocess.run(mixed_args(small_world, small_model, stream, folder / "whole"), env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return stream, folder / "whole"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("at", [5, 11])
 def test_a_stream_of_mixed_good_and_hostile_lines_killed_and_resumed_ends_as_the_uninterrupted_run(
-        small_world, small_model, tmp_path, at):
-    stream = mixed_stream(small_world, tmp_path)
-
-    def args(out):
-        listed = run_args(small_world, small_model, out)
-        listed[listed.index("--stream") + 1] = str(stream)
-        listed[listed.index("--method") + 1] = "serac"
-        return [*listed, "--images", str(small_world / "images"), "--train", str(small_world / "train.jsonl")]
-
-    whole_run, killed = tmp_path / "whole", tmp_path / "killed"
-    done = subprocess.run(args(whole_run), env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    process = started(args(killed), at)
+        small_world, small_model, mixed_whole, tmp_path, at):
+    stream, whole_run = mixed_whole
+    killed = tmp_path / "killed"
+    process = started(mixed_args(small_world, small_model, stream, killed), at)
     process.kill()
     process.wait()
-    subprocess.run(args(killed) + ["--resume"], check=True, env=ENV, capture_output=True, timeout=300)
+    subprocess.run(mixed_args(small_world, small_model, stream, killed) + ["--resume"], check=True, env=ENV,
+                   capture_output=True, timeout=300)
     summary = json.loads((whole_run / "summary.json").read_text())
     assert untimed(json.loads((killed / "summary.json").read_text())) == untimed(summary)
     assert (summary["quarantined"], summary["retracted"], summary["failed"]) == (4, 1, 1)
