@@ -22,7 +22,6 @@ from simulator.sweep_config import load_sweep
 from tests.services import SIMULATE, free_port, get, mlflow_service, pushgateway_service, url_of, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-
 # Every cell and every run alone: 20 edits of the small world, a checkpoint every 5.
 SETTINGS = {"gap": [1, 3], "probe_every": 4, "checkpoint_every": 5, "retention_sample": 5, "reference_size": 4,
             "limit": 20}
