@@ -12,9 +12,9 @@ false-hit rate, the round's retrieval latency per query (`retrieval_latency_seco
 search of the round's retrieval probe; the summary's `memory_search_seconds_p50` is a coarser
 figure, the bucket bound of a histogram over the whole run), edits/s since the previous round,
 and gap-10 reliability / I-Gen / T-Loc / I-Loc over the edits measured since the previous round. It writes `memory_growth.png` (all of them but I-Gen against memory size) and prints the
-table at 10^3 / 10^4 / 10^5 (the rounds nearest those sizes) with the process's peak RSS after
-each run (a maximum since the process started: the world's writing included, and with several
-methods, every run before; run one method a process for each its own). The world is written once
+table at 10^3 / 10^4 / 10^5 (the rounds nearest those sizes) with each run's peak RSS (every
+method runs in a fresh process of its own, so the figure is not the world's writing's or an
+earlier method's). The world is written once
 into `OUT/world-N` and kept beside the runs. `--report RUN...` prints and plots finished run
 folders (e.g. `memory_growth/serac`) instead.
 """
@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import matplotlib
@@ -50,7 +52,7 @@ SERIES = {  # rounds.jsonl key -> plot title
 
 
 def run(method: str, world: Path, edits: int, probe_every: int, out: Path) -> tuple[list[dict], float, float]:
-    """Rounds of one long run, its wall seconds and the process's peak RSS (GiB) so far, after it."""
+    """Rounds of one long run, its wall seconds and the peak RSS (GiB) of the process it ran in."""
     config = RunConfig(stream=str(world / "eval.jsonl"), images=world / "images", method=method, gap=[10],
                        probe_every=probe_every, checkpoint_every=probe_every, out=out, train=world / "train.jsonl",
                        no_mlflow=True)
@@ -125,10 +127,13 @@ def main() -> None:
             write_world(WorldConfig(), world, stream=StreamConfig(edits=args.edits), progress=True)
         sizes = [s for s in (10**3, 10**4, 10**5) if s <= args.edits]
         for method in args.methods:
-            rounds, seconds, rss = run(method, world, args.edits, args.probe_every, args.out / method)
+            # A fresh process per method: its peak RSS is then the run's own, not the world's writing's or an
+            # earlier method's (ru_maxrss only ever grows).
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                rounds, seconds, rss = pool.submit(run, method, world, args.edits, args.probe_every,
+                                                   args.out / method).result()
             report(method, rounds, sizes, axes)
-            print(f"{method:6s} {len(rounds)} rounds, {seconds / 60:.1f} min, process peak RSS so far "
-                  f"{rss:.2f} GiB", flush=True)
+            print(f"{method:6s} {len(rounds)} rounds, {seconds / 60:.1f} min, peak RSS {rss:.2f} GiB", flush=True)
     axes.flat[0].legend()
     figure.tight_layout()
     figure.savefig(args.out / "memory_growth.png", dpi=110)
