@@ -6,7 +6,9 @@
 
 Each method runs in its own process (`simulate`, gap 10, a probe round every 100 edits, no
 MLflow), so its peak resident memory is its own; `--parallel N` runs N at once, each on
-cores / N torch threads (edits/s are then per process, not of the whole machine). The table
+cores / N torch threads (edits/s are then per process, not of the whole machine). Edits/s is
+the stream's rate from the first probe round to the last, so start-up (loading the model,
+training or loading an editor) is left out; the whole run's seconds stay in `METHOD.json`. The table
 reads the probe rounds after 100, 1,000 and 5,000 edits: Rel / T-Gen / I-Gen / T-Loc / I-Loc
 are running means over the edits measured so far (each measured 10 edits after it was
 applied); retention and the reference-set perplexity ratio are the state of the model at that
@@ -73,6 +75,16 @@ def row_at(method_rounds: list[dict], edits: int, gap: int) -> dict[str, float]:
     return {**{k: means.get(k) for k in PER_EDIT}, **{k: found.get(k) for k in STATE}}
 
 
+def stream_rate(method_rounds: list[dict]) -> float | None:
+    """Edits per second from the first probe round to the last: each round's rate covers the edits since the one
+    before, so the time before the first round (start-up) is left out."""
+    later = list(zip(method_rounds, method_rounds[1:]))
+    if not later or not all(row.get("edits_per_second") for _, row in later):
+        return None
+    seconds = sum((row["edits_applied"] - before["edits_applied"]) / row["edits_per_second"] for before, row in later)
+    return (method_rounds[-1]["edits_applied"] - method_rounds[0]["edits_applied"]) / seconds
+
+
 def report(folder: Path, gap: int) -> str:
     """Markdown table of every finished method in `folder`, and plots beside it."""
     lines = ["| method | edits | Rel | T-Gen | I-Gen | T-Loc | I-Loc | retention | ref ppl ratio | edits/s | peak RSS |",
@@ -88,11 +100,12 @@ def report(folder: Path, gap: int) -> str:
         for edits in reached:
             values = row_at(runs[method], edits, gap)
             cells = " | ".join("–" if values[k] is None else f"{values[k]:.3f}" for k in PER_EDIT + STATE)
-            # Speed and memory are of the whole run: shown once, on its last row (a run still going: its
-            # latest rate between probe rounds, and no peak yet).
-            latest = runs[method][-1]
-            whole = (f"{meta['edits'] / meta['seconds']:.1f} | {meta['peak_rss_mib']:.0f} MiB" if meta else
-                     f"{latest['edits_per_second'] or 0:.1f} (unfinished: {latest['edits_applied']:,} edits) | –")
+            # Speed and memory are of the whole run: shown once, on its last row (a run still going: its rate so
+            # far, and no peak yet).
+            rate = stream_rate(runs[method])
+            speed = "–" if rate is None else f"{rate:.1f}"
+            whole = (f"{speed} | {meta['peak_rss_mib']:.0f} MiB" if meta else
+                     f"{speed} (unfinished: {runs[method][-1]['edits_applied']:,} edits) | –")
             lines.append(f"| {method} | {edits:,} | {cells} | {whole if edits == reached[-1] else ' | '} |")
     plots = folder / "plots"
     plots.mkdir(exist_ok=True)
