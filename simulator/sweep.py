@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import socket
 from pathlib import Path
 from types import MappingProxyType
@@ -46,6 +47,7 @@ CELLS = "cells"
 RAY = "ray"
 CELL_ERROR = "cell_error"  # the metric a cell that failed for a reason of its own reports, with the message
 FAILED_CELLS = 1  # exit status when a cell failed
+LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray runs as one node on the loopback address
 
 
 def parser() -> argparse.ArgumentParser:
@@ -184,6 +186,11 @@ def _finish_parent(sweep: Sweep, out: Path, settings: RunConfig, summary: dict[s
 def _run(sweep: Sweep, configs: dict[str, RunConfig], out: Path, settings: SweepOptions) -> ResultGrid:
     """The grid on Ray Tune: a new experiment over every cell, under `out/ray/start-<n>` (`run_cell` keeps finished
     cells and continues the others from their checkpoints)."""
+    if settings.address is None and "RAY_ADDRESS" not in os.environ:
+        # A local instance is for this machine alone. Ray turns 127.0.0.1 into the machine's network address and
+        # then listens on every interface; with multi-node clusters switched off (its switch for Windows and macOS,
+        # read when Ray is imported and by every process it starts) the node is 127.0.0.1 and every server binds it.
+        os.environ.setdefault(LOCAL_ONLY, "0")
     import ray
     from ray import tune
 

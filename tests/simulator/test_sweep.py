@@ -2,10 +2,12 @@
 driver resume from checkpoints, MLflow parent/child runs and the compare table, every file mistake at once."""
 
 import csv
+import ipaddress
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ import yaml
 from editors.edit_memory import shared_text_embedder
 from memory.files import current_folder
 from simulator import cli
-from simulator.sweep import CELL_ERROR
+from simulator.sweep import CELL_ERROR, LOCAL_ONLY
 from simulator.sweep_config import load_sweep
 from tests.services import SIMULATE, free_port, get, mlflow_service, pushgateway_service, url_of, wait_until
 
@@ -66,11 +68,13 @@ def untimed(value):
 @pytest.fixture(scope="module")
 def ray_address():
     """One local Ray instance for the module's sweeps (2 CPUs, no dashboard); its address for --address."""
+    patch = pytest.MonkeyPatch()
+    # The workers inherit the environment Ray starts with. Loopback only, as a sweep's own local instance: Ray reads
+    # the switch when imported, and the drivers pointed at this instance (their environment is this one) need it too.
+    for name, value in {**env(), LOCAL_ONLY: "0"}.items():
+        patch.setenv(name, value)
     import ray
 
-    patch = pytest.MonkeyPatch()
-    for name, value in env().items():  # the workers inherit the environment Ray starts with
-        patch.setenv(name, value)
     ray.init(num_cpus=2, include_dashboard=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
@@ -189,17 +193,19 @@ def test_each_cell_pushes_its_metrics_labelled_with_its_name(grid):
         assert len(applied) == 1 and applied[0].endswith(" 20"), (name, applied)
 
 
+def ancestors(pid):
+    """The parent, grandparent ... of process `pid`."""
+    while pid > 1:
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        yield pid
+
+
 def ray_worker(cell):
     """The pid of the Ray worker (a descendant of this process, whose Ray runs the sweeps) running `cell`.
 
     A function trainable's worker is titled `ray::ImplicitFunc...` and works in a folder named after
     its trial, which the sweep names after the cell.
     """
-    def ancestors(pid):
-        while pid > 1:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            yield pid
-
     found = []
     for proc in Path("/proc").iterdir():
         try:
@@ -210,6 +216,31 @@ def ray_worker(cell):
         except (OSError, ValueError):  # not a process, or one that ended meanwhile
             continue
     return found
+
+
+def listening_addresses(root):
+    """The addresses that process `root` and its descendants accept TCP connections on (from /proc/net)."""
+    sockets = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (int(proc.name) == root or root in ancestors(int(proc.name))):
+                sockets |= {os.readlink(fd) for fd in (proc / "fd").iterdir()}
+        except OSError:  # a process that ended meanwhile
+            continue
+    found = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            local, state, inode = line.split()[1], line.split()[3], line.split()[9]
+            if state == "0A" and f"socket:[{inode}]" in sockets:  # 0A: LISTEN
+                raw = bytes.fromhex(local.split(":")[0])  # 32-bit words in host (little-endian) order
+                found.add(socket.inet_ntop(family, b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))))
+    return found
+
+
+def loopback(address):
+    """Whether a listening address is the loopback one (also as an IPv4-mapped IPv6 address)."""
+    ip = ipaddress.ip_address(address)
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
 
 
 @pytest.mark.slow
@@ -261,10 +292,15 @@ def test_an_interrupted_sweep_resumes_without_touching_finished_cells(small_worl
     args = [SIMULATE, "sweep", str(path), "--out", str(out), "--max-concurrent", "1"]
     first, second = out / "cells" / "method=ft-llm,seed=1", out / "cells" / "method=ft-llm,seed=0"
     log = tmp_path / "driver.log"
+    # Without the module's loopback switch (its own Ray set it in this environment): the sweep sets it itself.
+    first_start = {name: value for name, value in env().items() if name != LOCAL_ONLY}
     with log.open("w") as output:
-        driver = subprocess.Popen(args, env=env(), stdout=output, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen(args, env=first_start, stdout=output, stderr=subprocess.STDOUT)
     wait_until(lambda: (first / "summary.json").exists() and lines(second / "pool.jsonl") >= 7, 300,
                "the first cell finished and the second past its first checkpoint", driver, poll=0.02)
+    # The local Ray it started (GCS, raylet, workers, agents) listens on the loopback address only.
+    addresses = listening_addresses(driver.pid)
+    assert addresses and all(loopback(a) for a in addresses), addresses
     driver.send_signal(signal.SIGINT)
     assert driver.wait(120) == 130, log.read_text()[-3000:]
     assert "Started a local Ray instance" in log.read_text()
