@@ -100,8 +100,8 @@ def report(folder: Path, gap: int) -> str:
         for edits in reached:
             values = row_at(runs[method], edits, gap)
             cells = " | ".join("–" if values[k] is None else f"{values[k]:.3f}" for k in PER_EDIT + STATE)
-            # Speed and memory are of the whole run: shown once, on its last row (a run still going: its rate so
-            # far, and no peak yet).
+            # Speed (the stream's rate) and peak memory: shown once, on the run's last row (a run still going: its
+            # rate so far, and no peak yet).
             rate = stream_rate(runs[method])
             speed = "–" if rate is None else f"{rate:.1f}"
             whole = (f"{speed} | {meta['peak_rss_mib']:.0f} MiB" if meta else

@@ -230,9 +230,9 @@ def listening_addresses(root):
     found = set()
     for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
         for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
-            local, state, inode = line.split()[1], line.split()[3], line.split()[9]
-            if state == "0A" and f"socket:[{inode}]" in sockets:  # 0A: LISTEN
-                raw = bytes.fromhex(local.split(":")[0])  # 32-bit words in host (little-endian) order
+            fields = line.split()  # local address, state and inode are the 2nd, 4th and 10th
+            if fields[3] == "0A" and f"socket:[{fields[9]}]" in sockets:  # 0A: LISTEN
+                raw = bytes.fromhex(fields[1].split(":")[0])  # 32-bit words in host (little-endian) order
                 found.add(socket.inet_ntop(family, b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))))
     return found
 
