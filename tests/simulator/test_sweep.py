@@ -193,11 +193,22 @@ def test_each_cell_pushes_its_metrics_labelled_with_its_name(grid):
         assert len(applied) == 1 and applied[0].endswith(" 20"), (name, applied)
 
 
-def ancestors(pid):
-    """The parent, grandparent ... of process `pid`."""
-    while pid > 1:
-        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        yield pid
+def descendants(root):
+    """The pids of the processes under process `root`: its children, theirs, and so on."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        pid = int(proc.name)
+        try:
+            while pid > 1:
+                pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                if pid == root:
+                    found.append(int(proc.name))
+                    break
+        except OSError:  # a process that ended meanwhile
+            continue
+    return found
 
 
 def ray_worker(cell):
@@ -207,13 +218,12 @@ def ray_worker(cell):
     its trial, which the sweep names after the cell.
     """
     found = []
-    for proc in Path("/proc").iterdir():
+    for pid in descendants(os.getpid()):
         try:
-            title = (proc / "cmdline").read_bytes()
-            cwd = Path(os.readlink(proc / "cwd"))
-            if title.startswith(b"ray::ImplicitFunc") and cwd.name == cell and os.getpid() in ancestors(int(proc.name)):
-                found.append(int(proc.name))
-        except (OSError, ValueError):  # not a process, or one that ended meanwhile
+            if (Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ImplicitFunc")
+                    and Path(os.readlink(f"/proc/{pid}/cwd")).name == cell):
+                found.append(pid)
+        except OSError:  # one that ended meanwhile
             continue
     return found
 
@@ -221,10 +231,9 @@ def ray_worker(cell):
 def listening_addresses(root):
     """The addresses that process `root` and its descendants accept TCP connections on (from /proc/net)."""
     sockets = set()
-    for proc in Path("/proc").iterdir():
+    for pid in [root, *descendants(root)]:
         try:
-            if proc.name.isdigit() and (int(proc.name) == root or root in ancestors(int(proc.name))):
-                sockets |= {os.readlink(fd) for fd in (proc / "fd").iterdir()}
+            sockets |= {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
         except OSError:  # a process that ended meanwhile
             continue
     found = set()
