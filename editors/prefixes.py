@@ -7,9 +7,11 @@ Such rows are scored packed: a forward holds a few packs, each one sequence of s
 unit being a prefix and the rows that continue it (or one row run whole). A prefix another call computed is
 handed to the decoder as cached keys and values; a new one is a segment of the pack, ahead of its rows, and its
 keys and values are kept for later calls (one wider than `PACK_TOKENS` is computed first in a forward of its own:
-the dense mask over it would cost more). A mask lets each token see only its own row and its row's prefix, and
-position ids count on from the prefix, so a row's logits are those of the row run whole (to float rounding), with
-no padding between rows.
+the dense mask over it would cost more). Inside a unit, rows that go on alike share those tokens too (a `Trie`: the
+questions of a record begin alike, and an in-context fact is shown to several of them), and a row stops before its
+last answer token, whose logit nothing reads. A mask lets each token see only the tokens before it on its rows and
+their prefix, and position ids count on from the prefix, so a row's logits are those of the row run whole (to float
+rounding), with no padding between rows.
 """
 
 from __future__ import annotations
@@ -79,17 +81,67 @@ PACK_TOKENS = 128
 
 
 @dataclass
+class Trie:
+    """Token sequences merged where they begin alike, one node per distinct beginning, in depth-first order: a node's
+    descendants are the nodes after it up to its `end`, so a token sees exactly the nodes whose span holds it."""
+
+    ids: list[int]  # each node's token
+    depth: list[int]  # each node's index in its sequences
+    end: list[int]  # one past a node's last descendant
+    paths: list[list[int]]  # per sequence, in the order given, its nodes
+
+
+def merge(sequences: list[list[int]]) -> Trie:
+    """`sequences` as a `Trie`: sorted, each adds the tokens after the beginning it shares with the one before."""
+    ids: list[int] = []
+    depth: list[int] = []
+    paths: list[list[int]] = [[] for _ in sequences]
+    order = sorted(range(len(sequences)), key=sequences.__getitem__)
+    previous: list[int] = []
+    path: list[int] = []
+    for j in order:
+        sequence, shared = sequences[j], 0
+        while shared < min(len(sequence), len(previous)) and sequence[shared] == previous[shared]:
+            shared += 1
+        path = paths[j] = [*path[:shared], *range(len(ids), len(ids) + len(sequence) - shared)]
+        ids += sequence[shared:]
+        depth += range(shared, len(sequence))
+        previous = sequence
+    end = [0] * len(ids)
+    for j in order:  # in depth-first order the last path through a node ends its span
+        for node in paths[j]:
+            end[node] = paths[j][-1] + 1
+    return Trie(ids, depth, end, paths)
+
+
+def inputs(item: Encoded) -> list[int]:
+    """The tokens of `item` a pack runs: up to the one that predicts its last answer token."""
+    return item.input_ids[: item.answer_start + max(item.answer_len - 1, 0)]
+
+
+@dataclass
 class Unit:
     """A prefix and the rows that continue it (`key` None: one row run whole); `held` when the cache has the prefix."""
 
     key: PrefixKey | None
     rows: list[int]
     held: bool
+    merged: Trie | None = field(default=None, repr=False, compare=False)
+
+    def inline(self) -> int:
+        """Tokens of the unit's prefix that run in its pack (a new one), ahead of its rows."""
+        return 0 if self.key is None or self.held else len(self.key[1])
+
+    def trie(self, items: dict[int, Encoded]) -> Trie:
+        """The unit's tokens in a pack: its new prefix, then its rows merged where they begin alike."""
+        if self.merged is None:
+            lead = list(self.key[1]) if self.inline() else []
+            self.merged = merge([lead + inputs(items[i]) for i in self.rows])
+        return self.merged
 
     def tokens(self, items: dict[int, Encoded]) -> int:
-        """Sequence tokens the unit takes in a pack: its rows, and its prefix unless held."""
-        inline = 0 if self.key is None or self.held else len(self.key[1])
-        return inline + sum(len(items[i].input_ids) for i in self.rows)
+        """Sequence tokens the unit takes in a pack."""
+        return len(self.trie(items).ids)
 
     def columns(self) -> int:
         """Cached key columns the unit needs: its held prefix."""
@@ -162,78 +214,61 @@ def pack_layout(packs: list[list[Unit]], items: dict[int, Encoded], held: dict[P
     # Per pack, token by token (Python lists: one tensor each at the end costs far less than a write per row).
     ids: list[list[int]] = []
     positions: list[list[int]] = []
-    segment: list[list[int]] = []  # the token's segment (a prefix, or a row)
-    sees_segment: list[list[int]] = []  # the segment of the token's new prefix (-1: none)
+    ends: list[list[int]] = []  # one past the last pack token that sees the token (`Trie.end`)
     sees_column: list[list[int]] = []  # the unit whose held prefix the token sees (-1: none)
     column_unit: list[list[int]] = []  # per cached column, the unit whose prefix it holds
     held_keys: list[list[PrefixKey]] = []  # per pack, its held prefixes in column order
     rows, pack_of, slots, targets, mask, keep, images, computed = [], [], [], [], [], [], [], []
     for p, units in enumerate(packs):
-        pack_ids, pack_positions, pack_segment, pack_sees, pack_column, pack_units = [], [], [], [], [], []
+        pack_ids, pack_positions, pack_ends, pack_column, pack_units = [], [], [], [], []
         held_keys.append([])
-        kept: list[int] = []
-        seg = 0
+        kept: dict[int, int] = {}  # pack position -> its index among the logits kept (rows may share one)
         for u, unit in enumerate(units):
-            start = 0  # where the unit's rows count on from
-            prefix_segment = column = -1
-            if unit.key is not None:
-                start = len(unit.key[1])
-                if unit.held:
-                    pack_units += [u] * start
-                    held_keys[p].append(unit.key)
-                    column = u
-                else:
-                    prefix_segment, seg = seg, seg + 1
-                    computed.append((unit.key, p, len(pack_ids)))
-                    images.append(unit.key[0])
-                    pack_ids += unit.key[1]
-                    pack_positions += range(start)
-                    pack_segment += [prefix_segment] * start
-                    pack_sees += [-1] * start
-                    pack_column += [-1] * start
-            for i in unit.rows:
+            start, column = 0, -1
+            if unit.held:
+                start, column = len(unit.key[1]), u  # type: ignore[index]
+                pack_units += [u] * start
+                held_keys[p].append(unit.key)  # type: ignore[arg-type]
+            elif unit.key is not None:
+                computed.append((unit.key, p, len(pack_ids)))
+                images.append(unit.key[0])
+            trie, offset, lead = unit.trie(items), len(pack_ids), unit.inline()
+            pack_ids += trie.ids
+            pack_positions += [start + d for d in trie.depth]
+            pack_ends += [offset + e for e in trie.end]
+            pack_column += [column] * len(trie.ids)
+            for i, path in zip(unit.rows, trie.paths):
                 item = items[i]
-                length, offset = len(item.input_ids), len(pack_ids)
-                pack_ids += item.input_ids
-                pack_positions += range(start, start + length)
-                pack_segment += [seg] * length
-                seg += 1
-                pack_sees += [prefix_segment] * length
-                pack_column += [column] * length
                 if item.image is not None and item.pixels is not None:
                     images.append(item.image)
                 # The logit at position q predicts token q + 1; unused slots repeat the span's last position.
-                first = len(kept)
-                kept += [offset + item.answer_start - 1 + min(t, max(item.answer_len - 1, 0)) for t in range(span)]
-                answer = [item.input_ids[min(item.answer_start + t, length - 1)] for t in range(span)]
+                at = [offset + path[lead + item.answer_start - 1 + min(t, max(item.answer_len - 1, 0))]
+                      for t in range(span)]
+                answer = [item.input_ids[min(item.answer_start + t, len(item.input_ids) - 1)] for t in range(span)]
                 rows.append(i)
                 pack_of.append(p)
-                slots.append(list(range(first, first + span)))
+                slots.append([kept.setdefault(q, len(kept)) for q in at])
                 targets.append([token if t < item.answer_len else pad_id for t, token in enumerate(answer)])
                 mask.append([t < item.answer_len for t in range(span)])
         ids.append(pack_ids)
         positions.append(pack_positions)
-        segment.append(pack_segment)
-        sees_segment.append(pack_sees)
+        ends.append(pack_ends)
         sees_column.append(pack_column)
         column_unit.append(pack_units)
-        keep.append(kept)
+        keep.append(list(kept))
     width = max(map(len, ids))
     columns = max(map(len, column_unit))
     for p in range(len(packs)):
         pad = width - len(ids[p])
+        ends[p] += range(len(ids[p]) + 1, width + 1)  # padding: each token sees only itself
         ids[p] += [pad_id] * pad
         positions[p] += [0] * pad
-        segment[p] += range(width + len(segment[p]), 2 * width)  # padding: each token a segment of its own
-        sees_segment[p] += [-1] * pad
         sees_column[p] += [-1] * pad
         column_unit[p] += [-2] * (columns - len(column_unit[p]))
-    segments, sees_segments, sees_columns = _ints(segment), _ints(sees_segment), _ints(sees_column)
     index = torch.arange(width)
-    own = (segments[:, :, None] == segments[:, None, :]) & (index[None, :, None] >= index[None, None, :])
-    prefix = sees_segments[:, :, None] == segments[:, None, :]
-    cached = sees_columns[:, :, None] == _ints(column_unit)[:, None, :]
-    allowed = torch.cat([cached, own | prefix], dim=2)[:, None]
+    own = (index[None, None, :] <= index[None, :, None]) & (index[None, :, None] < _ints(ends)[:, None, :])
+    cached = _ints(sees_column)[:, :, None] == _ints(column_unit)[:, None, :]
+    allowed = torch.cat([cached, own], dim=2)[:, None]
     longest = max(map(len, keep))
     keep_ids = _ints([k + [0] * (longest - len(k)) for k in keep])
     layers = _held_columns(held_keys, held, columns) if columns else None

@@ -4,12 +4,14 @@ only while the weights stand."""
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from editors import LVLM, Query, adapter
 from editors.adapter import SpanScore
 from editors.adapter import ScoreMemo
 from editors.inputs import Encoded
-from editors.prefixes import Unit, bytes_per_token, pack_layout, prefix_cache, shared_prefixes
+from editors.prefixes import Unit, bytes_per_token, merge, pack_layout, prefix_cache, shared_prefixes
 from tests.tiny_models import BUILDERS, random_image, tiny
 
 
@@ -92,11 +94,12 @@ def test_the_memo_keeps_prefixes_while_the_weights_stand(family, monkeypatch):
     prefixes, tokens = _counting(lvlm, monkeypatch)
     lvlm.score(queries, memo=memo)
     assert len(prefixes) == 2 and len(memo.prefixes) == 2
-    # A new question about the first image alone continues the prefix the memo holds.
+    # A new question about the first image alone continues the prefix the memo holds (up to its last answer token,
+    # which predicts nothing read).
     later = [Query("is the creature asleep?", "no", queries[0].image)]
     tokens.clear()
     continued = lvlm.score(later, memo=memo)
-    assert len(prefixes) == 2 and tokens == [len(lvlm.inputs.encode(later[0]).input_ids) - len(prefixes[0][1])]
+    assert len(prefixes) == 2 and tokens == [len(lvlm.inputs.encode(later[0]).input_ids) - len(prefixes[0][1]) - 1]
     _assert_same(continued, _whole(lvlm, later, monkeypatch))
     # A decoder weight changed in place (its version moves): the memo forgets, the prefix is computed again from the
     # new weights.
@@ -226,33 +229,53 @@ def test_prefix_bytes_per_token_at_published_sizes(name):
     assert bytes_per_token(lvlm.model.config, lvlm.dtype) == PUBLISHED_CACHE_BYTES[name]
 
 
-def test_a_pack_lets_each_row_see_only_itself_and_its_prefix():
-    """Two packs by hand: a new prefix inline ahead of its two rows, a row run whole, and a held prefix as columns."""
+def test_a_pack_lets_each_row_see_only_its_own_tokens_and_its_prefix():
+    """Two packs by hand: a new prefix inline ahead of two rows that begin alike, a row run whole, and a held prefix
+    as columns ahead of three rows, two of which ask for the same logit."""
     new, held = ("a", (1, 4, 4)), ("b", (1, 4))
-    items = {0: Encoded([7, 8, 9], 1, 2, None, None), 1: Encoded([10, 11], 1, 1, None, None),
-             2: Encoded([1, 12, 13, 14], 2, 2, None, None), 3: Encoded([15, 16], 1, 1, None, None)}
+    items = {0: Encoded([7, 8, 9], 1, 2, None, None), 1: Encoded([7, 10, 11], 2, 1, None, None),
+             2: Encoded([1, 12, 13, 14], 2, 2, None, None), 3: Encoded([15, 16], 1, 1, None, None),
+             4: Encoded([15, 17, 18], 2, 1, None, None), 5: Encoded([15, 19], 1, 1, None, None)}
     keys = torch.arange(4.0).reshape(1, 1, 2, 2)
-    packs = [[Unit(new, [0, 1], False), Unit(None, [2], False)], [Unit(held, [3], True)]]
+    packs = [[Unit(new, [0, 1], False), Unit(None, [2], False)], [Unit(held, [3, 4, 5], True)]]
     layout = pack_layout(packs, items, {held: [(keys, -keys)]}, pad_id=0, device=torch.device("cpu"))
-    assert layout.input_ids.tolist() == [[1, 4, 4, 7, 8, 9, 10, 11, 1, 12, 13, 14], [15, 16] + [0] * 10]
-    assert layout.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 3, 4, 0, 1, 2, 3], [2, 3] + [0] * 10]
+    # Rows stop before their last answer token; rows 0 and 1 share 7 after the prefix, rows 3, 4 and 5 share 15.
+    assert layout.input_ids.tolist() == [[1, 4, 4, 7, 8, 10, 1, 12, 13], [15, 17] + [0] * 7]
+    assert layout.position_ids.tolist() == [[0, 1, 2, 3, 4, 4, 0, 1, 2], [2, 3] + [0] * 7]
     assert layout.computed == [(new, 0, 0)]
     (k, v), = layout.layers
     assert k.shape == (2, 1, 2, 2) and k[1].tolist() == keys[0].tolist() and v[1].tolist() == (-keys[0]).tolist()
     assert not k[0].any()
     allowed = layout.allowed[:, 0]  # (packs, W, 2 columns + W)
     seen = {(p, q): [c for c in range(allowed.shape[2]) if allowed[p, q, c]] for p, q in
-            [(0, 0), (0, 2), (0, 3), (0, 5), (0, 6), (0, 7), (0, 8), (0, 11), (1, 0), (1, 1), (1, 5)]}
+            [(0, 0), (0, 2), (0, 3), (0, 4), (0, 5), (0, 6), (0, 8), (1, 0), (1, 1), (1, 5)]}
     own = lambda *tokens: [2 + t for t in tokens]  # noqa: E731 - the pack's tokens come after the 2 columns
-    assert seen == {(0, 0): own(0), (0, 2): own(0, 1, 2), (0, 3): own(0, 1, 2, 3), (0, 5): own(0, 1, 2, 3, 4, 5),
-                    (0, 6): own(0, 1, 2, 6), (0, 7): own(0, 1, 2, 6, 7), (0, 8): own(8), (0, 11): own(8, 9, 10, 11),
+    assert seen == {(0, 0): own(0), (0, 2): own(0, 1, 2), (0, 3): own(0, 1, 2, 3), (0, 4): own(0, 1, 2, 3, 4),
+                    (0, 5): own(0, 1, 2, 3, 5), (0, 6): own(6), (0, 8): own(6, 7, 8),
                     (1, 0): [0, 1, *own(0)], (1, 1): [0, 1, *own(0, 1)], (1, 5): own(5)}
-    # Each row's answer logits: at the position before each answer token, the last repeated past a shorter span.
+    # Each row's answer logits: at the position before each answer token, the last repeated past a shorter span;
+    # rows 3 and 5 read the same one, computed once.
     kept = layout.keep[layout.pack[:, None], layout.slots]
-    assert layout.rows == [0, 1, 2, 3]
-    assert kept.tolist() == [[3, 4], [6, 6], [9, 10], [0, 0]]
-    assert layout.targets.tolist() == [[8, 9], [11, 0], [13, 14], [16, 0]]
-    assert layout.mask.tolist() == [[True, True], [True, False], [True, True], [True, False]]
+    assert layout.rows == [0, 1, 2, 3, 4, 5]
+    assert kept.tolist() == [[3, 4], [5, 5], [7, 8], [0, 0], [1, 1], [0, 0]]
+    assert layout.keep[1, :2].tolist() == [0, 1] and layout.slots[3].tolist() == layout.slots[5].tolist()
+    assert layout.targets.tolist() == [[8, 9], [11, 0], [13, 14], [16, 0], [18, 0], [19, 0]]
+    assert layout.mask.tolist() == [[True, True], [True, False], [True, True], [True, False], [True, False],
+                                    [True, False]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=6), min_size=1, max_size=8))
+def test_a_trie_holds_each_sequence_once_per_distinct_beginning(sequences):
+    """Every sequence reads back along its path, each distinct beginning is one node, and a node sees (by its span)
+    exactly the nodes of its path up to it."""
+    trie = merge(sequences)
+    beginnings = {tuple(seq[: d + 1]) for seq in sequences for d in range(len(seq))}
+    assert len(trie.ids) == len(beginnings)
+    for seq, path in zip(sequences, trie.paths, strict=True):
+        assert [trie.ids[node] for node in path] == seq and [trie.depth[node] for node in path] == list(range(len(seq)))
+        for d, node in enumerate(path):
+            assert [k for k in range(len(trie.ids)) if k <= node < trie.end[k]] == path[: d + 1]
 
 
 def test_a_decoder_on_a_flash_attention_kernel_runs_rows_whole(monkeypatch):
