@@ -115,7 +115,12 @@ class InputBuilder:
         return token_id
 
     def prompt_text(self, query: Query) -> str:
-        """The prompt as the model sees it, before the answer, in the configured format."""
+        """The prompt as the model sees it, before the answer, in the configured format (and the family's
+        `prompt_end`)."""
+        return self._prompt_text(query) + self.family.prompt_end
+
+    def _prompt_text(self, query: Query) -> str:
+        """The prompt in the configured format."""
         if self.prompt_format == "chat":
             content = ([{"type": "image"}] if query.image is not None else []) + [{"type": "text", "text": query.prompt}]
             text = self.tokenizer.apply_chat_template(

@@ -98,6 +98,9 @@ class Family:
     # families (the image right after BOS, as VLKEB feeds LLaVA), nothing for prefix ones (BLIP-2's
     # image goes before BOS there too).
     vlkeb_image_text: ClassVar[str | None] = None
+    # What the family's processor writes after every prompt, so the model was trained to read the answer right after
+    # it (PaliGemma's "\n"); a prompt ending in whitespace takes the answer without the usual space.
+    prompt_end: ClassVar[str] = ""
     decoder_path: ClassVar[str]  # module path of the text decoder's base model
     text_module: ClassVar[str] = ""  # module that runs text-only input ("" = the whole model)
     # part name -> module/parameter paths; integer segments may count from the end ("blocks.-1.mlp").

@@ -30,10 +30,11 @@ class PaliGemma(Family):
     name = "paligemma"
     config_class = PaliGemmaConfig
     model_class = PaliGemmaForConditionalGeneration
-    # PaliGemmaProcessor writes "<image>" * N + "<bos>" + prompt: the image goes before BOS.
+    # PaliGemmaProcessor writes "<image>" * N + "<bos>" + prompt + "\n" (+ answer): the image goes before BOS.
     placement = "prefix"
     image_token = "<image>"
     image_text = ""
+    prompt_end = "\n"
     decoder_path = "model.language_model"
     vision_parts = _SIGLIP_PARTS
     default_vision_parts = ("projector",)

@@ -101,17 +101,29 @@ def test_blip2_over_flan_t5_is_refused_with_the_reason(tmp_path):
 # -- PaliGemma -----------------------------------------------------------------------------------
 
 
-def test_paligemma_puts_the_image_before_bos_as_its_processor_does():
+def test_paligemma_reads_prompt_and_answer_as_its_processor_writes_them():
+    """The image before BOS, "\n" after the prompt, the answer right after it: token for token what PaliGemmaProcessor
+    gives for a prompt and its suffix, with the same prefix (0) and answer (1) token types."""
     lvlm = BUILDERS["paligemma"]()
     image_processor = lvlm.inputs.image_processor
     image_processor.image_seq_length = 16
     query = Query("what is the capital of France?", "Paris", random_image(1))
-    expected = ids_of(lvlm, query, with_answer=False)
-    processor = PaliGemmaProcessor(image_processor, lvlm.inputs.tokenizer)  # adds its <loc>/<seg> tokens: a fresh build
-    reference = processor(images=query.image, text=lvlm.inputs.prompt_text(query), return_tensors="pt")
-    # The processor writes "<image>" * 16 + "<bos>" + prompt + "\n"; editwatch separates the answer its own way.
-    assert expected == reference["input_ids"][0, :-1].tolist()
-    assert expected[:17] == [lvlm.inputs.image_token_id] * 16 + [lvlm.inputs.tokenizer.bos_token_id]
+    # Encoded first: building the processor adds its <loc>/<seg> tokens to the tokenizer and turns its
+    # `add_bos_token` off (the processor writes BOS into its text itself).
+    encoded, prompt_ids = lvlm.inputs.encode(query), ids_of(lvlm, query, with_answer=False)
+    types = lvlm._batch([query]).inputs["token_type_ids"][0].tolist()
+    prompt = lvlm.inputs.prompt_text(query)
+    assert prompt.endswith("answer:\n")
+    processor = PaliGemmaProcessor(image_processor, lvlm.inputs.tokenizer)
+    reference = processor(images=query.image, text=prompt.removesuffix("\n"), suffix=query.answer, return_tensors="pt")
+    # The processor ends the answer with EOS, which no answer span here holds.
+    assert encoded.input_ids == reference["input_ids"][0, :-1].tolist()
+    assert encoded.input_ids[:17] == [lvlm.inputs.image_token_id] * 16 + [lvlm.inputs.tokenizer.bos_token_id]
+    assert lvlm.inputs.tokenizer.decode(encoded.input_ids[encoded.answer_start :]) == "Paris"
+    assert types == reference["token_type_ids"][0, :-1].tolist()
+    # Without the answer, the prompt is what the processor writes for generation.
+    prompt_only = processor(images=query.image, text=prompt.removesuffix("\n"), return_tensors="pt")
+    assert prompt_ids == prompt_only["input_ids"][0].tolist()
 
 
 def test_paligemma_prefix_is_bidirectional_and_the_answer_causal():
