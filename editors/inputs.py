@@ -115,8 +115,7 @@ class InputBuilder:
         return token_id
 
     def prompt_text(self, query: Query) -> str:
-        """The prompt as the model sees it, before the answer, in the configured format (and the family's
-        `prompt_end`)."""
+        """The prompt as the model sees it before the answer: the configured format, then the family's `prompt_end`."""
         return self._prompt_text(query) + self.family.prompt_end
 
     def _prompt_text(self, query: Query) -> str:

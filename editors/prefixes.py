@@ -114,7 +114,7 @@ def merge(sequences: list[list[int]]) -> Trie:
     return Trie(ids, depth, end, paths)
 
 
-def inputs(item: Encoded) -> list[int]:
+def _run_tokens(item: Encoded) -> list[int]:
     """The tokens of `item` a pack runs: up to the one that predicts its last answer token."""
     return item.input_ids[: item.answer_start + max(item.answer_len - 1, 0)]
 
@@ -126,6 +126,7 @@ class Unit:
     key: PrefixKey | None
     rows: list[int]
     held: bool
+    # Built on first use and kept: `plan_packs` and `pack_layout` of one call pass the same `items`.
     merged: Trie | None = field(default=None, repr=False, compare=False)
 
     def inline(self) -> int:
@@ -136,7 +137,7 @@ class Unit:
         """The unit's tokens in a pack: its new prefix, then its rows merged where they begin alike."""
         if self.merged is None:
             lead = list(self.key[1]) if self.inline() else []
-            self.merged = merge([lead + inputs(items[i]) for i in self.rows])
+            self.merged = merge([lead + _run_tokens(items[i]) for i in self.rows])
         return self.merged
 
     def tokens(self, items: dict[int, Encoded]) -> int:
@@ -241,7 +242,7 @@ def pack_layout(packs: list[list[Unit]], items: dict[int, Encoded], held: dict[P
                 item = items[i]
                 if item.image is not None and item.pixels is not None:
                     images.append(item.image)
-                # The logit at position q predicts token q + 1; unused slots repeat the span's last position.
+                # The logit at a row's node predicts the row's next token; unused slots repeat the span's last one.
                 at = [offset + path[lead + item.answer_start - 1 + min(t, max(item.answer_len - 1, 0))]
                       for t in range(span)]
                 answer = [item.input_ids[min(item.answer_start + t, len(item.input_ids) - 1)] for t in range(span)]

@@ -99,7 +99,8 @@ class Family:
     # image goes before BOS there too).
     vlkeb_image_text: ClassVar[str | None] = None
     # What the family's processor writes after every prompt, so the model was trained to read the answer right after
-    # it (PaliGemma's "\n"); a prompt ending in whitespace takes the answer without the usual space.
+    # it (PaliGemma's "\n"); a prompt ending in whitespace takes the answer without the usual space. It ends the
+    # prompt in every format, VLKEB's bare one too (VLKEB ran no PaliGemma) and a chat template's.
     prompt_end: ClassVar[str] = ""
     decoder_path: ClassVar[str]  # module path of the text decoder's base model
     text_module: ClassVar[str] = ""  # module that runs text-only input ("" = the whole model)
