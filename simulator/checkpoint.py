@@ -66,20 +66,30 @@ class Checkpoint:
     def load(cls, out: Path) -> Checkpoint:
         """Read `out/checkpoint`, the editor's state made whole from its journal; CheckpointError when there is
         none, it is from another version, or its journal does not hold what it names."""
+        return cls.read(out).made_whole(out)
+
+    @classmethod
+    def read(cls, out: Path) -> Checkpoint:
+        """`load` without the journal: a `HasJournal` editor's state names its memory by journal position only, so
+        this reads only the checkpoint folder, however large the memory is."""
         folder = current_folder(out / FOLDER)
         if not (folder / META).is_file():
             raise CheckpointError(f"no checkpoint in {out} to resume from (run without --resume to start anew)")
         progress = json.loads((folder / META).read_text())
         if progress.pop("version", None) != VERSION:
             raise CheckpointError(f"checkpoint in {out} was written by another editwatch version")
-        state = EditorState.load(folder / EDITOR)
-        method = editor_class(state.method)
-        if issubclass(method, HasJournal):
-            try:
-                state = method.whole_state(state, out / JOURNAL)
-            except JournalError as error:
-                raise CheckpointError(f"the memory journal of the checkpoint in {out}: {error}") from None
-        return cls(progress, state, load_file(str(folder / TENSORS)))
+        return cls(progress, EditorState.load(folder / EDITOR), load_file(str(folder / TENSORS)))
+
+    def made_whole(self, out: Path) -> Checkpoint:
+        """This checkpoint (`read` from `out`) with a `HasJournal` editor's memory read from the journal beside it."""
+        method = editor_class(self.editor.method)
+        if not issubclass(method, HasJournal):
+            return self
+        try:
+            state = method.whole_state(self.editor, out / JOURNAL)
+        except JournalError as error:
+            raise CheckpointError(f"the memory journal of the checkpoint in {out}: {error}") from None
+        return Checkpoint(self.progress, state, self.tensors)
 
 
 def truncate(path: Path, size: int) -> None:

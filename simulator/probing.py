@@ -79,17 +79,22 @@ class ProbeJob:
             if stamp is not None and stamp == self._loaded:
                 return
             try:
-                checkpoint = Checkpoint.load(self.state)
+                checkpoint = Checkpoint.read(self.state)
+                if _stamp(meta) != stamp:
+                    raise CheckpointError("the checkpoint was replaced while it was read")
+                # Only the folder must stay put while it is read. A journal generation is never changed, only deleted
+                # once a later checkpoint names a newer one, so replaying it gives this checkpoint's memory or an
+                # error, however many checkpoints the run writes meanwhile: a large memory loads slower than a run
+                # may checkpoint.
+                checkpoint = checkpoint.made_whole(self.state)
             except (CheckpointError, OSError) as error:  # missing, or being replaced right now
                 last_error = error
-            else:
-                if _stamp(meta) == stamp:  # not replaced while it was read
-                    self._restore(checkpoint)
-                    self._loaded = stamp
-                    log.info("probing the state of %s after %d edits", self.state, self.applied)
-                    return
-                last_error = CheckpointError("the checkpoint was replaced while it was read")
-            time.sleep(0.2)
+                time.sleep(0.2)
+                continue
+            self._restore(checkpoint)
+            self._loaded = stamp
+            log.info("probing the state of %s after %d edits", self.state, self.applied)
+            return
         raise CheckpointError(f"cannot load the checkpoint of {self.state}: {last_error}")
 
     def _restore(self, checkpoint: Checkpoint) -> None:

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -91,6 +92,95 @@ def test_a_folder_without_a_run_is_named(tmp_path, capsys):
 def test_a_bad_interval_is_named(run_state, capsys):
     assert main(["probe", "--state", str(run_state), "--every", "2 minutes"]) == 2
     assert "invalid interval '2 minutes'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def serac_state(small_world, small_model, tmp_path_factory):
+    """A finished sequential SERAC run of 8 edits, checkpointed every 2: its memory is in a journal beside the
+    checkpoint (`memory-journal/`)."""
+    out = tmp_path_factory.mktemp("journaled") / "run"
+    simulate(RunConfig(stream=str(small_world / "eval.jsonl"), model=str(small_model), method="serac", gap=[1],
+                       probe_every=4, checkpoint_every=2, limit=8, retention_sample=4, reference_size=4, seed=3,
+                       out=out), progress=False)
+    return out
+
+
+def probed_copy(state, tmp_path, replay):
+    """A copy of the run `state` whose journal reads go through `replay(read_journal, folder, position)`, and the
+    first round of a probe job on it."""
+    import editors.edit_memory
+    from simulator.probing import ProbeJob
+
+    run = tmp_path / "run"
+    shutil.copytree(state, run)
+    read = editors.edit_memory.read_journal
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(editors.edit_memory, "read_journal", lambda *args: replay(read, run, *args))
+        config = RunConfig.model_validate_json((run / "config.json").read_text())
+        return ProbeJob(run, tmp_path / "probes", config, 0, []).round()
+
+
+def untimed(row):
+    """A round's row without its wall-clock figures."""
+    return {key: value for key, value in row.items() if "seconds" not in key}
+
+
+def test_a_run_that_checkpoints_while_its_memory_loads_is_probed_at_the_checkpoint_read(serac_state, tmp_path):
+    """A large memory loads slower than its run checkpoints: here the run replaces its checkpoint during every
+    replay of the journal, and the job probes the checkpoint it read rather than give up after five tries."""
+    from memory.files import current_folder, write_atomically
+
+    replays = []
+
+    def while_the_run_checkpoints(read, run, folder, position, *args):
+        checkpoint = run / "checkpoint"
+        write_atomically(checkpoint, lambda tmp: shutil.copytree(current_folder(checkpoint), tmp))
+        replays.append(position)
+        return read(folder, position, *args)
+
+    row = probed_copy(serac_state, tmp_path, while_the_run_checkpoints)
+    # Loaded on start, then again in the round: the checkpoint had changed since.
+    assert len(replays) == 2
+    alone = probed_copy(serac_state, tmp_path / "alone", lambda read, run, *args: read(*args))
+    assert row["memory_size"] == 8 and row["retrieval_recall_at_1"] > 0
+    assert untimed(row) == untimed(alone)
+
+
+def test_a_journal_generation_deleted_while_it_loads_is_read_again_from_the_newer_checkpoint(serac_state,
+                                                                                            tmp_path):
+    """The run compacts its journal into a new generation, checkpoints and deletes the old one while the job
+    replays it: the job reads the new checkpoint and probes the same memory."""
+    from memory import MemoryJournal
+    from memory.files import current_folder, write_atomically
+
+    generations = []
+
+    def compacted_under_it(read, run, folder, position, *args):
+        generations.append(position.generation)
+        if len(generations) > 1:
+            return read(folder, position, *args)
+        memory, payloads = read(folder, position, *args)
+        journal = MemoryJournal(folder)
+        newer = journal.write(memory, None, lambda: payloads)  # changes unknown: a new snapshot
+
+        def pointed_at_it(tmp):
+            shutil.copytree(current_folder(run / "checkpoint"), tmp)
+            state = json.loads((tmp / "editor" / "state.json").read_text())
+            state["meta"]["memory"]["journal"] = newer.model_dump()
+            (tmp / "editor" / "state.json").write_text(json.dumps(state))
+
+        write_atomically(run / "checkpoint", pointed_at_it)
+        journal.commit()
+        return read(folder, position, *args)
+
+    row = probed_copy(serac_state, tmp_path, compacted_under_it)
+    first = generations[0]
+    assert generations == [first, first + 1]
+    assert sorted(p.name for p in (tmp_path / "run" / "memory-journal").glob("[ls]*")) == [
+        f"log-{first + 1}.bin", f"snapshot-{first + 1}"]
+    alone = probed_copy(serac_state, tmp_path / "alone", lambda read, run, *args: read(*args))
+    assert row["memory_size"] == 8 and row["retrieval_recall_at_1"] > 0
+    assert untimed(row) == untimed(alone)
 
 
 def test_a_restarted_probe_job_numbers_its_rounds_on(run_state, tmp_path):
