@@ -21,6 +21,10 @@ from editors.editor import EditExample, EditRequest
 from editors.hypernet import HyperConfig, HyperEditor, token_factors
 
 
+# The shipped model's MEND, trained on the default world, has no feature below 0.028 of its factor's scale.
+STD_FLOOR = 1e-2
+
+
 class MENDConfig(HyperConfig):
     """MEND's network size and initial step size, plus the shared training settings."""
 
@@ -72,12 +76,16 @@ class MEND(HyperEditor):
     @torch.no_grad()
     def _prepare(self, examples: Sequence[EditExample]) -> None:
         """Mean and std of [u; delta] per weight over the train edits' tokens (running sums, float64)."""
+        # Sums of each row less the weight's first row (the shifted-data algorithm): a feature that never varies sums
+        # to exactly 0, where plain sums of squares minus the squared mean leave rounding noise.
+        first: dict[str, torch.Tensor] = {}
         count = dict.fromkeys(self.tracker.params, 0)
         total = {name: torch.zeros(g.mean.shape, dtype=torch.float64) for name, g in zip(self.tracker.params, self.net)}
         squares = {name: torch.zeros_like(t) for name, t in total.items()}
         for example in examples:
             for name, (u, delta) in token_factors(self.lvlm, self.tracker.params, example.edit.query).items():
                 rows = torch.cat([u, delta], -1).double().cpu()
+                rows = rows - first.setdefault(name, rows[0])
                 count[name] += len(rows)
                 total[name] += rows.sum(0)
                 squares[name] += rows.pow(2).sum(0)
@@ -85,6 +93,15 @@ class MEND(HyperEditor):
             if count[name] < 2:
                 continue  # too few tokens to estimate: keep the identity standardisation
             mean = total[name] / count[name]
-            var = (squares[name] - count[name] * mean.pow(2)) / (count[name] - 1)
-            g.mean.copy_(mean)
-            g.std.copy_(var.clamp(min=1e-16).sqrt())
+            std = ((squares[name] - count[name] * mean.pow(2)) / (count[name] - 1)).clamp(min=0).sqrt()
+            g.mean.copy_(first[name] + mean)
+            g.std.copy_(torch.cat([_floored(part) for part in std.split([g.d_in, g.d_out])]))
+
+
+def _floored(std: torch.Tensor) -> torch.Tensor:
+    """One factor's per-feature std, each at least `STD_FLOOR` times the factor's root-mean-square std: a feature
+    that barely varied over the train tokens (few tokens, or a feature nearly constant on them) would otherwise be
+    divided by almost nothing at edit time and make the update huge. A factor that did not vary at all keeps the
+    identity standardisation, as with fewer than two tokens."""
+    scale = std.pow(2).mean().sqrt()
+    return std.clamp(min=max(STD_FLOOR * float(scale), 1e-8)) if scale > 0 else torch.ones_like(std)

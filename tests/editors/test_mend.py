@@ -71,6 +71,35 @@ def test_standardisation_is_each_weights_token_mean_and_sample_std_over_the_trai
         torch.testing.assert_close(g.std.double(), x.std(0, correction=1).clamp(min=1e-8), rtol=1e-4, atol=1e-7)
 
 
+def test_a_feature_that_barely_varied_over_the_train_tokens_is_not_divided_by_almost_nothing(monkeypatch):
+    """Each feature's std is at least a hundredth of its own factor's (u's or delta's) root-mean-square std; a factor
+    that never varied keeps the identity standardisation."""
+    import editors.mend
+
+    editor = create_editor("mend", tiny_llava(seed=2))
+    (_, weight), (second, _) = list(editor.tracker.params.items())[:2]
+    d_out, d_in = weight.shape
+    generator = torch.Generator().manual_seed(0)
+    u = torch.randn(3, d_in, generator=generator, dtype=torch.float64)
+    delta = 1e-3 * torch.randn(3, d_out, generator=generator, dtype=torch.float64)  # gradients: a smaller scale
+    u[:, 0], delta[:, 0] = 0.5, 2e-3  # the same on every train token
+    constant = torch.randn(1, d_in + d_out, generator=generator, dtype=torch.float64).expand(3, -1)
+    assert editor.tracker.params[second].shape == weight.shape  # gate_proj and up_proj
+    factors = {name: (u, delta) for name in editor.tracker.params}
+    factors[second] = constant.split([d_in, d_out], -1)
+    monkeypatch.setattr(editors.mend, "token_factors", lambda *args: factors)
+    editor._prepare(EXAMPLES[:1])
+
+    g = editor.net[0]  # the first weight's network
+    for part, x in ((slice(0, d_in), u), (slice(d_in, None), delta)):
+        sample = x.std(0, correction=1)
+        floor = 1e-2 * sample.pow(2).mean().sqrt()
+        assert sample[1:].min() > floor  # only the constant feature is floored
+        torch.testing.assert_close(g.std[part].double()[1:], sample[1:], rtol=1e-5, atol=0)
+        torch.testing.assert_close(g.std[part].double()[0], floor, rtol=1e-5, atol=0)
+    torch.testing.assert_close(editor.net[1].std, torch.ones(d_in + d_out))
+
+
 def test_the_seeded_network_leaves_the_callers_generators_alone(monkeypatch):
     # torch.manual_seed seeds every CUDA generator too, which a process's other CUDA work draws from.
     models = [tiny_llava(seed=2), tiny_llava(seed=2)]
