@@ -84,8 +84,8 @@ class MEND(HyperEditor):
         squares = {name: torch.zeros_like(t) for name, t in total.items()}
         for example in examples:
             for name, (u, delta) in token_factors(self.lvlm, self.tracker.params, example.edit.query).items():
-                rows = torch.cat([u, delta], -1).double().cpu()
-                rows = rows - first.setdefault(name, rows[0])
+                rows = torch.cat([u, delta], -1).cpu().double()
+                rows = rows - first.setdefault(name, rows[0].clone())
                 count[name] += len(rows)
                 total[name] += rows.sum(0)
                 squares[name] += rows.pow(2).sum(0)
@@ -101,7 +101,8 @@ class MEND(HyperEditor):
 def _floored(std: torch.Tensor) -> torch.Tensor:
     """One factor's per-feature std, each at least `STD_FLOOR` times the factor's root-mean-square std: a feature
     that barely varied over the train tokens (few tokens, or a feature nearly constant on them) would otherwise be
-    divided by almost nothing at edit time and make the update huge. A factor that did not vary at all keeps the
-    identity standardisation, as with fewer than two tokens."""
+    divided by almost nothing at edit time and make the update huge. The root-mean-square, not the median, sets the
+    scale so that a factor with many dead features still gets a floor. A factor that did not vary at all is not
+    scaled (std 1), only centred on its constant value."""
     scale = std.pow(2).mean().sqrt()
     return std.clamp(min=max(STD_FLOOR * float(scale), 1e-8)) if scale > 0 else torch.ones_like(std)

@@ -82,10 +82,11 @@ class ProbeJob:
                 checkpoint = Checkpoint.read(self.state)
                 if _stamp(meta) != stamp:
                     raise CheckpointError("the checkpoint was replaced while it was read")
-                # Only the folder must stay put while it is read. A journal generation is never changed, only deleted
-                # once a later checkpoint names a newer one, so replaying it gives this checkpoint's memory or an
-                # error, however many checkpoints the run writes meanwhile: a large memory loads slower than a run
-                # may checkpoint.
+                # Only the folder must stay put while it is read. A run writes a journal generation's log only past
+                # the length its last checkpoint recorded, and deletes the generation only once a later checkpoint
+                # names a newer one: replaying the length this checkpoint recorded gives its memory or an error,
+                # however many checkpoints the run writes meanwhile (a large memory loads slower than a run may
+                # checkpoint); a compaction committed meanwhile costs one attempt.
                 checkpoint = checkpoint.made_whole(self.state)
             except (CheckpointError, OSError) as error:  # missing, or being replaced right now
                 last_error = error

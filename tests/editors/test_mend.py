@@ -97,7 +97,8 @@ def test_a_feature_that_barely_varied_over_the_train_tokens_is_not_divided_by_al
         assert sample[1:].min() > floor  # only the constant feature is floored
         torch.testing.assert_close(g.std[part].double()[1:], sample[1:], rtol=1e-5, atol=0)
         torch.testing.assert_close(g.std[part].double()[0], floor, rtol=1e-5, atol=0)
-    torch.testing.assert_close(editor.net[1].std, torch.ones(d_in + d_out))
+    torch.testing.assert_close(editor.net[1].std, torch.ones(d_in + d_out))  # not scaled, only centred
+    torch.testing.assert_close(editor.net[1].mean.double(), constant[0], rtol=1e-6, atol=0)
 
 
 def test_the_seeded_network_leaves_the_callers_generators_alone(monkeypatch):

@@ -94,15 +94,18 @@ def test_a_bad_interval_is_named(run_state, capsys):
     assert "invalid interval '2 minutes'" in capsys.readouterr().err
 
 
+def serac_run(world, model, out, edits):
+    """A finished sequential SERAC run of `edits` edits, checkpointed every 2: its memory is in a journal beside the
+    checkpoint (`memory-journal/`)."""
+    simulate(RunConfig(stream=str(world / "eval.jsonl"), model=str(model), method="serac", gap=[1], probe_every=4,
+                       checkpoint_every=2, limit=edits, retention_sample=4, reference_size=4, seed=3, out=out),
+             progress=False)
+    return out
+
+
 @pytest.fixture(scope="module")
 def serac_state(small_world, small_model, tmp_path_factory):
-    """A finished sequential SERAC run of 8 edits, checkpointed every 2: its memory is in a journal beside the
-    checkpoint (`memory-journal/`)."""
-    out = tmp_path_factory.mktemp("journaled") / "run"
-    simulate(RunConfig(stream=str(small_world / "eval.jsonl"), model=str(small_model), method="serac", gap=[1],
-                       probe_every=4, checkpoint_every=2, limit=8, retention_sample=4, reference_size=4, seed=3,
-                       out=out), progress=False)
-    return out
+    return serac_run(small_world, small_model, tmp_path_factory.mktemp("journaled") / "run", 8)
 
 
 def probed_copy(state, tmp_path, replay):
@@ -181,6 +184,43 @@ def test_a_journal_generation_deleted_while_it_loads_is_read_again_from_the_newe
     alone = probed_copy(serac_state, tmp_path / "alone", lambda read, run, *args: read(*args))
     assert row["memory_size"] == 8 and row["retrieval_recall_at_1"] > 0
     assert untimed(row) == untimed(alone)
+
+
+def test_a_checkpoint_replaced_while_its_folder_is_read_is_read_again_whole(serac_state, small_world, small_model,
+                                                                           tmp_path, monkeypatch):
+    """Another run's checkpoint (6 edits) takes the place of this one (8 edits) between the reads of its progress and
+    its editor state: the job reads again, and probes one checkpoint, not one's progress with the other's memory."""
+    from editors import EditorState
+    from memory.files import write_atomically
+    from simulator.probing import ProbeJob
+
+    earlier = serac_run(small_world, small_model, tmp_path / "earlier", 6)
+    load = EditorState.load
+    swaps = []
+
+    def swapped_first(folder):
+        if not swaps and folder.parent.name == "checkpoint":  # a run's, not the trained editor's in the cache
+            run = folder.parent.parent
+            write_atomically(run / "checkpoint", lambda tmp: shutil.copytree(earlier / "checkpoint", tmp))
+            shutil.rmtree(run / "memory-journal")
+            shutil.copytree(earlier / "memory-journal", run / "memory-journal")
+            shutil.copy(earlier / "pool.jsonl", run / "pool.jsonl")
+            swaps.append(run)
+        return load(folder)
+
+    restore = ProbeJob._restore
+    restored = []
+
+    def recorded(job, checkpoint):
+        restored.append((checkpoint.progress["applied"], len(checkpoint.editor.meta["memory"]["ids"])))
+        restore(job, checkpoint)
+
+    monkeypatch.setattr(EditorState, "load", swapped_first)
+    monkeypatch.setattr(ProbeJob, "_restore", recorded)
+    row = probed_copy(serac_state, tmp_path, lambda read, run, *args: read(*args))
+    assert swaps == [tmp_path / "run"]
+    assert restored == [(6, 6)]  # the swapped checkpoint, read again whole on start, and unchanged at the round
+    assert row["edits_applied"] == row["memory_size"] == 6
 
 
 def test_a_restarted_probe_job_numbers_its_rounds_on(run_state, tmp_path):
