@@ -123,6 +123,11 @@ def probed_copy(state, tmp_path, replay):
         return ProbeJob(run, tmp_path / "probes", config, 0, []).round()
 
 
+def as_read(read, run, *args):
+    """`probed_copy`'s replay that leaves the journal alone."""
+    return read(*args)
+
+
 def untimed(row):
     """A round's row without its wall-clock figures."""
     return {key: value for key, value in row.items() if "seconds" not in key}
@@ -144,7 +149,7 @@ def test_a_run_that_checkpoints_while_its_memory_loads_is_probed_at_the_checkpoi
     row = probed_copy(serac_state, tmp_path, while_the_run_checkpoints)
     # Loaded on start, then again in the round: the checkpoint had changed since.
     assert len(replays) == 2
-    alone = probed_copy(serac_state, tmp_path / "alone", lambda read, run, *args: read(*args))
+    alone = probed_copy(serac_state, tmp_path / "alone", as_read)
     assert row["memory_size"] == 8 and row["retrieval_recall_at_1"] > 0
     assert untimed(row) == untimed(alone)
 
@@ -181,7 +186,7 @@ def test_a_journal_generation_deleted_while_it_loads_is_read_again_from_the_newe
     assert generations == [first, first + 1]
     assert sorted(p.name for p in (tmp_path / "run" / "memory-journal").glob("[ls]*")) == [
         f"log-{first + 1}.bin", f"snapshot-{first + 1}"]
-    alone = probed_copy(serac_state, tmp_path / "alone", lambda read, run, *args: read(*args))
+    alone = probed_copy(serac_state, tmp_path / "alone", as_read)
     assert row["memory_size"] == 8 and row["retrieval_recall_at_1"] > 0
     assert untimed(row) == untimed(alone)
 
@@ -217,7 +222,7 @@ def test_a_checkpoint_replaced_while_its_folder_is_read_is_read_again_whole(sera
 
     monkeypatch.setattr(EditorState, "load", swapped_first)
     monkeypatch.setattr(ProbeJob, "_restore", recorded)
-    row = probed_copy(serac_state, tmp_path, lambda read, run, *args: read(*args))
+    row = probed_copy(serac_state, tmp_path, as_read)
     assert swaps == [tmp_path / "run"]
     assert restored == [(6, 6)]  # the swapped checkpoint, read again whole on start, and unchanged at the round
     assert row["edits_applied"] == row["memory_size"] == 6
