@@ -1,4 +1,8 @@
-"""Checkpoints: a run killed with SIGKILL and resumed ends exactly where an uninterrupted run does."""
+"""Checkpoints: a run killed with SIGKILL and resumed ends exactly where an uninterrupted run does.
+
+The runs are `simulate` processes forked from `tests.zygote`, which has imported what a run needs: these
+tests start about 25 of them.
+"""
 
 import json
 import os
@@ -9,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests import zygote
 
 SIMULATE = str(Path(sys.executable).parent / "simulate")
 TIMING = ("probe_seconds", "edits_per_second")
@@ -31,13 +37,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def whole(small_world, small_model, tmp_path_factory):
     """The outputs of the same run, uninterrupted."""
     out = tmp_path_factory.mktemp("whole") / "run"
-    subprocess.run(run_args(small_world, small_model, out), check=True, env=ENV, capture_output=True, timeout=300)
+    zygote.run(run_args(small_world, small_model, out), check=True, env=ENV, capture_output=True, timeout=300)
     return out
 
 
 def started(args, edits):
     """A running `simulate` that has applied at least `edits` edits (lines in its pool)."""
-    process = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = zygote.Forked(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     pool = Path(args[args.index("--out") + 1]) / "pool.jsonl"
     deadline = time.monotonic() + 240
     while not (pool.exists() and len(pool.read_text().splitlines()) >= edits):
@@ -55,7 +61,7 @@ def test_sigkill_and_resume_gives_the_same_outputs_as_an_uninterrupted_run(small
     assert process.wait() == -9
     assert not (killed / "summary.json").exists()
 
-    resumed = subprocess.run(run_args(small_world, small_model, killed) + ["--resume"], env=ENV,
+    resumed = zygote.run(run_args(small_world, small_model, killed) + ["--resume"], env=ENV,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming resume-test after line 12" in resumed.stderr
@@ -84,7 +90,7 @@ def test_sigterm_stops_between_records_and_resume_gives_the_same_outputs(small_w
     process.kill()
     assert process.wait() == -9
     assert not (stopped / "summary.json").exists()
-    resumed = subprocess.run(run_args(small_world, small_model, stopped) + ["--resume"], env=ENV,
+    resumed = zygote.run(run_args(small_world, small_model, stopped) + ["--resume"], env=ENV,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((stopped / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
@@ -94,12 +100,12 @@ def test_sigterm_stops_between_records_and_resume_gives_the_same_outputs(small_w
 def test_resume_refuses_settings_that_change_what_is_measured(small_world, small_model, tmp_path):
     out = tmp_path / "run"
     args = run_args(small_world, small_model, out)
-    subprocess.run(args[:3] + ["--limit", "2"] + args[3:], check=True, capture_output=True, timeout=300)
+    zygote.run(args[:3] + ["--limit", "2"] + args[3:], check=True, capture_output=True, timeout=300)
     changed = [a if a != "3" else "5" for a in args] + ["--seed", "8", "--resume"]  # another gap and seed
-    result = subprocess.run(changed, capture_output=True, text=True, timeout=120)
+    result = zygote.run(changed, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "--gap: [1, 3] in the checkpoint, [1, 5] now" in result.stderr and "--seed: 7" in result.stderr
-    more = subprocess.run(args + ["--limit", "4", "--resume", "--no-mlflow"], capture_output=True, text=True,
+    more = zygote.run(args + ["--limit", "4", "--resume", "--no-mlflow"], capture_output=True, text=True,
                           timeout=300)  # how far to go and where to report may change
     assert more.returncode == 0, more.stderr
     assert json.loads((out / "summary.json").read_text())["edits_applied"] == 4
@@ -113,7 +119,7 @@ def test_resume_without_a_checkpoint_starts_from_the_beginning(small_world, smal
     process.kill()
     process.wait()
     assert not (out / "checkpoint").exists()
-    result = subprocess.run(run_args(small_world, small_model, out) + ["--resume"], env=ENV, capture_output=True,
+    result = zygote.run(run_args(small_world, small_model, out) + ["--resume"], env=ENV, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "holds no checkpoint yet: the run starts from the beginning" in result.stderr
@@ -131,7 +137,7 @@ def serac_args(world, model, out):
 def serac_whole(small_world, small_model, tmp_path_factory):
     """The outputs of an uninterrupted SERAC run (`serac_args`)."""
     out = tmp_path_factory.mktemp("serac") / "whole"
-    done = subprocess.run(serac_args(small_world, small_model, out), env=ENV, capture_output=True, text=True,
+    done = zygote.run(serac_args(small_world, small_model, out), env=ENV, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
     return out
@@ -176,7 +182,7 @@ def test_a_memory_editor_killed_mid_journal_resumes_to_the_uninterrupted_outputs
     (memo / f".{named['opened'] + 1}.safetensors.tmp-4242").write_bytes(b"half")
     assert len(Checkpoint.load(killed).editor.meta["memory"]["ids"]) >= 8  # readers get the whole state
 
-    resumed = subprocess.run(serac_args(small_world, small_model, killed) + ["--resume"], env=ENV,
+    resumed = zygote.run(serac_args(small_world, small_model, killed) + ["--resume"], env=ENV,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     expected = json.loads((whole / "summary.json").read_text())
@@ -210,9 +216,9 @@ def test_a_memory_editor_stopped_off_its_checkpoint_schedule_resumes_to_the_unin
 
     runs = {"whole": serac_whole, "stopped": tmp_path / "stopped"}
     stopped = serac_args(small_world, small_model, runs["stopped"]) + ["--limit", "7", "--checkpoint-every", "3"]
-    done = subprocess.run(stopped, env=ENV, capture_output=True, text=True, timeout=300)
+    done = zygote.run(stopped, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    resumed = subprocess.run(serac_args(small_world, small_model, runs["stopped"]) + ["--resume"], env=ENV,
+    resumed = zygote.run(serac_args(small_world, small_model, runs["stopped"]) + ["--resume"], env=ENV,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert untimed(json.loads((runs["stopped"] / "summary.json").read_text())) == untimed(
@@ -249,7 +255,7 @@ def mixed_whole(small_world, small_model, tmp_path_factory):
     """The mixed stream and its uninterrupted serac run (the kill points below share it)."""
     folder = tmp_path_factory.mktemp("mixed")
     stream = mixed_stream(small_world, folder)
-    done = subprocess.run(mixed_args(small_world, small_model, stream, folder / "whole"), env=ENV,
+    done = zygote.run(mixed_args(small_world, small_model, stream, folder / "whole"), env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return stream, folder / "whole"
@@ -264,7 +270,7 @@ def test_a_stream_of_mixed_good_and_hostile_lines_killed_and_resumed_ends_as_the
     process = started(mixed_args(small_world, small_model, stream, killed), at)
     process.kill()
     process.wait()
-    subprocess.run(mixed_args(small_world, small_model, stream, killed) + ["--resume"], check=True, env=ENV,
+    zygote.run(mixed_args(small_world, small_model, stream, killed) + ["--resume"], check=True, env=ENV,
                    capture_output=True, timeout=300)
     summary = json.loads((whole_run / "summary.json").read_text())
     assert untimed(json.loads((killed / "summary.json").read_text())) == untimed(summary)
