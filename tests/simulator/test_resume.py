@@ -41,6 +41,15 @@ def whole(small_world, small_model, tmp_path_factory):
     return out
 
 
+def test_a_forked_run_writes_what_a_fresh_simulate_process_writes(small_world, small_model, whole, tmp_path):
+    """What the zygote's runs stand in for: the console script in a process of its own."""
+    out = tmp_path / "fresh"
+    subprocess.run(run_args(small_world, small_model, out), check=True, env=ENV, capture_output=True, timeout=300)
+    assert json.loads((out / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
+    assert rows(out / "rounds.jsonl") == rows(whole / "rounds.jsonl")
+    assert rows(out / "pool.jsonl") == rows(whole / "pool.jsonl")
+
+
 def started(args, edits):
     """A running `simulate` that has applied at least `edits` edits (lines in its pool)."""
     process = zygote.Forked(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
