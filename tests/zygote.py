@@ -129,15 +129,18 @@ class Forked:
 
     def poll(self) -> int | None:
         """The exit code if the child has ended, else None."""
-        if self.returncode is None and select.select([self._connection], [], [], 0)[0]:
-            self.returncode = int(self._lines.readline())
-        return self.returncode
+        return self._ended(0)
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait for the child to end; its exit code (minus the signal that killed it)."""
-        if self.returncode is None:
-            if not select.select([self._connection], [], [], timeout)[0]:
-                raise subprocess.TimeoutExpired(SIMULATE, timeout or 0)
+        code = self._ended(timeout)
+        if code is None:
+            raise subprocess.TimeoutExpired(SIMULATE, timeout or 0)
+        return code
+
+    def _ended(self, timeout: float | None) -> int | None:
+        """The exit code, once the zygote reports it within `timeout` seconds (None: wait as long as it takes)."""
+        if self.returncode is None and select.select([self._connection], [], [], timeout)[0]:
             self.returncode = int(self._lines.readline())
         return self.returncode
 
@@ -169,8 +172,9 @@ class Forked:
                     os.close(fd)
         self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         out = {name: b"".join(chunks[fd]) for name, fd in self._pipes.items()}
-        decoded = {name: data.decode() if self.text else data for name, data in out.items()}
-        return decoded.get("stdout"), decoded.get("stderr")
+        if self.text:
+            out = {name: data.decode() for name, data in out.items()}
+        return out.get("stdout"), out.get("stderr")
 
 
 def run(command: list[str], env: dict[str, str] | None = None, capture_output: bool = False, text: bool = False,

@@ -8,15 +8,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests import zygote
+from tests.services import SIMULATE
 
-SIMULATE = str(Path(sys.executable).parent / "simulate")
 TIMING = ("probe_seconds", "edits_per_second")
 
 
@@ -71,7 +70,7 @@ def test_sigkill_and_resume_gives_the_same_outputs_as_an_uninterrupted_run(small
     assert not (killed / "summary.json").exists()
 
     resumed = zygote.run(run_args(small_world, small_model, killed) + ["--resume"], env=ENV,
-                             capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming resume-test after line 12" in resumed.stderr
     expected = json.loads((whole / "summary.json").read_text())
@@ -100,7 +99,7 @@ def test_sigterm_stops_between_records_and_resume_gives_the_same_outputs(small_w
     assert process.wait() == -9
     assert not (stopped / "summary.json").exists()
     resumed = zygote.run(run_args(small_world, small_model, stopped) + ["--resume"], env=ENV,
-                             capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((stopped / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
     assert rows(stopped / "rounds.jsonl") == rows(whole / "rounds.jsonl")
@@ -115,7 +114,7 @@ def test_resume_refuses_settings_that_change_what_is_measured(small_world, small
     assert result.returncode == 2
     assert "--gap: [1, 3] in the checkpoint, [1, 5] now" in result.stderr and "--seed: 7" in result.stderr
     more = zygote.run(args + ["--limit", "4", "--resume", "--no-mlflow"], capture_output=True, text=True,
-                          timeout=300)  # how far to go and where to report may change
+                      timeout=300)  # how far to go and where to report may change
     assert more.returncode == 0, more.stderr
     assert json.loads((out / "summary.json").read_text())["edits_applied"] == 4
 
@@ -129,7 +128,7 @@ def test_resume_without_a_checkpoint_starts_from_the_beginning(small_world, smal
     process.wait()
     assert not (out / "checkpoint").exists()
     result = zygote.run(run_args(small_world, small_model, out) + ["--resume"], env=ENV, capture_output=True,
-                            text=True, timeout=300)
+                        text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "holds no checkpoint yet: the run starts from the beginning" in result.stderr
     assert json.loads((out / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
@@ -147,7 +146,7 @@ def serac_whole(small_world, small_model, tmp_path_factory):
     """The outputs of an uninterrupted SERAC run (`serac_args`)."""
     out = tmp_path_factory.mktemp("serac") / "whole"
     done = zygote.run(serac_args(small_world, small_model, out), env=ENV, capture_output=True, text=True,
-                          timeout=300)
+                      timeout=300)
     assert done.returncode == 0, done.stderr
     return out
 
@@ -192,7 +191,7 @@ def test_a_memory_editor_killed_mid_journal_resumes_to_the_uninterrupted_outputs
     assert len(Checkpoint.load(killed).editor.meta["memory"]["ids"]) >= 8  # readers get the whole state
 
     resumed = zygote.run(serac_args(small_world, small_model, killed) + ["--resume"], env=ENV,
-                             capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     expected = json.loads((whole / "summary.json").read_text())
     assert untimed(json.loads((killed / "summary.json").read_text())) == untimed(expected)
@@ -228,7 +227,7 @@ def test_a_memory_editor_stopped_off_its_checkpoint_schedule_resumes_to_the_unin
     done = zygote.run(stopped, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     resumed = zygote.run(serac_args(small_world, small_model, runs["stopped"]) + ["--resume"], env=ENV,
-                             capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert untimed(json.loads((runs["stopped"] / "summary.json").read_text())) == untimed(
         json.loads((runs["whole"] / "summary.json").read_text()))
@@ -265,7 +264,7 @@ def mixed_whole(small_world, small_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("mixed")
     stream = mixed_stream(small_world, folder)
     done = zygote.run(mixed_args(small_world, small_model, stream, folder / "whole"), env=ENV,
-                          capture_output=True, text=True, timeout=300)
+                      capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return stream, folder / "whole"
 
@@ -280,7 +279,7 @@ def test_a_stream_of_mixed_good_and_hostile_lines_killed_and_resumed_ends_as_the
     process.kill()
     process.wait()
     zygote.run(mixed_args(small_world, small_model, stream, killed) + ["--resume"], check=True, env=ENV,
-                   capture_output=True, timeout=300)
+               capture_output=True, timeout=300)
     summary = json.loads((whole_run / "summary.json").read_text())
     assert untimed(json.loads((killed / "summary.json").read_text())) == untimed(summary)
     assert (summary["quarantined"], summary["retracted"], summary["failed"]) == (4, 1, 1)
