@@ -5,9 +5,11 @@ edit (MLflow and sentence-transformers cost 2.5 and 3 s more); a 5-edit run then
 takes 1.1 s with the same outputs. The zygote is a single-threaded process (one a test process,
 started on first use) that imports them and forks one child per request: the child takes the
 request's stdio, working folder, environment and arguments and runs `simulator.cli.main`, a real
-process that signals reach as they reach any. What a library reads from the environment when it
-is imported comes from the zygote's (the test process's), so a test that changes such a variable
-for its run (`OMP_NUM_THREADS`, Ray's) starts a real `simulate` instead.
+process that signals reach as they reach any; or, for `python -c CODE ARGS`, runs CODE (a patched
+`simulate`). What a library reads from the environment when it is imported comes from the
+zygote's (the test process's), except torch's and faiss's thread counts: the child sets them from
+the request's `OMP_NUM_THREADS` (all CPUs without it), as a fresh process reads them. A test that
+changes another such variable for its run (Ray's) starts a real `simulate` instead.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from tests.services import SIMULATE
 # Runs in the zygote: accepts one request per connection, answers the child's pid, then its exit code.
 SERVER = r"""
 import json, os, select, socket, sys, traceback
-import editors.adapter, simulator.cli, simulator.run, transformers.image_processing_utils  # what every run imports
+import editors.adapter, faiss, simulator.cli, simulator.run, torch, transformers.image_processing_utils  # every run's
 import mlflow, sentence_transformers  # what a run logging to MLflow, or of a memory editor, imports too
 
 server = socket.socket(socket.AF_UNIX)
@@ -54,10 +56,18 @@ while os.getppid() == parent:  # the test process is gone: so is the zygote
             os.chdir(request["cwd"])
             os.environ.clear()
             os.environ.update(request["env"])
-            sys.argv = ["simulate", *request["args"]]
+            # A fresh process takes its thread counts from the environment when torch and faiss load; they are loaded.
+            threads = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+            torch.set_num_threads(threads)
+            faiss.omp_set_num_threads(threads)
+            sys.argv = request["argv"]
             code = 1
             try:
-                code = simulator.cli.main()
+                if request["code"] is None:
+                    code = simulator.cli.main()
+                else:  # python -c CODE ARGS
+                    exec(compile(request["code"], "<string>", "exec"), {"__name__": "__main__"})
+                    code = 0
             except SystemExit as exit:
                 code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
             except BaseException:
@@ -101,8 +111,12 @@ class Forked:
 
     def __init__(self, command: list[str], env: dict[str, str] | None = None, stdout: Any = None,
                  stderr: Any = None, text: bool = False) -> None:
-        if command[0] != SIMULATE:
-            raise ValueError(f"the zygote runs {SIMULATE} only, not {command[0]}")
+        if command[0] == SIMULATE:
+            code, argv = None, ["simulate", *command[1:]]
+        elif command[:2] == [sys.executable, "-c"] and len(command) > 2:
+            code, argv = command[2], ["-c", *command[3:]]
+        else:
+            raise ValueError(f"the zygote runs {SIMULATE} or {sys.executable} -c CODE, not {command[:2]}")
         self.text = text
         self.returncode: int | None = None
         self._pipes: dict[str, int] = {}
@@ -120,7 +134,7 @@ class Forked:
                 fds.append(os.dup(target.fileno()))
         self._connection = socket.socket(socket.AF_UNIX)
         self._connection.connect(_address())
-        request = {"args": command[1:], "env": dict(os.environ if env is None else env), "cwd": os.getcwd()}
+        request = {"argv": argv, "code": code, "env": dict(os.environ if env is None else env), "cwd": os.getcwd()}
         socket.send_fds(self._connection, [json.dumps(request).encode()], fds)
         for fd in fds:
             os.close(fd)

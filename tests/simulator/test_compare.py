@@ -15,6 +15,7 @@ from simulator import compare
 from monitor.sink import short_model_name
 from simulator.command import CommandError
 from simulator.compare import RunView, find_runs, histories, latest_per_step, table, write_table
+from tests import zygote
 from tests.services import SIMULATE, free_port, mlflow_service, url_of, wait_until
 
 METRICS = ["reliability", "t_gen", "t_loc", "retention", "ref_ppl_ratio", "memory_size"]
@@ -312,12 +313,12 @@ def test_two_methods_compared_and_a_server_outage_mid_run_loses_nothing(small_wo
 
     try:
         server.start()
-        subprocess.run(args("none", tmp_path / "none"), env=env, check=True, capture_output=True, timeout=300)
+        zygote.run(args("none", tmp_path / "none"), env=env, check=True, capture_output=True, timeout=300)
         # ft-llm follows the stream while the server is killed, the stream grows, the run ends,
         # and only then the server comes back: the run waits for it at its end and sends everything.
         ft = tmp_path / "ft"
-        process = subprocess.Popen(args("ft-llm", ft, "--follow", "--mlflow-flush-seconds", "300"), env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        process = zygote.Forked(args("ft-llm", ft, "--follow", "--mlflow-flush-seconds", "300"), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         wait_until(lambda: len(rows(ft / "rounds.jsonl")) == 2, 300, "two rounds of ft-llm", process)
         server.kill()
         with stream.open("a") as more:
@@ -331,8 +332,8 @@ def test_two_methods_compared_and_a_server_outage_mid_run_loses_nothing(small_wo
         assert "MLflow tracking unreachable" in stderr and "reachable again" in stderr
 
         out = tmp_path / "cmp"
-        result = subprocess.run([SIMULATE, "compare", "--mlflow-experiment", "cmp", "--mlflow-uri", uri, "--out", str(out)],
-                                env=env, capture_output=True, text=True, timeout=300)
+        result = zygote.run([SIMULATE, "compare", "--mlflow-experiment", "cmp", "--mlflow-uri", uri, "--out", str(out)],
+                            env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         from mlflow import MlflowClient
 

@@ -2,8 +2,8 @@
 
 A checkpoint is a folder written through a temporary sibling and two renames (`memory.files.write_atomically`:
 `checkpoint/` to `.checkpoint.old/`, then `.checkpoint.tmp-PID/` to `checkpoint/`, then the old one is deleted).
-Real `simulate` processes on the default world are killed with SIGKILL at four instants of such writes, one process
-after the other, each kill followed by `--resume`:
+`simulate` processes (forked from `tests.zygote`) on the default world are killed with SIGKILL at four instants of
+such writes, one process after the other, each kill followed by `--resume`:
 1. while the temporary folder is being filled (the first moment it holds anything: the editor's state half or
    wholly written, its own temporary folder: a different instant every time);
 2. between the two renames: no `checkpoint/`, only the previous one at `.checkpoint.old/`;
@@ -25,6 +25,7 @@ import pytest
 
 from simulator.world.export import write_world
 from simulator.world.graph import WorldConfig
+from tests import zygote
 from tests.services import SIMULATE
 from tests.simulator.test_resume_every_method import outputs
 
@@ -72,7 +73,7 @@ def run_until(command, out, landed, log):
     """Run `command` (its stderr into `log`) and SIGKILL it the moment `landed(pid)` holds; returns the names of the
     checkpoint folders the kill left."""
     with log.open("w") as stderr:
-        process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
+        process = zygote.Forked(command, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 240
     while not landed(process.pid):
         assert process.poll() is None, f"the run ended before the kill landed: {log.read_text()[-2000:]}"
@@ -93,8 +94,7 @@ def checkpointed(out):
 @pytest.mark.parametrize("method", ["ft-llm", "serac"])
 def test_sigkill_inside_checkpoint_writes_then_resume_ends_as_the_uninterrupted_run(method, stream, tmp_path):
     whole = tmp_path / "whole"
-    done = subprocess.run([SIMULATE, *args(stream, method, whole)], env=ENV, capture_output=True, text=True,
-                          timeout=300)
+    done = zygote.run([SIMULATE, *args(stream, method, whole)], env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "run"
     plain, slow = [SIMULATE, *args(stream, method, out)], [sys.executable, "-c", SLOW, *args(stream, method, out)]
@@ -127,7 +127,7 @@ def test_sigkill_inside_checkpoint_writes_then_resume_ends_as_the_uninterrupted_
     assert {"checkpoint", ".checkpoint.old"} <= left
     last = checkpointed(out)
     assert last == first + 4 < EDITS
-    resumed = subprocess.run(plain + ["--resume"], env=ENV, capture_output=True, text=True, timeout=300)
+    resumed = zygote.run(plain + ["--resume"], env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
 
     # Each process continued from the last whole checkpoint, and removed what the kill before it left.

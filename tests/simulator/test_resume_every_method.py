@@ -4,7 +4,6 @@ process held; timings aside."""
 
 import json
 import os
-import subprocess
 from contextlib import contextmanager
 
 import pytest
@@ -15,6 +14,7 @@ from editors.registry import METHODS
 from monitor.sink import Sink
 from simulator.config import RunConfig
 from simulator.run import simulate
+from tests import zygote
 from tests.services import SIMULATE
 
 # The cheapest settings each learner trains with; every other method runs with its defaults.
@@ -85,11 +85,12 @@ def killed_and_resumed(method, small_world, small_model, tmp_path, threads):
     with pytest.raises(Killed):
         simulate(config(tmp_path / "run"), [DieAt(DIE_AT)], progress=False)
     assert not (tmp_path / "run" / "summary.json").exists()
-    # Resumed in a new process, as after a real kill: every cache (embeddings, images, scores) starts cold.
+    # Resumed in a new process, as after a real kill: every cache (embeddings, images, scores) starts cold. The
+    # zygote it is forked from has only imported modules, never run.
     scenario = tmp_path / "resume.yaml"
     scenario.write_text(yaml.safe_dump(config(tmp_path / "run", resume=True).model_dump(mode="json")))
-    done = subprocess.run([SIMULATE, "--config", str(scenario)], env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-                          capture_output=True, text=True, timeout=300)
+    done = zygote.run([SIMULATE, "--config", str(scenario)], env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                      capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return outputs(tmp_path / "whole"), outputs(tmp_path / "run")
 
