@@ -1,5 +1,8 @@
 """`simulate sweep` on a real local Ray instance: cells equal runs alone, a killed worker and an interrupted
-driver resume from checkpoints, MLflow parent/child runs and the compare table, every file mistake at once."""
+driver resume from checkpoints, MLflow parent/child runs and the compare table, every file mistake at once.
+
+The drivers (`simulate sweep`) are forked from `tests.zygote`, which has not imported Ray: each child imports it under
+the environment the test gives it. Ray's own processes and its workers start as Ray starts them."""
 
 import csv
 import ipaddress
@@ -21,6 +24,7 @@ from memory.files import current_folder
 from simulator import cli
 from simulator.sweep import CELL_ERROR, LOCAL_ONLY
 from simulator.sweep_config import load_sweep
+from tests import zygote
 from tests.services import SIMULATE, free_port, get, mlflow_service, pushgateway_service, url_of, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -122,8 +126,8 @@ def grid(small_world, small_model, ray_address, tmp_path_factory):
         path = write_sweep(folder, small_world, small_model, "grid", {"method": ["ft-llm", "ike"], "seed": [0, 1]},
                            no_mlflow=False, mlflow_uri=url_of(server), mlflow_experiment="sweep", pushgateway=push_url)
         out = folder / "sweep"
-        result = subprocess.run([SIMULATE, "sweep", str(path), "--address", ray_address, "--out", str(out)], env=env(),
-                                capture_output=True, text=True, timeout=600)
+        result = zygote.run([SIMULATE, "sweep", str(path), "--address", ray_address, "--out", str(out)], env=env(),
+                            capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-5000:]
         yield {"out": out, "mlflow": url_of(server), "pushgateway": push_url, "stdout": result.stdout}
     finally:
@@ -260,8 +264,8 @@ def test_a_killed_worker_is_retried_from_the_cells_checkpoint_and_a_cells_own_er
     out = tmp_path / "sweep"
     log = tmp_path / "driver.log"
     with log.open("w") as output:
-        driver = subprocess.Popen([SIMULATE, "sweep", str(path), "--address", ray_address, "--out", str(out)],
-                                  env=env(), stdout=output, stderr=subprocess.STDOUT)
+        driver = zygote.Forked([SIMULATE, "sweep", str(path), "--address", ray_address, "--out", str(out)],
+                               env=env(), stdout=output, stderr=output)
     cell = out / "cells" / "prompt_format=auto,method=ft-llm,seed=0"
     wait_until(lambda: lines(cell / "pool.jsonl") >= 7, 240, "the cell past its first checkpoint", driver, poll=0.02)
     worker = wait_until(lambda: ray_worker(cell.name), 10, "the cell's Ray worker", driver, poll=0.02)
@@ -283,8 +287,8 @@ def test_a_killed_worker_is_retried_from_the_cells_checkpoint_and_a_cells_own_er
     assert output.count(failed) == 1, output[-3000:]
     assert [s["status"] for s in summary(out)["cells"].values()] == ["finished", "failed"]
     # --resume runs the failed cell again (its cause may have been fixed; here it was not) and keeps the finished one.
-    resumed = subprocess.run([SIMULATE, "sweep", str(path), "--address", ray_address, "--out", str(out), "--resume"],
-                             env=env(), capture_output=True, text=True, timeout=300)
+    resumed = zygote.run([SIMULATE, "sweep", str(path), "--address", ray_address, "--out", str(out), "--resume"],
+                         env=env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 1 and (resumed.stdout + resumed.stderr).count(failed) == 1, resumed.stderr[-3000:]
     assert f"cell {cell.name} finished before: kept as it is" in resumed.stdout + resumed.stderr
     assert [s["status"] for s in summary(out)["cells"].values()] == ["finished", "failed"]
@@ -304,7 +308,7 @@ def test_an_interrupted_sweep_resumes_without_touching_finished_cells(small_worl
     # Without the module's loopback switch (its own Ray set it in this environment): the sweep sets it itself.
     first_start = {name: value for name, value in env().items() if name != LOCAL_ONLY}
     with log.open("w") as output:
-        driver = subprocess.Popen(args, env=first_start, stdout=output, stderr=subprocess.STDOUT)
+        driver = zygote.Forked(args, env=first_start, stdout=output, stderr=output)
     wait_until(lambda: (first / "summary.json").exists() and lines(second / "pool.jsonl") >= 7, 300,
                "the first cell finished and the second past its first checkpoint", driver, poll=0.02)
     # The local Ray it started (GCS, raylet, workers, agents) listens on the loopback address only.
@@ -317,7 +321,7 @@ def test_an_interrupted_sweep_resumes_without_touching_finished_cells(small_worl
     assert not (second / "summary.json").exists()
     kept = (first / "summary.json").stat().st_mtime_ns, (first / "summary.json").read_bytes()
 
-    resumed = subprocess.run(args + ["--resume"], env=env(), capture_output=True, text=True, timeout=300)
+    resumed = zygote.run(args + ["--resume"], env=env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert ((first / "summary.json").stat().st_mtime_ns, (first / "summary.json").read_bytes()) == kept
     assert f"resuming {second.name} after line" in resumed.stdout + resumed.stderr
@@ -328,8 +332,8 @@ def test_an_interrupted_sweep_resumes_without_touching_finished_cells(small_worl
     # Resuming with settings that change what is measured is refused, naming the cell and the setting.
     changed = write_sweep(tmp_path, small_world, small_model, "stopped", {"method": ["ft-llm"], "seed": [1, 0]},
                           gap=[1, 5])
-    refused = subprocess.run([SIMULATE, "sweep", str(changed), "--out", str(out), "--resume"], env=env(),
-                             capture_output=True, text=True, timeout=120)
+    refused = zygote.run([SIMULATE, "sweep", str(changed), "--out", str(out), "--resume"], env=env(),
+                         capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2
     assert f"cell {first.name}: cannot resume" in refused.stderr and "--gap: [1, 3] in the checkpoint, [1, 5] now" \
         in refused.stderr
