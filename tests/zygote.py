@@ -110,7 +110,7 @@ class Forked:
     """A `simulate` forked by the zygote, handled like `subprocess.Popen` (what the tests use of it)."""
 
     def __init__(self, command: list[str], env: dict[str, str] | None = None, stdout: Any = None,
-                 stderr: Any = None, text: bool = False) -> None:
+                 stderr: Any = None, text: bool = False, cwd: str | Path | None = None) -> None:
         if command[0] == SIMULATE:
             code, argv = None, ["simulate", *command[1:]]
         elif command[:2] == [sys.executable, "-c"] and len(command) > 2:
@@ -134,7 +134,8 @@ class Forked:
                 fds.append(os.dup(target.fileno()))
         self._connection = socket.socket(socket.AF_UNIX)
         self._connection.connect(_address())
-        request = {"argv": argv, "code": code, "env": dict(os.environ if env is None else env), "cwd": os.getcwd()}
+        request = {"argv": argv, "code": code, "env": dict(os.environ if env is None else env),
+                   "cwd": str(cwd or os.getcwd())}
         socket.send_fds(self._connection, [json.dumps(request).encode()], fds)
         for fd in fds:
             os.close(fd)
@@ -192,10 +193,10 @@ class Forked:
 
 
 def run(command: list[str], env: dict[str, str] | None = None, capture_output: bool = False, text: bool = False,
-        timeout: float | None = None, check: bool = False) -> subprocess.CompletedProcess:
+        timeout: float | None = None, check: bool = False, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
     """`subprocess.run` of a forked `simulate`."""
     pipe = subprocess.PIPE if capture_output else None
-    process = Forked(command, env=env, stdout=pipe, stderr=pipe, text=text)
+    process = Forked(command, env=env, stdout=pipe, stderr=pipe, text=text, cwd=cwd)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -2,7 +2,6 @@
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from editors import Query, create_editor
 from editors.weights import StateMismatchError, WeightTracker, span_logits_with, trainable_only
 from monitor.plan import edit_probes
 from simulator.requests import edit_example, edit_request
+from tests import zygote
 from tests.tiny_models import BUILDERS, random_image, tiny_llava
 
 QUERY = Query("which animal is shown in the picture?", "a brown dog", random_image(3))
@@ -180,7 +180,8 @@ def test_twenty_edits_saved_and_loaded_in_a_fresh_process_score_identically(meth
     world = root.root.parent
     child = (f"from tests.editors.test_weights import _load_and_score_in_this_process as run; "
              f"run({method!r}, {str(tmp_path / 'state')!r}, {str(world)!r}, {torch.get_num_threads()})")
-    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300,
-                            cwd=Path(__file__).parents[2])
+    # A new process, forked from the zygote, which has imported modules and loaded no model.
+    result = zygote.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300,
+                        cwd=Path(__file__).parents[2])
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
