@@ -107,7 +107,8 @@ def _address() -> str:
 
 
 class Forked:
-    """A `simulate` forked by the zygote, handled like `subprocess.Popen` (what the tests use of it)."""
+    """A `simulate` (or `python -c CODE`) forked by the zygote, handled like `subprocess.Popen` (what the tests use
+    of it)."""
 
     def __init__(self, command: list[str], env: dict[str, str] | None = None, stdout: Any = None,
                  stderr: Any = None, text: bool = False, cwd: str | Path | None = None) -> None:
@@ -194,7 +195,7 @@ class Forked:
 
 def run(command: list[str], env: dict[str, str] | None = None, capture_output: bool = False, text: bool = False,
         timeout: float | None = None, check: bool = False, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
-    """`subprocess.run` of a forked `simulate`."""
+    """`subprocess.run` of a forked `simulate` (or `python -c CODE`)."""
     pipe = subprocess.PIPE if capture_output else None
     process = Forked(command, env=env, stdout=pipe, stderr=pipe, text=text, cwd=cwd)
     try:
