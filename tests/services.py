@@ -26,6 +26,12 @@ SIMULATE = str(Path(sys.executable).parent / "simulate")
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
 
+def one_thread_env(**extra: str) -> dict[str, str]:
+    """The environment of a process a test starts: this process's as it is now (the session's cache and MLflow store
+    are set once its fixtures have run, not when a test module is imported), one thread, and `extra`."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
 def require_binary(name: str) -> str:
     """Path of an executable; skips the test without it, except under CI where it must exist."""
     path = shutil.which(name)

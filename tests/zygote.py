@@ -1,20 +1,24 @@
 """`simulate` processes forked from one that has already imported what a run needs, for tests that start many.
 
-A fresh `simulate` process spends 10-13 s of CPU importing torch and transformers before its first
-edit (MLflow and sentence-transformers cost 2.5 and 3 s more); a 5-edit run then takes 13.5 s, where a child forked from a process that holds those imports
-takes 1.1 s with the same outputs. The zygote is a single-threaded process (one a test process,
-started on first use) that imports them and forks one child per request: the child takes the
-request's stdio, working folder, environment and arguments and runs `simulator.cli.main`, a real
-process that signals reach as they reach any; or, for `python -c CODE ARGS`, runs CODE (a patched
-`simulate`). What a library reads from the environment when it is imported comes from the
-zygote's (the test process's), except torch's and faiss's thread counts: the child sets them from
-the request's `OMP_NUM_THREADS` (all CPUs without it), as a fresh process reads them. A test that
-changes another such variable for its run (Ray's) starts a real `simulate` instead.
+A fresh `simulate` process spends 10-13 s of CPU importing torch and transformers before its first edit (MLflow and
+sentence-transformers cost 2.5 and 3 s more); a 5-edit run then takes 13.5 s, where a child forked from a process
+that holds those imports takes 1.1 s with the same outputs. The zygote (one a test process, started on first use)
+imports them and forks one child per request. The child takes the request's stdio, working folder, environment and
+arguments and runs the console script's `simulator.cli.main`, or for `python -c CODE ARGS` runs CODE (a patched
+`simulate`), as its own top-level code: a real process that signals reach, that ends as a fresh one would.
+
+Where a child differs from a fresh process, and what keeps forking safe:
+- what a library read from the environment when the zygote imported it stays, except torch's and faiss's thread
+  counts, which the child sets from its own environment as a fresh process would. Ray is not imported there: a
+  sweep's driver reads Ray's variables from its own environment;
+- it shares the zygote's string-hash seed and numpy's global random state (a fresh process draws its own);
+- no thread pool may exist before a fork: the zygote runs with OMP_NUM_THREADS=1, so neither OpenMP nor OpenBLAS
+  starts one (libarrow's allocator thread handles forks itself).
+`test_resume.py` checks that a forked run writes what a fresh `simulate` process writes.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import select
@@ -27,13 +31,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.services import SIMULATE
+from tests.services import SIMULATE, one_thread_env
 
-# Runs in the zygote: accepts one request per connection, answers the child's pid, then its exit code.
+# Runs in the zygote: accepts one request per connection, answers the child's pid, then its exit code. A child leaves
+# the loop and runs its request as the script's own code, so it ends as a fresh process would (atexit handlers, a
+# traceback or SystemExit's message, the exit code).
 SERVER = r"""
-import json, os, select, socket, sys, traceback
+import json, os, select, signal, socket, sys, types
 import editors.adapter, faiss, simulator.cli, simulator.run, torch, transformers.image_processing_utils  # every run's
 import mlflow, sentence_transformers  # what a run logging to MLflow, or of a memory editor, imports too
+
+
+def tell(connection, line):
+    try:
+        connection.sendall(f"{line}\n".encode())
+    except OSError:  # the test let go of this child (it failed, or timed out): nobody is asking
+        pass
+
 
 server = socket.socket(socket.AF_UNIX)
 server.bind(sys.argv[1])
@@ -41,67 +55,67 @@ server.listen()
 parent = os.getppid()
 print("ready", flush=True)
 os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nothing more goes to the pipe the test process stopped reading
-children = {}
-while os.getppid() == parent:  # the test process is gone: so is the zygote
+children, request = {}, None
+while request is None and os.getppid() == parent:
     if select.select([server], [], [], 0.02)[0]:
         connection, _ = server.accept()
         message, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
-        request = json.loads(message)
         pid = os.fork()
         if pid == 0:
             for held in (server, connection, *children.values()):
                 held.close()
             for target, fd in enumerate(fds):
                 os.dup2(fd, target)
-            os.chdir(request["cwd"])
-            os.environ.clear()
-            os.environ.update(request["env"])
-            # A fresh process takes its thread counts from the environment when torch and faiss load; they are loaded.
-            threads = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
-            torch.set_num_threads(threads)
-            faiss.omp_set_num_threads(threads)
-            sys.argv = request["argv"]
-            code = 1
-            try:
-                if request["code"] is None:
-                    code = simulator.cli.main()
-                else:  # python -c CODE ARGS
-                    exec(compile(request["code"], "<string>", "exec"), {"__name__": "__main__"})
-                    code = 0
-            except SystemExit as exit:
-                code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+                os.close(fd)
+            request = json.loads(message)
+            break
         for fd in fds:
             os.close(fd)
-        connection.sendall(f"{pid}\n".encode())
+        tell(connection, pid)
         children[pid] = connection
     while children:
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid == 0:
             break
         connection = children.pop(pid)
-        connection.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
+        tell(connection, os.waitstatus_to_exitcode(status))
         connection.close()
+if request is None:  # the test process is gone: so are the runs it started
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+    sys.exit()
+os.chdir(request["cwd"])
+os.environ.clear()
+os.environ.update(request["env"])
+# A fresh process sets its thread counts from the environment when it loads torch and faiss; here they are loaded.
+# torch: MKL_NUM_THREADS, else OMP_NUM_THREADS, else its own default (the physical cores), which it also takes
+# for the inter-op pool the zygote never sized. faiss (OpenMP): OMP_NUM_THREADS, else the CPUs this process may use.
+omp = os.environ.get("OMP_NUM_THREADS")
+torch.set_num_threads(int(os.environ.get("MKL_NUM_THREADS") or omp or torch.get_num_interop_threads()))
+faiss.omp_set_num_threads(int(omp or len(os.sched_getaffinity(0))))
+sys.argv = request["argv"]
+main = types.ModuleType("__main__")
+sys.modules["__main__"] = main
+if request["code"] is None:  # the console script
+    main.__file__ = sys.argv[0]
+    sys.path[0] = os.path.dirname(sys.argv[0])
+    sys.exit(simulator.cli.main())
+exec(compile(request["code"], "<string>", "exec"), main.__dict__)  # python -c CODE ARGS
 """
 
 _zygote: tuple[subprocess.Popen, str] | None = None
 
 
 def _address() -> str:
-    """The zygote's socket, started on first use and stopped when this process exits."""
+    """The zygote's socket, started on first use. The zygote ends, and kills the runs it started, when this process
+    has exited."""
     global _zygote
     if _zygote is None or _zygote[0].poll() is not None:
         folder = tempfile.mkdtemp(prefix="zygote-")
         address = str(Path(folder) / "socket")
         process = subprocess.Popen([sys.executable, "-c", SERVER, address], stdout=subprocess.PIPE,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True)
+                                   env=one_thread_env(), text=True)
         assert process.stdout is not None and process.stdout.readline().strip() == "ready", "the zygote did not start"
-        atexit.register(process.kill)
         _zygote = process, address
     return _zygote[1]
 
@@ -113,12 +127,12 @@ class Forked:
     def __init__(self, command: list[str], env: dict[str, str] | None = None, stdout: Any = None,
                  stderr: Any = None, text: bool = False, cwd: str | Path | None = None) -> None:
         if command[0] == SIMULATE:
-            code, argv = None, ["simulate", *command[1:]]
+            code, argv = None, command
         elif command[:2] == [sys.executable, "-c"] and len(command) > 2:
             code, argv = command[2], ["-c", *command[3:]]
         else:
             raise ValueError(f"the zygote runs {SIMULATE} or {sys.executable} -c CODE, not {command[:2]}")
-        self.text = text
+        self.args, self.text = command, text
         self.returncode: int | None = None
         self._pipes: dict[str, int] = {}
         fds = [os.open(os.devnull, os.O_RDONLY)]
@@ -131,6 +145,8 @@ class Forked:
                 fds.append(os.dup(1 if name == "stdout" else 2))
             elif target == subprocess.DEVNULL:
                 fds.append(os.open(os.devnull, os.O_WRONLY))
+            elif target == subprocess.STDOUT and name == "stderr":
+                fds.append(os.dup(fds[1]))
             else:
                 fds.append(os.dup(target.fileno()))
         self._connection = socket.socket(socket.AF_UNIX)
@@ -163,7 +179,10 @@ class Forked:
     def send_signal(self, number: int) -> None:
         """Signal the child, unless it has ended."""
         if self.poll() is None:
-            os.kill(self.pid, number)
+            try:
+                os.kill(self.pid, number)
+            except ProcessLookupError:  # it ended before the zygote said so
+                pass
 
     def kill(self) -> None:
         """SIGKILL the child."""
@@ -194,7 +213,8 @@ class Forked:
 
 
 def run(command: list[str], env: dict[str, str] | None = None, capture_output: bool = False, text: bool = False,
-        timeout: float | None = None, check: bool = False, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+        timeout: float | None = None, check: bool = False, cwd: str | Path | None = None
+        ) -> subprocess.CompletedProcess:
     """`subprocess.run` of a forked `simulate` (or `python -c CODE`)."""
     pipe = subprocess.PIPE if capture_output else None
     process = Forked(command, env=env, stdout=pipe, stderr=pipe, text=text, cwd=cwd)

@@ -16,7 +16,7 @@ from monitor.sink import short_model_name
 from simulator.command import CommandError
 from simulator.compare import RunView, find_runs, histories, latest_per_step, table, write_table
 from tests import zygote
-from tests.services import SIMULATE, free_port, mlflow_service, url_of, wait_until
+from tests.services import SIMULATE, free_port, mlflow_service, one_thread_env, url_of, wait_until
 
 METRICS = ["reliability", "t_gen", "t_loc", "retention", "ref_ppl_ratio", "memory_size"]
 MODEL = "/home/me/models/tiny-llava"
@@ -301,7 +301,7 @@ def test_sync_sends_what_a_run_left_and_reports_the_writes_the_server_rejected_w
 def test_two_methods_compared_and_a_server_outage_mid_run_loses_nothing(small_world, small_model, tmp_path):
     server = mlflow_service(tmp_path / "mlflow")
     uri = url_of(server)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = one_thread_env()
     lines = (small_world / "eval.jsonl").read_text().splitlines(keepends=True)[:20]
     stream = tmp_path / "stream.jsonl"
     stream.write_text("".join(lines[:8]))

@@ -26,11 +26,10 @@ import pytest
 from simulator.world.export import write_world
 from simulator.world.graph import WorldConfig
 from tests import zygote
-from tests.services import SIMULATE
+from tests.services import SIMULATE, one_thread_env
 from tests.simulator.test_resume_every_method import outputs
 
 EDITS = 16
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 PAUSE = 0.4  # seconds a slow process waits after each rename of a checkpoint folder, and inside a deletion
 
 # `simulate` whose checkpoint folders are renamed and deleted slowly: a kill lands in those windows at once.
@@ -73,7 +72,7 @@ def run_until(command, out, landed, log):
     """Run `command` (its stderr into `log`) and SIGKILL it the moment `landed(pid)` holds; returns the names of the
     checkpoint folders the kill left."""
     with log.open("w") as stderr:
-        process = zygote.Forked(command, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
+        process = zygote.Forked(command, env=one_thread_env(), stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 240
     while not landed(process.pid):
         assert process.poll() is None, f"the run ended before the kill landed: {log.read_text()[-2000:]}"
@@ -94,7 +93,8 @@ def checkpointed(out):
 @pytest.mark.parametrize("method", ["ft-llm", "serac"])
 def test_sigkill_inside_checkpoint_writes_then_resume_ends_as_the_uninterrupted_run(method, stream, tmp_path):
     whole = tmp_path / "whole"
-    done = zygote.run([SIMULATE, *args(stream, method, whole)], env=ENV, capture_output=True, text=True, timeout=300)
+    done = zygote.run([SIMULATE, *args(stream, method, whole)], env=one_thread_env(), capture_output=True, text=True,
+                      timeout=300)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "run"
     plain, slow = [SIMULATE, *args(stream, method, out)], [sys.executable, "-c", SLOW, *args(stream, method, out)]
@@ -127,7 +127,7 @@ def test_sigkill_inside_checkpoint_writes_then_resume_ends_as_the_uninterrupted_
     assert {"checkpoint", ".checkpoint.old"} <= left
     last = checkpointed(out)
     assert last == first + 4 < EDITS
-    resumed = zygote.run(plain + ["--resume"], env=ENV, capture_output=True, text=True, timeout=300)
+    resumed = zygote.run(plain + ["--resume"], env=one_thread_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
 
     # Each process continued from the last whole checkpoint, and removed what the kill before it left.

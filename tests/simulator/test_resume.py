@@ -5,7 +5,6 @@ tests start about 25 of them.
 """
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests import zygote
-from tests.services import SIMULATE
+from tests.services import SIMULATE, one_thread_env
 
 TIMING = ("probe_seconds", "edits_per_second")
 
@@ -29,21 +28,22 @@ def rows(path):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in path.read_text().splitlines()]
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
 def whole(small_world, small_model, tmp_path_factory):
     """The outputs of the same run, uninterrupted."""
     out = tmp_path_factory.mktemp("whole") / "run"
-    zygote.run(run_args(small_world, small_model, out), check=True, env=ENV, capture_output=True, timeout=300)
+    zygote.run(run_args(small_world, small_model, out), check=True, env=one_thread_env(), capture_output=True,
+               timeout=300)
     return out
 
 
 def test_a_forked_run_writes_what_a_fresh_simulate_process_writes(small_world, small_model, whole, tmp_path):
     """What the zygote's runs stand in for: the console script in a process of its own."""
     out = tmp_path / "fresh"
-    subprocess.run(run_args(small_world, small_model, out), check=True, env=ENV, capture_output=True, timeout=300)
+    subprocess.run(run_args(small_world, small_model, out), check=True, env=one_thread_env(), capture_output=True,
+                   timeout=300)
     assert json.loads((out / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
     assert rows(out / "rounds.jsonl") == rows(whole / "rounds.jsonl")
     assert rows(out / "pool.jsonl") == rows(whole / "pool.jsonl")
@@ -51,7 +51,7 @@ def test_a_forked_run_writes_what_a_fresh_simulate_process_writes(small_world, s
 
 def started(args, edits):
     """A running `simulate` that has applied at least `edits` edits (lines in its pool)."""
-    process = zygote.Forked(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = zygote.Forked(args, env=one_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     pool = Path(args[args.index("--out") + 1]) / "pool.jsonl"
     deadline = time.monotonic() + 240
     while not (pool.exists() and len(pool.read_text().splitlines()) >= edits):
@@ -69,7 +69,7 @@ def test_sigkill_and_resume_gives_the_same_outputs_as_an_uninterrupted_run(small
     assert process.wait() == -9
     assert not (killed / "summary.json").exists()
 
-    resumed = zygote.run(run_args(small_world, small_model, killed) + ["--resume"], env=ENV,
+    resumed = zygote.run(run_args(small_world, small_model, killed) + ["--resume"], env=one_thread_env(),
                          capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming resume-test after line 12" in resumed.stderr
@@ -98,7 +98,7 @@ def test_sigterm_stops_between_records_and_resume_gives_the_same_outputs(small_w
     process.kill()
     assert process.wait() == -9
     assert not (stopped / "summary.json").exists()
-    resumed = zygote.run(run_args(small_world, small_model, stopped) + ["--resume"], env=ENV,
+    resumed = zygote.run(run_args(small_world, small_model, stopped) + ["--resume"], env=one_thread_env(),
                          capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((stopped / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
@@ -127,8 +127,8 @@ def test_resume_without_a_checkpoint_starts_from_the_beginning(small_world, smal
     process.kill()
     process.wait()
     assert not (out / "checkpoint").exists()
-    result = zygote.run(run_args(small_world, small_model, out) + ["--resume"], env=ENV, capture_output=True,
-                        text=True, timeout=300)
+    result = zygote.run(run_args(small_world, small_model, out) + ["--resume"], env=one_thread_env(),
+                        capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "holds no checkpoint yet: the run starts from the beginning" in result.stderr
     assert json.loads((out / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
@@ -145,7 +145,7 @@ def serac_args(world, model, out):
 def serac_whole(small_world, small_model, tmp_path_factory):
     """The outputs of an uninterrupted SERAC run (`serac_args`)."""
     out = tmp_path_factory.mktemp("serac") / "whole"
-    done = zygote.run(serac_args(small_world, small_model, out), env=ENV, capture_output=True, text=True,
+    done = zygote.run(serac_args(small_world, small_model, out), env=one_thread_env(), capture_output=True, text=True,
                       timeout=300)
     assert done.returncode == 0, done.stderr
     return out
@@ -190,7 +190,7 @@ def test_a_memory_editor_killed_mid_journal_resumes_to_the_uninterrupted_outputs
     (memo / f".{named['opened'] + 1}.safetensors.tmp-4242").write_bytes(b"half")
     assert len(Checkpoint.load(killed).editor.meta["memory"]["ids"]) >= 8  # readers get the whole state
 
-    resumed = zygote.run(serac_args(small_world, small_model, killed) + ["--resume"], env=ENV,
+    resumed = zygote.run(serac_args(small_world, small_model, killed) + ["--resume"], env=one_thread_env(),
                          capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     expected = json.loads((whole / "summary.json").read_text())
@@ -224,9 +224,9 @@ def test_a_memory_editor_stopped_off_its_checkpoint_schedule_resumes_to_the_unin
 
     runs = {"whole": serac_whole, "stopped": tmp_path / "stopped"}
     stopped = serac_args(small_world, small_model, runs["stopped"]) + ["--limit", "7", "--checkpoint-every", "3"]
-    done = zygote.run(stopped, env=ENV, capture_output=True, text=True, timeout=300)
+    done = zygote.run(stopped, env=one_thread_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    resumed = zygote.run(serac_args(small_world, small_model, runs["stopped"]) + ["--resume"], env=ENV,
+    resumed = zygote.run(serac_args(small_world, small_model, runs["stopped"]) + ["--resume"], env=one_thread_env(),
                          capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert untimed(json.loads((runs["stopped"] / "summary.json").read_text())) == untimed(
@@ -263,7 +263,7 @@ def mixed_whole(small_world, small_model, tmp_path_factory):
     """The mixed stream and its uninterrupted serac run (the kill points below share it)."""
     folder = tmp_path_factory.mktemp("mixed")
     stream = mixed_stream(small_world, folder)
-    done = zygote.run(mixed_args(small_world, small_model, stream, folder / "whole"), env=ENV,
+    done = zygote.run(mixed_args(small_world, small_model, stream, folder / "whole"), env=one_thread_env(),
                       capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return stream, folder / "whole"
@@ -278,7 +278,7 @@ def test_a_stream_of_mixed_good_and_hostile_lines_killed_and_resumed_ends_as_the
     process = started(mixed_args(small_world, small_model, stream, killed), at)
     process.kill()
     process.wait()
-    zygote.run(mixed_args(small_world, small_model, stream, killed) + ["--resume"], check=True, env=ENV,
+    zygote.run(mixed_args(small_world, small_model, stream, killed) + ["--resume"], check=True, env=one_thread_env(),
                capture_output=True, timeout=300)
     summary = json.loads((whole_run / "summary.json").read_text())
     assert untimed(json.loads((killed / "summary.json").read_text())) == untimed(summary)

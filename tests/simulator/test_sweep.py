@@ -25,7 +25,8 @@ from simulator import cli
 from simulator.sweep import CELL_ERROR, LOCAL_ONLY
 from simulator.sweep_config import load_sweep
 from tests import zygote
-from tests.services import SIMULATE, free_port, get, mlflow_service, pushgateway_service, url_of, wait_until
+from tests.services import (SIMULATE, free_port, get, mlflow_service, one_thread_env, pushgateway_service, url_of,
+                            wait_until)
 
 REPO = Path(__file__).resolve().parents[2]
 # Every cell and every run alone: 20 edits of the small world, a checkpoint every 5.
@@ -35,7 +36,7 @@ SETTINGS = {"gap": [1, 3], "probe_every": 4, "checkpoint_every": 5, "retention_s
 
 def env():
     """The environment of a `simulate` process: one thread, no Ray usage report, every worker line shown."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+    return one_thread_env(RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0")
 
 
 def write_sweep(folder, world, model, name, grid, **base):
