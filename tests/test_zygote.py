@@ -1,8 +1,10 @@
-"""The zygote's children stand in for fresh processes: thread counts from their environment, `python -c` exit codes."""
+"""The zygote's children stand in for fresh processes (thread counts from their environment, how `python -c` ends),
+and the zygote outlives a child a test let go of."""
 
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -32,3 +34,13 @@ def test_python_c_in_a_forked_child_ends_as_in_a_fresh_process(code):
     forked = zygote.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (forked.returncode, forked.stdout) == (fresh.returncode, fresh.stdout)
     assert forked.stderr.splitlines()[-1:] == fresh.stderr.splitlines()[-1:]  # the error, or nothing
+
+
+def test_the_zygote_outlives_a_child_that_a_test_let_go_of():
+    let_go = zygote.Forked([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    server = zygote._zygote[0].pid
+    let_go._lines.close()  # what a failed test leaves behind: nobody reads this child's exit code
+    let_go._connection.close()
+    time.sleep(1.5)
+    assert zygote.run([sys.executable, "-c", "print('on')"], capture_output=True, text=True, timeout=60).stdout == "on\n"
+    assert zygote._zygote[0].pid == server
