@@ -11,7 +11,9 @@ Where a child differs from a fresh process, and what keeps forking safe:
 - what a library read from the environment when the zygote imported it stays, except torch's and faiss's thread
   counts, which the child sets from its own environment as a fresh process would. Ray is not imported there: a
   sweep's driver reads Ray's variables from its own environment;
-- it shares the zygote's string-hash seed and numpy's global random state (a fresh process draws its own);
+- it shares the zygote's string-hash seed and numpy's global random state (a fresh process draws its own), so runs
+  forked from one zygote cannot show an output that depends on set order; `test_resume_every_method` resumes in a
+  child what ran in the test process, which has another seed;
 - no thread pool may exist before a fork: the zygote runs with OMP_NUM_THREADS=1, so neither OpenMP nor OpenBLAS
   starts one (libarrow's allocator thread handles forks itself).
 `test_resume.py` checks that a forked run writes what a fresh `simulate` process writes.
