@@ -28,8 +28,6 @@ def rows(path):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in path.read_text().splitlines()]
 
 
-
-
 @pytest.fixture(scope="module")
 def whole(small_world, small_model, tmp_path_factory):
     """The outputs of the same run, uninterrupted."""
