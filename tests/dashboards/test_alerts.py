@@ -7,7 +7,6 @@ because the run ended, not because its process vanished.
 """
 
 import json
-import os
 import signal
 import subprocess
 import threading
@@ -17,7 +16,7 @@ import pytest
 import yaml
 
 from tests.dashboards.dashboards import ROOT, RULES
-from tests.services import SIMULATE, Service, free_port, require_binary, wait_until
+from tests.services import SIMULATE, Service, free_port, one_thread_env, require_binary, wait_until
 
 
 class Receiver(BaseHTTPRequestHandler):
@@ -82,7 +81,7 @@ def test_a_collapsing_runs_alert_is_delivered_and_resolved_when_it_ends(small_wo
              "--method", "ft-llm", "--gap", "1", "--probe-every", "2", "--reference-size", "2",
              "--collapse-ppl-ratio", "off", "--collapse-agreement", "off", "--collapse-weight-change", "1e-6", "--follow", "--no-mlflow", "--prometheus-port", str(run_port),
              "--run-name", "collapsing", "--out", str(tmp_path / "run")],
-            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+            env=one_thread_env(), stdout=subprocess.DEVNULL,
             stderr=(tmp_path / "run.log").open("w"))
         firing = wait_until(lambda: delivered("firing"), 120, "the collapse alert at the webhook", run)
         alert = firing[0]

@@ -1,7 +1,6 @@
 """A real Prometheus scraping real `simulate` runs: every dashboard panel and rule expression returns data."""
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import pytest
 import yaml
 
 from tests.dashboards.dashboards import RULES, panel_queries, rule_queries
-from tests.services import SIMULATE, Service, free_port, get_json, require_binary, wait_until
+from tests.services import SIMULATE, Service, free_port, get_json, one_thread_env, require_binary, wait_until
 
 EDITS = 20  # per run; a probe round every 4 edits
 QUIET_ALERTS = ("EditwatchRunStalled", "EditwatchRunVanished", "EditwatchRunFailed")  # fire only on sick runs
@@ -38,7 +37,7 @@ def test_every_panel_and_rule_expression_returns_data(small_world, small_model, 
     stream = tmp_path / "stream.jsonl"
     stream.write_text("".join((small_world / "eval.jsonl").read_text().splitlines(keepends=True)[:EDITS]))
     ports = {name: free_port() for name in RUNS}
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = one_thread_env()
     runs = {
         name: subprocess.Popen(
             [SIMULATE, "--stream", str(stream), "--images", str(small_world / "images"), "--model", str(small_model),

@@ -1,7 +1,6 @@
 """The memory journal: replay equals the live memory (ids, storage, search), compaction, crash leftovers, SIGKILL."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 
 from memory import MemoryConfig, VectorMemory
 from memory.journal import Change, JournalError, JournalPosition, MemoryJournal, read_journal
+from tests.services import one_thread_env
 
 DIM = 16
 # IVF from 60 entries (8 lists, 2 scanned: approximate, so list assignment shows in the results), rebuilt at 2x.
@@ -255,7 +255,7 @@ def test_a_writer_killed_at_any_instant_leaves_a_journal_that_resumes(tmp_path):
     script.write_text(WRITER.format(root=root))
     folder, checkpoint = tmp_path / "j", tmp_path / "checkpoint.json"
     rng = np.random.default_rng(0)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = one_thread_env()
     for kill in range(6):
         process = subprocess.Popen([sys.executable, str(script), str(folder), str(checkpoint)], env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

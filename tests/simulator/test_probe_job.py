@@ -2,7 +2,6 @@
 
 import contextlib
 import json
-import os
 import shutil
 import signal
 import sqlite3
@@ -15,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from simulator.cli import main
 from simulator.config import RunConfig
 from simulator.run import simulate
-from tests.services import SIMULATE, get, pushgateway, wait_until  # noqa: F401  (fixture)
+from tests.services import SIMULATE, get, one_thread_env, pushgateway, wait_until  # noqa: F401  (fixture)
 
 
 def rows(path):
@@ -42,7 +41,7 @@ def test_two_scheduled_rounds_reach_both_exporters_and_sigterm_stops_cleanly(run
     process = subprocess.Popen(
         [SIMULATE, "probe", "--state", str(run_state), "--every", "2s", "--out", str(out),
          "--pushgateway", pushgateway, "--mlflow-uri", uri, "--mlflow-experiment", "probes"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env=one_thread_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: len(rows(out / "rounds.jsonl")) >= 2, 180, "two probe rounds", process)
     finally:
