@@ -39,8 +39,7 @@ def test_python_c_in_a_forked_child_ends_as_in_a_fresh_process(code):
 def test_the_zygote_outlives_a_child_that_a_test_let_go_of():
     let_go = zygote.Forked([sys.executable, "-c", "import time; time.sleep(0.5)"])
     server = zygote._zygote[0].pid
-    let_go._lines.close()  # what a failed test leaves behind: nobody reads this child's exit code
-    let_go._connection.close()
+    let_go.let_go()  # what a failed test leaves behind: nobody reads this child's exit code
     time.sleep(1.5)
     assert zygote.run([sys.executable, "-c", "print('on')"], capture_output=True, text=True, timeout=60).stdout == "on\n"
     assert zygote._zygote[0].pid == server

@@ -211,6 +211,11 @@ class Forked:
         """SIGKILL the child."""
         self.send_signal(signal.SIGKILL)
 
+    def let_go(self) -> None:
+        """Stop listening for the child's exit, as a failed test does: the child runs on, the zygote serves others."""
+        self._lines.close()
+        self._connection.close()
+
     def communicate(self, timeout: float | None = None) -> tuple[Any, Any]:
         """Read the piped output to its end and wait for the child: (stdout, stderr), None where not piped."""
         deadline = None if timeout is None else time.monotonic() + timeout
