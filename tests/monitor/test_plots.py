@@ -1,7 +1,9 @@
 """The plot rules of monitor/exporters/plots.py, one test per rule, on the matplotlib figures themselves."""
 
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PolyCollection
+from matplotlib.text import Text
 from PIL import Image
 
 from monitor.alarms import CollapseThresholds
@@ -147,3 +149,38 @@ def test_round_plots_and_compare_plots_write_pngs_by_the_same_rules(tmp_path):
     compared = metric_plots({"gap_1/reliability": {"a (ft-llm)": points(1, 1, 1, 1)}}, tmp_path / "cmp")
     assert compared == [tmp_path / "cmp" / "gap_1" / "reliability.png"]
     assert line_plot("ref_ppl_ratio", {"a": points(1, 2, 3, 4)}, tmp_path / "one.png").stat().st_size > 0
+
+
+EXTREMES = {  # metric key -> values: the widest tick labels, labels and titles a plot can hold
+    "memory_search_seconds_p99": [1e-5, 1e-4, 0.002, 0.05],  # two-line label, log axis of small bounds
+    "gap_100/reliability": [0.2, 0.3, 0.4, 0.5],  # the longest title: a running mean's
+    "ref_ppl_ratio": [1.0, 3.0, 40.0, 1420.0],
+    "memory_size": [99_000_001, 99_000_002, 99_000_003, 99_000_004],  # an offset above the axis
+    "retrieval_latency_seconds": [1.5e-6, 2.5e-6, 3.5e-6, 1.25e-5],
+    "weight_change_norm": [12345.678, 23456.789, 34567.891, 45678.912],
+    "a_plugin_metric_with_a_long_name": [-0.001234, 0.5, -3.25, 7.125],
+}
+
+
+@pytest.mark.parametrize("key", EXTREMES)
+def test_every_text_of_a_plot_lies_inside_the_figure_and_off_the_title(key):
+    steps = [1, 33_000, 66_000, 100_000]
+    figure = draw(key, {f"run {i}": list(zip(steps, EXTREMES[key])) for i in range(3)},
+                  threshold=Threshold(EXTREMES[key][1], "collapse above"), collapses={"run 0": 66_000})
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()  # tick labels and offsets exist only after a draw
+    renderer = canvas.get_renderer()
+    inside = figure.bbox.padded(0.5)
+    axes = figure.axes[0]
+    title = axes.title.get_window_extent(renderer)
+    hidden = [label for axis in (axes.xaxis, axes.yaxis) for tick in axis.get_major_ticks() + axis.get_minor_ticks()
+              if not min(axis.get_view_interval()) <= tick.get_loc() <= max(axis.get_view_interval())
+              for label in (tick.label1, tick.label2)]  # not drawn
+    texts = [text for text in figure.findobj(Text)
+             if text.get_visible() and text.get_text() and not any(text is label for label in hidden)]
+    assert len(texts) > 10
+    for text in texts:
+        extent = text.get_window_extent(renderer)
+        assert inside.contains(extent.x0, extent.y0) and inside.contains(extent.x1, extent.y1), text
+        if text is not axes.title:
+            assert not title.overlaps(extent), text
