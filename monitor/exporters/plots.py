@@ -160,7 +160,7 @@ def _set_margins(figure: Figure, axes: Axes, title: str, ylabel: str) -> None:
     """Margins sized for the texts a plot can hold, so nothing is cut off at the figure's edge.
 
     Fixed rather than measured: a layout engine (constrained, tight) draws every figure twice to measure it,
-    which made a run's plots ~1.5x slower to write. The room is that of a title wrapped to 90 columns in a small
+    which made a run's plots ~1.3x slower to write. The room is that of a title wrapped to 90 columns in a small
     font, a y label of up to two lines and y tick labels of up to 7 characters (test_plots checks every text of
     such plots lies inside the figure). An offset or exponent above the y axis (1e-5) lifts the title a line.
     """

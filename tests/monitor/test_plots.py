@@ -164,9 +164,9 @@ EXTREMES = {  # metric key -> values: the widest tick labels, labels and titles 
 
 @pytest.mark.parametrize("key", EXTREMES)
 def test_every_text_of_a_plot_lies_inside_the_figure_and_off_the_title(key):
-    steps = [1, 33_000, 66_000, 100_000]
+    steps = [1, 330_000, 660_000, 2_000_000]
     figure = draw(key, {f"run {i}": list(zip(steps, EXTREMES[key])) for i in range(3)},
-                  threshold=Threshold(EXTREMES[key][1], "collapse above"), collapses={"run 0": 66_000})
+                  threshold=Threshold(EXTREMES[key][1], "collapse above"), collapses={"run 0": 660_000})
     canvas = FigureCanvasAgg(figure)
     canvas.draw()  # tick labels and offsets exist only after a draw
     renderer = canvas.get_renderer()
