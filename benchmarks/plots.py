@@ -5,9 +5,12 @@ to an earlier commit, in one invocation.
     python benchmarks/plots.py --baseline HEAD~1 --rounds 100 --repeat 5
 
 The rounds are made up, seeded: every probe-round metric of `monitor.metrics.METRICS` and every per-edit
-metric under three settings (gap_1, gap_10, gap_100), so each code draws one plot per metric. Each code
-runs in a fresh process (its tree first on sys.path), imports matplotlib and draws once untimed, then
-draws `--repeat` times; the codes take turns, and the least wall time counts.
+metric under three settings (gap_1, gap_10, gap_100), a collapse alarm from the middle round on, so each
+code draws one plot per metric with the default collapse thresholds and alarm line, as a run's MLflow
+artifacts are drawn. "this code" is the working tree, uncommitted changes included. Each code runs in a
+fresh process (its tree first on sys.path), imports matplotlib and draws once untimed, then draws
+`--repeat` times; the codes take turns, and the least wall time counts (wall, not CPU: writing the PNGs
+is part of the cost).
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 DRAW = """
 import json, sys, time
 from pathlib import Path
-from monitor.exporters.plots import round_plots
+from monitor.alarms import CollapseThresholds
+from monitor.exporters.plots import collapse_thresholds, round_plots
 rows = [json.loads(line) for line in open(sys.argv[1])]
-round_plots(rows, Path(sys.argv[2]) / "warm-up")
+thresholds = collapse_thresholds(CollapseThresholds())
+round_plots(rows, Path(sys.argv[2]) / "warm-up", thresholds)
 start = time.perf_counter()
-paths = round_plots(rows, Path(sys.argv[2]) / "timed")
+paths = round_plots(rows, Path(sys.argv[2]) / "timed", thresholds)
 print(json.dumps({"seconds": time.perf_counter() - start, "plots": len(paths)}))
 """
 
@@ -44,11 +49,13 @@ def made_up_rounds(rounds: int, every: int, seed: int = 0) -> list[dict]:
     from monitor.metrics import METRICS
 
     rng = random.Random(seed)
+    round_keys = [key for key, metric in METRICS.items() if metric.scope == "round"]
+    edit_keys = [key for key, metric in METRICS.items() if metric.scope == "edit"]
     rows = []
     for i in range(1, rounds + 1):
         row: dict = {"round": i, "edits_applied": i * every}
-        row.update({key: rng.random() for key, metric in METRICS.items() if metric.scope == "round"})
-        edit_keys = [key for key, metric in METRICS.items() if metric.scope == "edit"]
+        row.update({key: rng.random() for key in round_keys})
+        row["collapse_alarm"] = float(i > rounds // 2)
         row["results"] = {f"gap_{gap}": {key: rng.random() for key in edit_keys} for gap in (1, 10, 100)}
         rows.append(row)
     return rows

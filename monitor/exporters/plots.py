@@ -30,6 +30,7 @@ from monitor.metrics import METRICS
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.axis import Axis
     from matplotlib.figure import Figure
 
     from monitor.alarms import CollapseThresholds
@@ -47,7 +48,9 @@ BUCKET_BOUNDS = {"memory_search_seconds_p50": "p50", "memory_search_seconds_p99"
 LINE_STYLES = ["-", "--", "-.", ":"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
 THRESHOLD_COLOUR = "crimson"
-# zlib's fastest level: 13% less time a plot than PIL's default (6) for a 3% larger file.
+CHAR_INCHES = 0.09  # the width of a digit or minus sign of a 10-point tick label, with room to spare
+# zlib's fastest level: 13% less time a plot than PIL's default (6) for a 3% larger file (one plot saved
+# ten times each way).
 SAVE: dict[str, Any] = {"dpi": 100, "pil_kwargs": {"compress_level": 1}}
 
 
@@ -157,19 +160,28 @@ def draw(key: str, lines: Mapping[str, Points], *, bands: Mapping[str, tuple[Poi
 
 
 def _set_margins(figure: Figure, axes: Axes, title: str, ylabel: str) -> None:
-    """Margins sized for the texts a plot can hold, so nothing is cut off at the figure's edge.
+    """Margins sized for the texts a plot holds, so nothing is cut off at the figure's edge.
 
-    Fixed rather than measured: a layout engine (constrained, tight) draws every figure twice to measure it,
-    which made a run's plots ~1.3x slower to write. The room is that of a title wrapped to 90 columns in a small
-    font, a y label of up to two lines and y tick labels of up to 7 characters (test_plots checks every text of
-    such plots lies inside the figure). An offset or exponent above the y axis (1e-5) lifts the title a line.
+    Computed from the texts rather than measured on a drawn figure: a layout engine (constrained, tight) draws
+    every figure twice to measure it, which made a run's plots ~1.3x slower to write. The room is that of the
+    title's lines in a small font, the y label's lines and the widest y tick label (test_plots checks every text
+    of extreme plots lies inside the figure). An offset or exponent above the y axis (1e-5) lifts the title a line.
     """
-    formatter = axes.yaxis.get_major_formatter()
-    formatter.set_locs(axes.yaxis.get_majorticklocs())  # what a draw does first: it decides the offset
+    ylabels, xlabels = _tick_labels(axes.yaxis), _tick_labels(axes.xaxis)
     width, height = figure.get_size_inches()
-    top = 0.12 + 0.15 * (title.count("\n") + 1) + (0.2 if formatter.get_offset() else 0.0)
-    left = 0.7 + 0.2 * (ylabel.count("\n") + 1)
-    figure.subplots_adjust(left=left / width, right=1 - 0.25 / width, bottom=0.55 / height, top=1 - top / height)
+    offset = axes.yaxis.get_major_formatter().get_offset()
+    top = 0.12 + 0.15 * (title.count("\n") + 1) + (0.2 if offset else 0.0)
+    left = 0.3 + CHAR_INCHES * max(map(len, ylabels), default=0) + 0.2 * (ylabel.count("\n") + 1)
+    right = 0.1 + CHAR_INCHES / 2 * max(map(len, xlabels), default=0)  # a tick at the axis's end is centred on it
+    figure.subplots_adjust(left=left / width, right=1 - right / width, bottom=0.55 / height, top=1 - top / height)
+
+
+def _tick_labels(axis: Axis) -> list[str]:
+    """The labels `axis` draws at its major ticks in view, formatted as a draw formats them (which sets the offset)."""
+    low, high = sorted(axis.get_view_interval())
+    locs = axis.get_majorticklocs()
+    labels = axis.get_major_formatter().format_ticks(locs)
+    return [label for loc, label in zip(locs, labels) if low <= loc <= high]
 
 
 def _pairs(points: Points) -> list[tuple[float, float]]:

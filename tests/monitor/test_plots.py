@@ -157,16 +157,20 @@ EXTREMES = {  # metric key -> values: the widest tick labels, labels and titles 
     "ref_ppl_ratio": [1.0, 3.0, 40.0, 1420.0],
     "memory_size": [99_000_001, 99_000_002, 99_000_003, 99_000_004],  # an offset above the axis
     "retrieval_latency_seconds": [1.5e-6, 2.5e-6, 3.5e-6, 1.25e-5],
+    "gap_10/t_loc_kl": [1.05e-4, 1.12e-4, 1.21e-4, 1.34e-4],  # 8-character tick labels: 0.000100
     "weight_change_norm": [12345.678, 23456.789, 34567.891, 45678.912],
-    "a_plugin_metric_with_a_long_name": [-0.001234, 0.5, -3.25, 7.125],
+    "forgetting": [-0.4, 0.5, -0.25, 0.125],
 }
+STEPS_TO = {"two million": [1, 330_000, 660_000, 2_000_000],  # an exponent under the x axis
+            "a round tick at the right end": [10, 160_000, 320_000, 476_200]}  # its label centred on the edge
 
 
+@pytest.mark.parametrize("steps", STEPS_TO)
 @pytest.mark.parametrize("key", EXTREMES)
-def test_every_text_of_a_plot_lies_inside_the_figure_and_off_the_title(key):
-    steps = [1, 330_000, 660_000, 2_000_000]
+def test_every_text_of_a_plot_lies_inside_the_figure_and_off_the_title(key, steps):
+    steps = STEPS_TO[steps]
     figure = draw(key, {f"run {i}": list(zip(steps, EXTREMES[key])) for i in range(3)},
-                  threshold=Threshold(EXTREMES[key][1], "collapse above"), collapses={"run 0": 660_000})
+                  threshold=Threshold(EXTREMES[key][1], "collapse above"), collapses={"run 0": steps[2]})
     canvas = FigureCanvasAgg(figure)
     canvas.draw()  # tick labels and offsets exist only after a draw
     renderer = canvas.get_renderer()
