@@ -164,8 +164,9 @@ def _set_margins(figure: Figure, axes: Axes, title: str, ylabel: str) -> None:
 
     Computed from the texts rather than measured on a drawn figure: a layout engine (constrained, tight) draws
     every figure twice to measure it, which made a run's plots ~1.3x slower to write. The room is that of the
-    title's lines in a small font, the y label's lines and the widest y tick label (test_plots checks every text
-    of extreme plots lies inside the figure). An offset or exponent above the y axis (1e-5) lifts the title a line.
+    title's lines in a small font, the y label's lines, the widest y tick label and half the widest x tick label
+    (test_plots checks every text of extreme plots lies inside the figure). An offset or exponent above the y axis
+    (1e-5) lifts the title a line.
     """
     ylabels, xlabels = _tick_labels(axes.yaxis), _tick_labels(axes.xaxis)
     width, height = figure.get_size_inches()

@@ -165,10 +165,10 @@ STEPS_TO = {"two million": [1, 330_000, 660_000, 2_000_000],  # an exponent unde
             "a round tick at the right end": [10, 160_000, 320_000, 476_200]}  # its label centred on the edge
 
 
-@pytest.mark.parametrize("steps", STEPS_TO)
+@pytest.mark.parametrize("x_range", STEPS_TO)
 @pytest.mark.parametrize("key", EXTREMES)
-def test_every_text_of_a_plot_lies_inside_the_figure_and_off_the_title(key, steps):
-    steps = STEPS_TO[steps]
+def test_every_text_of_a_plot_lies_inside_the_figure_and_off_the_title(key, x_range):
+    steps = STEPS_TO[x_range]
     figure = draw(key, {f"run {i}": list(zip(steps, EXTREMES[key])) for i in range(3)},
                   threshold=Threshold(EXTREMES[key][1], "collapse above"), collapses={"run 0": steps[2]})
     canvas = FigureCanvasAgg(figure)
