@@ -56,6 +56,12 @@ def worktree(revision: str, work: Path) -> Path:
     return path
 
 
+def drop_worktree(path: Path) -> None:
+    """Remove the worktree `worktree` made at `path` and unregister it from the repository."""
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=False,
+                   capture_output=True)
+
+
 def timed_run(code: Path, stream: Path, world: Path, model: Path, method: str, out: Path) -> float:
     """CPU seconds of one `simulate` run of `code`, in a fresh single-threaded process."""
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -132,8 +138,7 @@ def main() -> None:
                   f"largest metric difference between the two {long}-edit summaries: {worst:.2e}"
                   + (f" (on one side only: {', '.join(one_sided)})" if one_sided else ""))
     finally:  # the run folders stay in `work` for a look; the worktree is unregistered from the repository
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(codes[args.baseline])],
-                       check=False, capture_output=True)
+        drop_worktree(codes[args.baseline])
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="probe rounds in the run (points per line)")
     parser.add_argument("--repeat", type=int, default=3, help="timed draws of each code; the least counts")
     args = parser.parse_args()
-    from edit_cost import worktree
+    from edit_cost import drop_worktree, worktree
 
     work = Path(tempfile.mkdtemp(prefix="editwatch-plots-"))
     rows = work / "rounds.jsonl"
@@ -94,8 +94,7 @@ def main() -> None:
             print(f"{name[:12]:>12s} {plots:6d} {seconds:8.2f} {seconds / plots * 1000:8.0f}")
         print(f"{'speed-up':>12s} {best[args.baseline][0] / best['this code'][0]:22.2f}x")
     finally:  # the PNGs stay in `work` for a look; the worktree is unregistered from the repository
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(codes[args.baseline])],
-                       check=False, capture_output=True)
+        drop_worktree(codes[args.baseline])
 
 
 if __name__ == "__main__":
