@@ -13,7 +13,8 @@ the trained editor (SERAC's scope and counterfactual model) is cached before any
 otherwise only the first timed run trains it, which makes the per-edit cost look smaller than it
 is. Both codes read the same stream, images and model (this checkout's default world and model),
 gap 10, no MLflow, and the table ends with the largest difference between their summaries' metric
-values.
+values. `GC ms/edit` is the part of the per-edit cost spent in Python's garbage collector (`gc.callbacks`),
+from the same runs: a number that varies less with the machine's load than the whole.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-# Run inside the code under test (its tree first on sys.path); prints the CPU seconds of `simulate`.
+# Run inside the code under test (its tree first on sys.path); prints the CPU seconds of `simulate`, and those of
+# them spent in Python's garbage collector.
 RUN = """
-import json, sys, time
+import gc, json, sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
@@ -42,9 +44,16 @@ from simulator.run import simulate
 stream, images, model, train, method, out = sys.argv[1:7]
 config = RunConfig(stream=stream, images=Path(images), model=model, method=method, gap=[10], out=Path(out),
                    train=Path(train), no_mlflow=True)
-start = time.process_time()
+collector = {"seconds": 0.0, "since": 0.0}
+def watch(phase, info):
+    if phase == "start":
+        collector["since"] = time.process_time()
+    else:
+        collector["seconds"] += time.process_time() - collector["since"]
+gc.callbacks.append(watch)
+start, collector["seconds"] = time.process_time(), 0.0
 simulate(config, progress=False)
-print(json.dumps({"cpu_seconds": time.process_time() - start}))
+print(json.dumps({"cpu_seconds": time.process_time() - start, "gc_seconds": collector["seconds"]}))
 """
 
 
@@ -62,8 +71,9 @@ def drop_worktree(path: Path) -> None:
                    capture_output=True)
 
 
-def timed_run(code: Path, stream: Path, world: Path, model: Path, method: str, out: Path) -> float:
-    """CPU seconds of one `simulate` run of `code`, in a fresh single-threaded process."""
+def timed_run(code: Path, stream: Path, world: Path, model: Path, method: str, out: Path) -> tuple[float, float]:
+    """CPU seconds of one `simulate` run of `code`, in a fresh single-threaded process, and those in the garbage
+    collector."""
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "EDITWATCH_CACHE": str(out.parent / f"cache-{code.name}")}
     args = [sys.executable, "-c", RUN, str(stream), str(world / "images"), str(model), str(world / "train.jsonl"),
@@ -71,7 +81,8 @@ def timed_run(code: Path, stream: Path, world: Path, model: Path, method: str, o
     done = subprocess.run(args, cwd=code, env=env, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{code.name} {method} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["cpu_seconds"]
+    timed = json.loads(done.stdout.strip().splitlines()[-1])
+    return timed["cpu_seconds"], timed["gc_seconds"]
 
 
 def largest_difference(a: Path, b: Path) -> tuple[float, list[str]]:
@@ -114,11 +125,13 @@ def main() -> None:
     try:
         short, long = sorted(args.edits)
         streams = {n: long_stream(world, n) for n in (short, long)}
-        print(f"{'method':8s} {'code':>12s} {f'{short} edits s':>12s} {f'{long} edits s':>12s} {'ms/edit':>8s}")
+        print(f"{'method':8s} {'code':>12s} {f'{short} edits s':>12s} {f'{long} edits s':>12s} {'ms/edit':>8s} "
+              f"{'GC ms/edit':>10s}")
         for method in args.methods:
             for code in codes.values():
                 timed_run(code, streams[short], world, model, method, work / f"{method}-warm-up-{code.name}")
-            seconds = {(name, n): math.inf for name in codes for n in (short, long)}
+            # (CPU, GC) seconds of the least CPU time of each code and length
+            seconds = {(name, n): (math.inf, math.nan) for name in codes for n in (short, long)}
             for turn in range(args.repeat):
                 # The two codes take turns going first: a machine that warms or slows over a turn favours neither.
                 names = list(codes) if turn % 2 == 0 else list(reversed(codes))
@@ -129,9 +142,10 @@ def main() -> None:
                     seconds[name, n] = min(best, timed_run(code, streams[n], world, model, method, out))
             per_edit = {}
             for name in codes:
-                per_edit[name] = (seconds[name, long] - seconds[name, short]) / (long - short) * 1000
-                print(f"{method:8s} {name[:12]:>12s} {seconds[name, short]:12.1f} {seconds[name, long]:12.1f} "
-                      f"{per_edit[name]:8.1f}", flush=True)
+                (short_cpu, short_gc), (long_cpu, long_gc) = seconds[name, short], seconds[name, long]
+                per_edit[name] = (long_cpu - short_cpu) / (long - short) * 1000
+                print(f"{method:8s} {name[:12]:>12s} {short_cpu:12.1f} {long_cpu:12.1f} {per_edit[name]:8.1f} "
+                      f"{(long_gc - short_gc) / (long - short) * 1000:10.2f}", flush=True)
             this, before = (work / f"{method}-{long}-{code.name}-0" for code in codes.values())
             worst, one_sided = largest_difference(this, before)
             print(f"{method:8s} {'speed-up':>12s} {per_edit[args.baseline] / per_edit['this code']:37.2f}x; "

@@ -181,8 +181,13 @@ class VisionKeys:
 
 @lru_cache(maxsize=1)
 def shared_text_embedder() -> TextEmbedder:
-    """One MiniLM per process: loading it costs seconds, and its text cache helps every editor."""
-    return TextEmbedder()
+    """One MiniLM per process, loaded now: loading it costs seconds, and its text cache helps every editor.
+
+    Loaded here rather than at the first text, since a memory editor embeds at its first edit anyway: so a run
+    freezes MiniLM's objects with the rest of its set-up (`simulator.run._frozen_heap`)."""
+    embedder = TextEmbedder()
+    embedder.load()
+    return embedder
 
 
 # The image of an edit saved before edits kept their image's digest: never the same fact as any edit made now.

@@ -69,7 +69,8 @@ class TextEmbedder:
         self._model: SentenceTransformer | None = None
         self._lock = threading.Lock()
 
-    def _load(self) -> SentenceTransformer:
+    def load(self) -> SentenceTransformer:
+        """The model, loaded at the first call."""
         if self._model is None:
             # Imported lazily: sentence-transformers costs seconds to import. The weights ship in
             # the package's folder, and `local_files_only` forbids any fall-back to the hub.
@@ -102,7 +103,7 @@ class TextEmbedder:
         """Unit-norm vectors of `texts`, each padded to its own length bucket, batched within a bucket."""
         import torch  # loaded with the model already; memory/ does not import torch up front
 
-        model = self._load()
+        model = self.load()
         tokenizer, longest = model.tokenizer, model.max_seq_length
         lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=longest)["input_ids"]]
         buckets: dict[int, list[str]] = {}

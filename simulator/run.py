@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import json
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -238,6 +240,28 @@ def simulate(config: RunConfig, sinks: list[Sink] | None = None, progress: bool 
                        "--resume continues once this is fixed") from None
 
 
+@contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """The objects alive once a run is set up (imported modules, the model, MiniLM) left out of garbage collection
+    while it runs, as `gc.freeze` does, and handed back after.
+
+    Most live as long as the run, yet every full collection walked them: ~500k objects (torch, transformers,
+    sentence-transformers), ~150 ms a collection on a 2-core machine. On the default model that was ~1 ms of
+    collector time an edit, and none with them frozen (`benchmarks/edit_cost.py`, its GC column). Garbage is
+    collected first, so none is held for the run's length. A process that froze objects itself (one that forks
+    after `gc.freeze`) is left as it is.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _simulate(config: RunConfig, out: Path, checkpoint: Checkpoint | None, sinks: list[Sink],
               progress: bool) -> dict[str, Any]:
     """The run itself, from its checkpoint or from the start."""
@@ -295,7 +319,8 @@ def _simulate(config: RunConfig, out: Path, checkpoint: Checkpoint | None, sinks
     try:
         with stopping_on_signals(stop, "stopping after the current edit (checkpoint and summary follow); "
                                  "Ctrl-C again stops at once"):
-            timeline.run(_tracked(reader, bar, timeline, sinks), lambda: save_timeline(timeline, counters()), stop)
+            with _frozen_heap():
+                timeline.run(_tracked(reader, bar, timeline, sinks), lambda: save_timeline(timeline, counters()), stop)
     except ImageRootError as error:  # a fault of the run, not of a record
         if timeline.in_record:  # met halfway through a record (a due edit's or a probe round's image): not savable
             raise RunError(f"{error}; the run stopped halfway through a record: --resume continues from "
