@@ -247,14 +247,16 @@ def _frozen_heap() -> Iterator[None]:
 
     Most live as long as the run, yet every full collection walked them: ~500k objects (torch, transformers,
     sentence-transformers), ~150 ms a collection on a 2-core machine. On the default model that was ~1 ms of
-    collector time an edit, and none with them frozen (`benchmarks/edit_cost.py`, its GC column). No collection
-    comes first: on the default model it found ~200 unreachable objects and cost 0.3 s, and in a forked process
-    it would copy every page shared with the parent. A process that froze objects itself (one that forks after
-    `gc.freeze`) is left as it is.
+    collector time an edit, and none with them frozen (`benchmarks/edit_cost.py`, its GC column). A full collection
+    comes first (0.3 s on the default model): less for the garbage it frees (~200 objects) than because it restarts
+    the collector's count of objects that outlived the young generations. Frozen without it, the set-up's count
+    soon set off full collections of the run's own objects: 0.54 ms an edit. A process that froze objects itself
+    (one that forks after `gc.freeze`) is left as it is.
     """
     if gc.get_freeze_count():
         yield
         return
+    gc.collect()
     gc.freeze()
     try:
         yield
