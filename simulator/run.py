@@ -246,8 +246,9 @@ def _frozen_heap() -> Iterator[None]:
     while it runs, as `gc.freeze` does, and handed back after.
 
     Most live as long as the run, yet every full collection walked them: ~500k objects (torch, transformers,
-    sentence-transformers), ~150 ms a collection on a 2-core machine. On the default model that was ~1 ms of
-    collector time an edit, and none with them frozen (`benchmarks/edit_cost.py`, its GC column). A full collection
+    sentence-transformers), ~150 ms a collection on a 2-core machine. On the default model a 400-edit run made one
+    more full collection than a 100-edit run (~1 ms of collector time an edit in all); frozen, it makes none more,
+    and the young generations' ~0.3 ms an edit remain (`benchmarks/edit_cost.py`, its GC column). A full collection
     comes first (0.3 s on the default model): less for the garbage it frees (~200 objects) than because it restarts
     the collector's count of objects that outlived the young generations. Frozen without it, the set-up's count
     soon set off full collections of the run's own objects: 0.54 ms an edit. A process that froze objects itself

@@ -31,7 +31,7 @@ def collected(*objects) -> list[bool]:
 
 @pytest.fixture
 def ike_run(small_world, small_model, tmp_path, monkeypatch):
-    """Runs 2 IKE edits with a `Watch`; returns the watch and the run's model."""
+    """A function that runs 2 IKE edits with a `Watch` and returns the watch and the run's model."""
     held = {}
     load = run_module.load_model
     monkeypatch.setattr(run_module, "load_model", lambda config: _keep(held, load(config)))
