@@ -249,16 +249,16 @@ def _frozen_heap() -> Iterator[None]:
     sentence-transformers), ~150 ms a collection on a 2-core machine. On the default model a 400-edit run made one
     more full collection than a 100-edit run (~1 ms of collector time an edit in all); frozen, it makes none more,
     and the young generations' ~0.3 ms an edit remain (`benchmarks/edit_cost.py`, its GC column). A full collection
-    comes first (0.3 s on the default model): less for the garbage it frees (~200 objects) than because it restarts
-    the collector's count of objects that outlived the young generations. Frozen without it, the set-up's count
-    soon set off full collections of the run's own objects: 0.54 ms an edit. A process that froze objects itself
-    (one that forks after `gc.freeze`) is left as it is.
+    of what is left unfrozen follows the freeze (under a millisecond): it restarts the collector's count of objects that outlived
+    the young generations, which from the set-up would otherwise soon set off full collections of the run's own
+    objects. Collecting before the freeze instead cost 0.3-0.4 s a run, the whole heap walked, to free ~200
+    objects. A process that froze objects itself (one that forks after `gc.freeze`) is left as it is.
     """
     if gc.get_freeze_count():
         yield
         return
-    gc.collect()
     gc.freeze()
+    gc.collect()
     try:
         yield
     finally:
