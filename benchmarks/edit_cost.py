@@ -14,7 +14,7 @@ otherwise only the first timed run trains it, which makes the per-edit cost look
 is. Both codes read the same stream, images and model (this checkout's default world and model),
 gap 10, no MLflow, and the table ends with the largest difference between their summaries' metric
 values. `GC ms/edit` is the part of the per-edit cost spent in Python's garbage collector (`gc.callbacks`),
-from the same runs: a number that varies less with the machine's load than the whole.
+from the same runs; it moves with the machine's load too.
 """
 
 from __future__ import annotations

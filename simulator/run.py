@@ -247,19 +247,19 @@ def _frozen_heap() -> Iterator[None]:
 
     Most live as long as the run, yet every full collection walked them: ~500k objects (torch, transformers,
     sentence-transformers), ~150 ms a collection on a 2-core machine. On the default model a 400-edit run made one
-    more full collection than a 100-edit run (~1 ms of collector time an edit in all); frozen, it makes none more,
-    and the young generations' ~0.3 ms an edit remain (`benchmarks/edit_cost.py`, its GC column). A full collection
-    of what is left unfrozen follows the freeze (under a millisecond): it restarts the collector's count of objects that outlived
-    the young generations, which from the set-up would otherwise soon set off full collections of the run's own
-    objects. Collecting before the freeze instead cost 0.3-0.4 s a run, the whole heap walked, to free ~200
-    objects. A process that froze objects itself (one that forks after `gc.freeze`) is left as it is.
+    more full collection than a 100-edit run (~1 ms of collector time an edit in all). Frozen, the run's own
+    objects still set off full collections (two in those 300 edits, 80-120 ms each), and the young generations'
+    ~0.3 ms an edit remain (`benchmarks/edit_cost.py`, its GC column). No collection comes with the freeze: one
+    before it walks the whole heap (0.3-0.4 s a run), one after it resets the collector's count of long-lived
+    objects to the few left unfrozen, so that full collections come more often. Cyclic garbage of the set-up
+    (~200 objects on the default model) waits for the run's end. A process that froze objects itself (one that
+    forks after `gc.freeze`, or a second run in another thread) is left as it is.
     """
     if gc.get_freeze_count():
         yield
         return
-    gc.freeze()
-    gc.collect()
     try:
+        gc.freeze()
         yield
     finally:
         gc.unfreeze()

@@ -33,6 +33,7 @@ def collected(*objects) -> list[bool]:
 def ike_run(small_world, small_model, tmp_path, monkeypatch):
     """A function that runs 2 IKE edits with a `Watch` and returns the watch and the run's model."""
     held = {}
+    shared_text_embedder.cache_clear()  # so MiniLM loads in this run, whatever an earlier test of the worker did
     load = run_module.load_model
     monkeypatch.setattr(run_module, "load_model", lambda config: _keep(held, load(config)))
     watch = Watch(held)
@@ -74,3 +75,11 @@ def test_a_process_that_froze_objects_itself_keeps_its_freeze(ike_run):
         assert 0 < gc.get_freeze_count() <= frozen
     finally:
         gc.unfreeze()
+
+
+def test_the_heap_is_handed_back_when_the_run_raises():
+    with pytest.raises(KeyboardInterrupt):
+        with run_module._frozen_heap():
+            assert gc.get_freeze_count() > 100_000
+            raise KeyboardInterrupt
+    assert gc.get_freeze_count() == 0
