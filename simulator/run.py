@@ -248,7 +248,7 @@ def _frozen_heap() -> Iterator[None]:
     Most live as long as the run, yet every full collection walked them: ~500k objects (torch, transformers,
     sentence-transformers), ~150 ms a collection on a 2-core machine. On the default model a 400-edit run made one
     more full collection than a 100-edit run (~1 ms of collector time an edit in all). Frozen, the run's own
-    objects still set off full collections (two in those 300 edits, 80-120 ms each), and the young generations'
+    objects still set off full collections (two in the 400-edit run, 80-120 ms each), and the young generations'
     ~0.3 ms an edit remain (`benchmarks/edit_cost.py`, its GC column). No collection comes with the freeze: one
     before it walks the whole heap (0.3-0.4 s a run), one after it resets the collector's count of long-lived
     objects to the few left unfrozen, so that full collections come more often. Cyclic garbage of the set-up
