@@ -23,6 +23,9 @@ from editors.prompts import PLAIN_TEMPLATE, VLKEB_TEMPLATE, PromptFormat
 
 
 PROCESSED_CACHE_BYTES = 256 * 2**20
+# Texts whose tokens are kept: a run asks the same question of many images (a relation's question is one text for
+# every creature, and an image rephrase repeats its question), so most texts were tokenized before.
+TOKENS_CACHE_TEXTS = 2**16
 
 
 class InputError(ValueError):
@@ -99,6 +102,7 @@ class InputBuilder:
         # A run asks about the same few images again and again: each is processed once (by content).
         self._processed: LRUCache[dict[str, Any]] = LRUCache(PROCESSED_CACHE_BYTES, _nbytes)
         self._encoded: LRUCache[Encoded] = LRUCache(PROCESSED_CACHE_BYTES, lambda e: _nbytes(e.pixels or {}) + 256)
+        self._tokens: LRUCache[tuple[list[int], list]] = LRUCache(TOKENS_CACHE_TEXTS)  # by (text, with_answer)
 
     def _image_token_id(self) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(self.family.image_token)
@@ -206,19 +210,20 @@ class InputBuilder:
         return text + sep + query.answer, len(text) + len(sep)
 
     def _tokenize(self, texts: dict[int, tuple[str, int]], with_answer: bool) -> dict[int, tuple[list[int], list]]:
-        """Token ids (and offsets, with the answer) of each text, one tokenizer call per kind of text: a text that
-        already starts with the BOS token gets no second one."""
+        """Token ids (and offsets, with the answer) of each text, cached by text; those not cached in one tokenizer
+        call per kind of text: a text that already starts with the BOS token gets no second one."""
         bos = self.tokenizer.bos_token
-        out: dict[int, tuple[list[int], list]] = {}
+        found = {text: tokens for text, _ in texts.values() if (tokens := self._tokens.get((text, with_answer)))}
+        todo = list(dict.fromkeys(text for text, _ in texts.values() if text not in found))
         for special in (True, False):
-            rows = [i for i, (text, _) in texts.items() if special != bool(bos and text.startswith(bos))]
+            rows = [text for text in todo if special != bool(bos and text.startswith(bos))]
             if not rows:
                 continue
-            enc = self.tokenizer([texts[i][0] for i in rows], add_special_tokens=special,
-                                 return_offsets_mapping=with_answer)
-            for n, i in enumerate(rows):
-                out[i] = (list(enc["input_ids"][n]), enc["offset_mapping"][n] if with_answer else [])
-        return out
+            enc = self.tokenizer(rows, add_special_tokens=special, return_offsets_mapping=with_answer)
+            for n, text in enumerate(rows):
+                found[text] = (list(enc["input_ids"][n]), enc["offset_mapping"][n] if with_answer else [])
+                self._tokens.put((text, with_answer), found[text])
+        return {i: (list(found[text][0]), found[text][1]) for i, (text, _) in texts.items()}  # ids a caller may own
 
     def _finish(self, query: Query, text: tuple[str, int], tokens: tuple[list[int], list], with_answer: bool,
                 digest: str | None) -> Encoded:

@@ -186,6 +186,7 @@ def test_encode_many_equals_encode_one_at_a_time_with_one_tokenizer_call(family)
                Query("who wrote it?", "Shakespeare")]
     alone = [type(lvlm.inputs).encode(lvlm.inputs, q) for q in queries]  # each in a call of its own
     lvlm.inputs._encoded.clear()
+    lvlm.inputs._tokens.clear()
     calls = []
     tokenizer = lvlm.inputs.tokenizer
     original = type(tokenizer).__call__
@@ -205,6 +206,36 @@ def test_encode_many_equals_encode_one_at_a_time_with_one_tokenizer_call(family)
         assert (one.pixels is None) == (batched.pixels is None)
         assert one.pixels is None or all(torch.equal(one.pixels[k], batched.pixels[k]) for k in one.pixels)
     assert many[0] is many[2]
+
+
+def _answered_calls(lvlm: LVLM, answer: str, queries: list[Query]) -> list:
+    """The tokenizer calls `encode_many(queries)` makes with `answer` in their text."""
+    calls = []
+    tokenizer = lvlm.inputs.tokenizer
+    original = type(tokenizer).__call__
+    type(tokenizer).__call__ = lambda self, *a, **k: calls.append(a[0]) or original(self, *a, **k)
+    try:
+        lvlm.inputs.encode_many(queries)
+    finally:
+        type(tokenizer).__call__ = original
+    return [c for c in calls if any(answer in text for text in (c if isinstance(c, list) else [c]))]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_question_asked_of_another_image_is_not_tokenized_again(family):
+    """Tokens are cached by text: the same question of a new image (an image rephrase, one relation's question of
+    every creature) expands that image's tokens into the tokens held, and encodes as a fresh builder would."""
+    lvlm = tiny(family)
+    first, again = (Query("what is shown?", "a tabby cat", random_image(seed)) for seed in (3, 5))
+    assert len(_answered_calls(lvlm, "tabby", [first])) == 1
+    assert _answered_calls(lvlm, "tabby", [again]) == []
+    cached = lvlm.inputs.encode(again)
+    lvlm.inputs._encoded.clear()
+    lvlm.inputs._tokens.clear()
+    fresh = lvlm.inputs.encode(again)
+    assert (cached.input_ids, cached.answer_start, cached.answer_len, cached.image) == (
+        fresh.input_ids, fresh.answer_start, fresh.answer_len, fresh.image)
+    assert cached.image != lvlm.inputs.encode(first).image
 
 
 @pytest.mark.parametrize("with_answer", [True, False])
