@@ -156,10 +156,10 @@ class ScoreMemo:
         """Keep `score`, computed with `top_k` entries and log-probs at `gather`."""
         self.scores.put(key, (score, top_k, None if gather is None else gather.cpu()))
 
-    def check(self, model: nn.Module, form: tuple) -> None:
-        """Empty the memo (scores and prefixes) if `model`'s parameters or the input `form` changed since it was
-        filled."""
-        under = (_versions(_submodules(model)), form)
+    def check(self, versions: tuple, form: tuple) -> None:
+        """Empty the memo (scores and prefixes) if the model's parameters (their `Guards.versions`) or the input
+        `form` changed since it was filled."""
+        under = (versions, form)
         if under != self._under:
             self.clear()
             self._under = under
@@ -169,7 +169,7 @@ class ScoreMemo:
         """Hold saved scores of `model` as it is now, under the input `form` (see `GenerationCache.restore`)."""
         self.clear()
         self.scores.restore(sealed, opened, values)
-        self._under = (_versions(_submodules(model)), form)
+        self._under = (guards(model).versions, form)
 
     def clear(self) -> None:
         """Forget every score and prefix."""
@@ -182,21 +182,34 @@ def _encoder_outputs(features: list[torch.Tensor]) -> dict[str, BaseModelOutputW
     return {"image": BaseModelOutputWithPooling(pooler_output=features)}
 
 
-def _submodules(root: nn.Module, skip: nn.Module | None = None) -> Iterator[nn.Module]:
-    """`root` and the modules under it, less `skip` and those under that. It reads `_modules` directly: a call of
-    `LVLM.score` walks the model three times, and `nn.Module.modules()` builds every module's name on the way."""
-    stack = [root]
+@dataclass(frozen=True)
+class Guards:
+    """What the caches of `LVLM.score` check, from one walk of the model (reading `_modules` directly:
+    `nn.Module.modules()` builds every module's name on the way). A version is which tensor holds a parameter and
+    how often it was changed in place."""
+
+    versions: tuple  # every parameter's: what the score memo depends on
+    outside: tuple  # those of the parameters outside `inner` (the text decoder): what image features depend on
+    hooked: bool  # a module has a forward hook that may change what it computes (see `LVLM.score`)
+
+
+def guards(root: nn.Module, inner: nn.Module | None = None) -> Guards:
+    """The `Guards` of `root`, `outside` being the parameters not under `inner`."""
+    versions: list[tuple[int, int]] = []
+    outside: list[tuple[int, int]] = []
+    hooked = False
+    stack = [(root, False)]
     while stack:
-        module = stack.pop()
-        if module is not skip:
-            yield module
-            stack.extend(child for child in module._modules.values() if child is not None)
-
-
-def _versions(modules: Iterable[nn.Module]) -> tuple:
-    """Which tensors hold the parameters of `modules`, and how often each was changed in place: what a cache of
-    results checks."""
-    return tuple((id(p), p._version) for m in modules for p in m._parameters.values() if p is not None)
+        module, under = stack.pop()
+        under = under or module is inner
+        own = [(id(p), p._version) for p in module._parameters.values() if p is not None]
+        versions += own
+        if not under:
+            outside += own
+        hooked = hooked or any(hook.__module__ != RECORDING_HOOKS for hook in
+                               (*module._forward_hooks.values(), *module._forward_pre_hooks.values()))
+        stack.extend((child, under) for child in module._modules.values() if child is not None)
+    return Guards(tuple(versions), tuple(outside), hooked)
 
 
 class LVLM:
@@ -332,10 +345,11 @@ class LVLM:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         results: list[SpanScore | None] = [None] * len(queries)
         wanted = [None if gather is None else gather[i] for i in range(len(queries))]
+        walked = self._guards()
         keys: list[tuple] = []
         if memo is not None:
             keys = [memo.key(q, sequence_top_k) for q in queries]
-            memo.check(self.model, self.inputs.form())
+            memo.check(walked.versions, self.inputs.form())
             for i, key in enumerate(keys):
                 results[i] = memo.get(key, top_k, wanted[i])
         todo = [i for i, r in enumerate(results) if r is None]
@@ -346,12 +360,12 @@ class LVLM:
                 raise ValueError(f"gather for query {i} has {len(wanted[i])} rows; its answer "
                                  f"{queries[i].answer!r} has {encoded[i].answer_len} tokens")
         if self.family.shares_image_features:
-            self._check_features()
+            self._check_features(walked)
             groups = [list(range(len(todo)))]  # the model gets image features, not pixels: text rows may join
         else:
             groups = image_index_groups([queries[i] for i in todo])
         cache = prefix_cache() if memo is None else memo.prefixes
-        shared, column_budget = self._plan_prefixes(encoded, cache, sequence_top_k)
+        shared, column_budget = self._plan_prefixes(encoded, cache, sequence_top_k, walked.hooked)
         scored: Iterable[tuple[list[int], list[SpanScore]]]
         if shared:
             scored = self._score_packed(todo, encoded, shared, cache, batch_size, column_budget, top_k, wanted)
@@ -434,13 +448,15 @@ class LVLM:
                         cache.put(key, [(layer.keys[row : row + 1].clone(), layer.values[row : row + 1].clone())
                                         for layer in out.cache.layers])
 
-    def _plan_prefixes(self, encoded: dict[int, Encoded], cache: LRUCache[KeysValues], sequence_top_k: int
-                       ) -> tuple[dict[int, PrefixKey], int]:
+    def _plan_prefixes(self, encoded: dict[int, Encoded], cache: LRUCache[KeysValues], sequence_top_k: int,
+                       hooked: bool) -> tuple[dict[int, PrefixKey], int]:
         """The rows of a call that continue a shared prefix (row -> its key), and how many cached prefix tokens a
-        forward may hold."""
+        forward may hold. A `hooked` model (`Guards.hooked`: an editor that rewrites activations where a row's prompt
+        ends, GRACE or WISE, must see every row whole) shares none; transformers' own hooks, which only record
+        outputs (`output_hidden_states`), do not count."""
         if not (self.family.shares_image_features and self.family.shares_image_prefix and not sequence_top_k
                 and encoded and within_window(self.model.config, max(len(e.input_ids) for e in encoded.values()))
-                and self._takes_dense_masks() and not self._hooked()):
+                and self._takes_dense_masks() and not hooked):
             return {}, 0
         shared = shared_prefixes(encoded, self.inputs.image_token_id, cache)
         if not shared:
@@ -457,12 +473,9 @@ class LVLM:
         text = self.model.config.get_text_config(decoder=True)
         return getattr(text, "_attn_implementation", None) in (None, "sdpa", "eager")
 
-    def _hooked(self) -> bool:
-        """Whether a module of the model has a forward hook that may change what it computes: an editor that rewrites
-        activations where a row's prompt ends (GRACE, WISE) must see every row whole, so rows then share no prefix.
-        transformers' own hooks, which only record outputs (`output_hidden_states`), do not count."""
-        return any(hook.__module__ != RECORDING_HOOKS for m in _submodules(self.model)
-                   for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
+    def _guards(self) -> Guards:
+        """The model's `Guards`, the text decoder being the inner part."""
+        return guards(self.model, self.model.get_submodule(self.family.decoder_path))
 
     def _score_batch(
         self, batch: Batch, top_k: int, gather: list[torch.Tensor | None] | None, sequence_top_k: int
@@ -525,12 +538,12 @@ class LVLM:
     def image_features(self, images: Sequence[tuple[str, dict[str, torch.Tensor]]]) -> list[torch.Tensor]:
         """The family's `image_features` (N, D) of each (digest, pixels), computed one image per forward (so they
         do not depend on what else is in a batch) and cached by digest while the vision weights are unchanged."""
-        self._check_features()
+        self._check_features(self._guards())
         return self._image_features(images)
 
-    def _check_features(self) -> None:
+    def _check_features(self, walked: Guards) -> None:
         """Empty the feature cache if a weight outside the text decoder was added, replaced or changed in place."""
-        weights = _versions(_submodules(self.model, skip=self.model.get_submodule(self.family.decoder_path)))
+        weights = walked.outside
         if weights != self._vision_weights:
             self.features.clear()
             self._vision_weights = weights

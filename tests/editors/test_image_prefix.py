@@ -282,11 +282,11 @@ def test_a_decoder_on_a_flash_attention_kernel_runs_rows_whole(monkeypatch):
     """Packs need an arbitrary attention mask, which flash-attention kernels do not take."""
     lvlm = tiny("llava")
     encoded = dict(enumerate(lvlm.inputs.encode_many(_queries())))
-    assert len(lvlm._plan_prefixes(encoded, prefix_cache(), 0)[0]) == 5
+    assert len(lvlm._plan_prefixes(encoded, prefix_cache(), 0, False)[0]) == 5
     text = lvlm.model.config.get_text_config(decoder=True)
     monkeypatch.setattr(text, "_attn_implementation_internal", "flash_attention_2")
     assert text._attn_implementation == "flash_attention_2"
-    assert lvlm._plan_prefixes(encoded, prefix_cache(), 0) == ({}, 0)
+    assert lvlm._plan_prefixes(encoded, prefix_cache(), 0, False) == ({}, 0)
 
 
 def test_a_prefix_wider_than_a_pack_runs_in_a_forward_of_its_own(monkeypatch):
