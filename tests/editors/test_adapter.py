@@ -554,3 +554,30 @@ def test_padded_batches_cut_sorted_rows_at_the_least_padding_plus_forward_cost(l
     assert [row for batch in batches for row in batch] == rows
     assert all(0 < len(batch) <= batch_size for batch in batches)
     assert _batches_cost(batches, length_of) == _cheapest(rows, length_of, batch_size)
+
+
+@pytest.mark.parametrize("budget", [2**30, 1])  # every parameter in one chunk, or each in a chunk of its own
+def test_nonfinite_parameters_names_each_tensor_holding_nan_or_inf_in_order(budget, monkeypatch):
+    from editors import adapter
+
+    monkeypatch.setattr(adapter, "FINITE_CHECK_BYTES", budget)
+    lvlm = tiny("llava")
+    named = dict(lvlm.model.named_parameters())
+    assert lvlm.nonfinite_parameters() == []
+    names = list(named)
+    broken = {names[3]: float("nan"), names[10]: float("inf"), names[20]: float("-inf"), names[40]: float("nan"),
+              names[41]: float("inf")}
+    saved = {name: named[name].data for name in [*broken, names[30]]}
+    try:
+        with torch.no_grad():
+            named[names[30]].data = saved[names[30]] * 1e30  # huge but finite: not named
+            named[names[41]].data = saved[names[41]].half()  # another dtype: a chunk of its own
+            for name, value in broken.items():
+                named[name].data = named[name].data.clone()
+                named[name].data.view(-1)[-1] = value  # one element, the last
+        assert lvlm.nonfinite_parameters() == [names[3], names[10], names[20], names[40], names[41]]
+        assert lvlm.nonfinite_parameters(limit=2) == [names[3], names[10]]
+    finally:
+        for name, value in saved.items():
+            named[name].data = value
+    assert lvlm.nonfinite_parameters() == []
