@@ -68,6 +68,15 @@ def test_token_accuracy_is_the_fraction_of_answer_tokens_predicted_top1(argmax, 
     assert token_accuracy(span(argmax, target=target)) == pytest.approx(hits / len(target), abs=1e-7)
 
 
+def test_token_accuracy_is_bit_for_bit_the_float32_mean_of_the_matches():
+    """Counted on the host, k of n is the very float a float32 mean on torch gives, for every k <= n <= 64: the
+    values a run records do not move with how they are counted."""
+    for n in range(1, 65):
+        for k in range(n + 1):
+            score = span(list(range(n)), target=[i if i < k else -1 for i in range(n)])
+            assert token_accuracy(score) == (score.argmax_ids == score.target_ids).float().mean().item()
+
+
 # Three-token vocabulary, one position: p = pre-edit, q = post-edit (ids sorted by p).
 P = torch.tensor([[0.5, 0.3, 0.2]])
 Q = torch.tensor([[0.2, 0.3, 0.5]])
