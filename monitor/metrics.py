@@ -186,11 +186,26 @@ def topk_kl(pre_logprobs: torch.Tensor, post_logprobs: torch.Tensor) -> torch.Te
 
 def locality(post: SpanScore, reference: Reference) -> tuple[float, float]:
     """Top-1 agreement with the unedited model, and mean KL(pre || post), over the answer span."""
-    if post.gathered_logprobs is None:
-        raise ValueError("locality needs the post-edit log-probs at the reference's top-k ids (score with gather=)")
-    agreement = _agreement(post.argmax_ids, reference.topk_ids[:, 0])
-    kl = topk_kl(reference.topk_logprobs, post.gathered_logprobs).mean().item()
-    return agreement, kl
+    return localities([(post, reference)])[0]
+
+
+def localities(pairs: Sequence[tuple[SpanScore, Reference]]) -> list[tuple[float, float]]:
+    """`locality` of each (post, reference) pair. The KL of the pairs of one top-k width is taken in one pass (a
+    probe round asks it of every reference probe) and each pair's mean from its own rows, so a pair gets the very
+    numbers it would alone."""
+    kls = [0.0] * len(pairs)
+    by_width: dict[int, list[int]] = {}
+    for i, (post, reference) in enumerate(pairs):
+        if post.gathered_logprobs is None:
+            raise ValueError("locality needs the post-edit log-probs at the reference's top-k ids (score with gather=)")
+        by_width.setdefault(reference.topk_logprobs.shape[1], []).append(i)
+    for members in by_width.values():
+        kl = topk_kl(torch.cat([pairs[i][1].topk_logprobs for i in members]),
+                     torch.cat([pairs[i][0].gathered_logprobs for i in members]))  # type: ignore[misc]
+        rows = [len(pairs[i][1].topk_logprobs) for i in members]
+        for i, mean in zip(members, torch.stack([part.mean() for part in kl.split(rows)]).tolist()):
+            kls[i] = mean
+    return [(_agreement(post.argmax_ids, reference.topk_ids[:, 0]), kl) for (post, reference), kl in zip(pairs, kls)]
 
 
 def vlkeb_locality(post: SpanScore, reference: Reference, k: int) -> float:
@@ -257,13 +272,15 @@ def edit_values(
 ) -> dict[str, float]:
     """Every metric of one edit's probes from their post-edit scores, keyed as in METRICS."""
     values: dict[str, float] = {}
+    probes = list(probes)
+    local = {probe.key: (scores[probe.key], references[probe.key]) for probe in probes if probe.metric in LOCALITY}
+    found = dict(zip(local, localities(list(local.values()))))
     for probe in probes:
         score = scores[probe.key]
         if probe.metric in LOCALITY:
-            reference = references[probe.key]
-            values[probe.metric], values[f"{probe.metric}_kl"] = locality(score, reference)
+            values[probe.metric], values[f"{probe.metric}_kl"] = found[probe.key]
             if vlkeb_compat:
-                values[f"{probe.metric}_vlkeb"] = vlkeb_locality(score, reference, VLKEB_TOP_K[probe.metric])
+                values[f"{probe.metric}_vlkeb"] = vlkeb_locality(score, local[probe.key][1], VLKEB_TOP_K[probe.metric])
         else:
             values[probe.metric] = token_accuracy(score)
     return values

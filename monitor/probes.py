@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import torch
 
 from editors import Editor, EditRequest, HasMemory, Query, SpanScore
-from monitor.metrics import keep_references, locality, token_accuracy
+from monitor.metrics import keep_references, localities, token_accuracy
 from monitor.plan import LOCALITY, Probe
 from monitor.reference import ReferenceStore
 
@@ -126,7 +126,7 @@ def reference_health(refset: ReferenceSet, scores: dict[str, SpanScore]) -> dict
     if not refset.probes:
         return {}
     now = [scores[p.key] for p in refset.probes]
-    agreement, kl = zip(*(locality(s, refset.references[p.key]) for p, s in zip(refset.probes, now)))
+    agreement, kl = zip(*localities([(s, refset.references[p.key]) for p, s in zip(refset.probes, now)]))
     entropy = torch.cat([s.entropy for s in now])
     return {
         "ref_agreement": sum(agreement) / len(agreement),

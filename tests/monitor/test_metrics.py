@@ -131,6 +131,23 @@ def test_locality_compares_with_the_reference_not_the_target():
     assert kl == pytest.approx(0.6 * math.log(0.6 / 0.3) + 0.1 * math.log(0.1 / 0.4), abs=1e-5)
 
 
+def test_localities_of_many_pairs_are_bit_for_bit_each_pair_alone():
+    """One KL pass over pairs of several lengths and two top-k widths gives each pair the floats it gets alone."""
+    from monitor.metrics import localities
+
+    generator = torch.Generator().manual_seed(1)
+    pairs = []
+    for rows, width in [(1, 10), (3, 10), (2, 4), (5, 10), (1, 4), (4, 10)]:
+        pre = torch.log_softmax(torch.randn(rows, 30, generator=generator) * 2, -1).topk(width, -1)
+        post = torch.log_softmax(torch.randn(rows, 30, generator=generator) * 2, -1)
+        argmax = [int(pre.indices[i, 0]) if i % 2 == 0 else int(post[i].argmax()) for i in range(rows)]
+        pairs.append((span(argmax, gathered=post.gather(-1, pre.indices)), Reference(pre.indices.int(), pre.values)))
+    alone = [((s.argmax_ids == r.topk_ids[:, 0].long()).float().mean().item(),
+              topk_kl(r.topk_logprobs, s.gathered_logprobs).mean().item()) for s, r in pairs]
+    assert localities(pairs) == alone
+    assert len({kl for _, kl in alone}) == len(alone) and any(0 < agreement < 1 for agreement, _ in alone)
+
+
 def test_vlkeb_locality_matches_rank_by_rank_on_the_common_tail():
     """Sequences of unequal length are aligned at their ends; k = 2 counts 5 of 6 (rank, position) pairs."""
     ref_seq = torch.tensor([[9, 9], [1, 2], [3, 4], [5, 6]], dtype=torch.int32)
