@@ -201,16 +201,20 @@ def guards(root: nn.Module, inner: nn.Module | None = None) -> Guards:
     outside: list[tuple[int, int]] = []
     hooked = False
     stack = [(root, False)]
-    while stack:
+    while stack:  # plain loops: this runs for every scoring call, over every module
         module, under = stack.pop()
         under = under or module is inner
-        own = [(id(p), p._version) for p in module._parameters.values() if p is not None]
-        versions += own
-        if not under:
-            outside += own
-        hooked = hooked or any(hook.__module__ != RECORDING_HOOKS for hook in
-                               (*module._forward_hooks.values(), *module._forward_pre_hooks.values()))
-        stack.extend((child, under) for child in module._modules.values() if child is not None)
+        for param in module._parameters.values():
+            if param is not None:
+                versions.append((id(param), param._version))
+                if not under:
+                    outside.append(versions[-1])
+        if not hooked and (module._forward_hooks or module._forward_pre_hooks):
+            hooked = any(hook.__module__ != RECORDING_HOOKS for hook in
+                         (*module._forward_hooks.values(), *module._forward_pre_hooks.values()))
+        for child in module._modules.values():
+            if child is not None:
+                stack.append((child, under))
     return Guards(tuple(versions), tuple(outside), hooked)
 
 

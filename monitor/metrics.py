@@ -201,7 +201,7 @@ def localities(pairs: Sequence[tuple[SpanScore, Reference]]) -> list[tuple[float
         by_width.setdefault(reference.topk_logprobs.shape[1], []).append(i)
     for members in by_width.values():
         kl = topk_kl(torch.cat([pairs[i][1].topk_logprobs for i in members]),
-                     torch.cat([pairs[i][0].gathered_logprobs for i in members]))  # type: ignore[misc]
+                     torch.cat([pairs[i][0].gathered_logprobs for i in members]))
         rows = [len(pairs[i][1].topk_logprobs) for i in members]
         for i, mean in zip(members, torch.stack([part.mean() for part in kl.split(rows)]).tolist()):
             kls[i] = mean
