@@ -641,20 +641,26 @@ class LVLM:
 
         A tensor holds one exactly when its largest magnitude is NaN or Inf. Those are taken by fused ops over a
         chunk of parameters of one device and dtype at a time, with one read back per chunk: a check per parameter
-        cost ~4x more on the default model (72 small tensors), and syncs a GPU once per parameter.
+        cost ~4x more on the default model (72 small tensors), and syncs a GPU once per parameter. The fused ops
+        copy a chunk's magnitudes, so a parameter over `FINITE_CHECK_BYTES` is checked alone, by `isfinite`.
         """
-        named = [(name, param) for name, param in self.model.named_parameters() if param.numel()]
+        # Integer and bool parameters cannot hold NaN or Inf.
+        named = [(name, param) for name, param in self.model.named_parameters()
+                 if param.numel() and param.is_floating_point()]
+        finite = [True] * len(named)
         chunks: dict[tuple, list[list[int]]] = {}  # per (device, dtype), its chunks of parameters
         held: dict[tuple, int] = {}  # bytes in each kind's last chunk
-        for i, (_, param) in enumerate(named):
-            kind = (param.device, param.dtype)
-            if kind not in chunks or held[kind] + param.nbytes > FINITE_CHECK_BYTES:
-                chunks.setdefault(kind, []).append([])
-                held[kind] = 0
-            chunks[kind][-1].append(i)
-            held[kind] += param.nbytes
-        finite = [True] * len(named)
         with torch.no_grad():
+            for i, (_, param) in enumerate(named):
+                if param.nbytes > FINITE_CHECK_BYTES:
+                    finite[i] = bool(torch.isfinite(param).all())
+                    continue
+                kind = (param.device, param.dtype)
+                if kind not in chunks or held[kind] + param.nbytes > FINITE_CHECK_BYTES:
+                    chunks.setdefault(kind, []).append([])
+                    held[kind] = 0
+                chunks[kind][-1].append(i)
+                held[kind] += param.nbytes
             for chunk in (c for per_kind in chunks.values() for c in per_kind):
                 peaks = torch._foreach_max(torch._foreach_abs([named[i][1] for i in chunk]))
                 for i, ok in zip(chunk, torch.stack(peaks).isfinite().tolist()):

@@ -23,9 +23,10 @@ from editors.prompts import PLAIN_TEMPLATE, VLKEB_TEMPLATE, PromptFormat
 
 
 PROCESSED_CACHE_BYTES = 256 * 2**20
-# Texts whose tokens are kept: a run asks the same question of many images (a relation's question is one text for
-# every creature, and an image rephrase repeats its question), so most texts were tokenized before.
-TOKENS_CACHE_TEXTS = 2**16
+# Tokens kept by text: a run asks the same question of many images (a relation's question is one text for every
+# creature, and an image rephrase repeats its question), so most texts were tokenized before. Bounded in bytes,
+# counted as a text's characters and ~128 bytes a token (its id and its offsets' tuple in Python objects).
+TOKENS_CACHE_BYTES = 64 * 2**20
 
 
 class InputError(ValueError):
@@ -102,7 +103,8 @@ class InputBuilder:
         # A run asks about the same few images again and again: each is processed once (by content).
         self._processed: LRUCache[dict[str, Any]] = LRUCache(PROCESSED_CACHE_BYTES, _nbytes)
         self._encoded: LRUCache[Encoded] = LRUCache(PROCESSED_CACHE_BYTES, lambda e: _nbytes(e.pixels or {}) + 256)
-        self._tokens: LRUCache[tuple[list[int], list]] = LRUCache(TOKENS_CACHE_TEXTS)  # by (text, with_answer)
+        self._tokens: LRUCache[tuple[list[int], list]] = LRUCache(  # by (text, with_answer)
+            TOKENS_CACHE_BYTES, lambda tokens: 128 * len(tokens[0]) + 64)
 
     def _image_token_id(self) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(self.family.image_token)

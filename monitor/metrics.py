@@ -198,6 +198,9 @@ def localities(pairs: Sequence[tuple[SpanScore, Reference]]) -> list[tuple[float
     for i, (post, reference) in enumerate(pairs):
         if post.gathered_logprobs is None:
             raise ValueError("locality needs the post-edit log-probs at the reference's top-k ids (score with gather=)")
+        if post.gathered_logprobs.shape != reference.topk_logprobs.shape:  # rows joined below must pair up
+            raise ValueError(f"post-edit log-probs {tuple(post.gathered_logprobs.shape)} against the reference's "
+                             f"{tuple(reference.topk_logprobs.shape)}")
         by_width.setdefault(reference.topk_logprobs.shape[1], []).append(i)
     for members in by_width.values():
         kl = topk_kl(torch.cat([pairs[i][1].topk_logprobs for i in members]),

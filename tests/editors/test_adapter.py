@@ -226,8 +226,11 @@ def test_a_question_asked_of_another_image_is_not_tokenized_again(family):
     """Tokens are cached by text: the same question of a new image (an image rephrase, one relation's question of
     every creature) expands that image's tokens into the tokens held, and encodes as a fresh builder would."""
     lvlm = tiny(family)
-    first, again = (Query("what is shown?", "a tabby cat", random_image(seed)) for seed in (3, 5))
-    assert len(_answered_calls(lvlm, "tabby", [first])) == 1
+    lvlm.inputs._encoded.clear()
+    lvlm.inputs._tokens.clear()
+    first, again, third = (Query("what is shown?", "a tabby cat", random_image(seed)) for seed in (3, 5, 6))
+    calls = _answered_calls(lvlm, "tabby", [first, third])  # one question of two images in one call: once
+    assert len(calls) == 1 and len(calls[0] if isinstance(calls[0], list) else [calls[0]]) == 1
     assert _answered_calls(lvlm, "tabby", [again]) == []
     cached = lvlm.inputs.encode(again)
     lvlm.inputs._encoded.clear()
@@ -556,7 +559,8 @@ def test_padded_batches_cut_sorted_rows_at_the_least_padding_plus_forward_cost(l
     assert _batches_cost(batches, length_of) == _cheapest(rows, length_of, batch_size)
 
 
-@pytest.mark.parametrize("budget", [2**30, 1])  # every parameter in one chunk, or each in a chunk of its own
+# Every parameter in one chunk per dtype; small ones in several chunks and those over 1,000 bytes alone; each alone.
+@pytest.mark.parametrize("budget", [2**30, 1000, 1])
 def test_nonfinite_parameters_names_each_tensor_holding_nan_or_inf_in_order(budget, monkeypatch):
     from editors import adapter
 
@@ -571,10 +575,11 @@ def test_nonfinite_parameters_names_each_tensor_holding_nan_or_inf_in_order(budg
     try:
         with torch.no_grad():
             named[names[30]].data = saved[names[30]] * 1e30  # huge but finite: not named
-            named[names[41]].data = saved[names[41]].half()  # another dtype: a chunk of its own
+            named[names[10]].data = saved[names[10]].half()  # another dtype, named in its place all the same
             for name, value in broken.items():
                 named[name].data = named[name].data.clone()
                 named[name].data.view(-1)[-1] = value  # one element, the last
+        assert named[names[41]].nbytes > 1000 > named[names[3]].nbytes
         assert lvlm.nonfinite_parameters() == [names[3], names[10], names[20], names[40], names[41]]
         assert lvlm.nonfinite_parameters(limit=2) == [names[3], names[10]]
     finally:

@@ -146,6 +146,10 @@ def test_localities_of_many_pairs_are_bit_for_bit_each_pair_alone():
               topk_kl(r.topk_logprobs, s.gathered_logprobs).mean().item()) for s, r in pairs]
     assert localities(pairs) == alone
     assert len({kl for _, kl in alone}) == len(alone) and any(0 < agreement < 1 for agreement, _ in alone)
+    # Rows joined in one pass must pair up: a reference of two rows against log-probs of one is refused, not broadcast.
+    score, reference = pairs[1]
+    with pytest.raises(ValueError, match=r"\(3, 10\) against the reference's \(2, 10\)"):
+        localities([pairs[0], (score, Reference(reference.topk_ids[:2], reference.topk_logprobs[:2]))])
 
 
 def test_vlkeb_locality_matches_rank_by_rank_on_the_common_tail():
